@@ -1,0 +1,783 @@
+"""CausVid in one file: a block-causal video DiT distilled from a bidirectional teacher.
+
+Paper: Yin, Zhang, Zhang, Freeman, Durand, Shechtman, Huang. "From Slow Bidirectional to
+Fast Autoregressive Video Diffusion Models", CVPR 2025, arXiv 2412.07772.
+
+The method, in the order this file defines it:
+  Sec. 3.1       flow matching: the noising process, velocity <-> x0, the teacher's ODE sampler
+  Sec. 4.1       the DiT (Wan2.1's architecture, so official weights load) with the block-causal
+                 mask of Eq. 5
+  Sec. 4.4       the KV cache and the streaming generator of Alg. 2
+  Sec. 4.3       ODE initialisation (Eq. 6)
+  Sec. 3.2, 4.2  asymmetric distribution matching distillation (Eq. 4, Alg. 1)
+
+Shape letters: B batch, F frames, C channels, H height, W width (of the latent frame), N tokens
+per frame, S tokens in a sequence, L text tokens, D model width, K frames per chunk.
+
+Conventions (the same as Wan2.1 and the official CausVid release):
+  * A video is (B, F, C, H, W) everywhere outside the DiT; a chunk is a slice of K frames along F.
+  * Timesteps t live in [0, 1000]; t = 1000 is pure noise, t = 0 is clean data. Every timestep
+    tensor is per frame, (B, F): chunks of one clip can sit at different noise levels.
+  * With s = t / 1000:  x_t = (1 - s) x0 + s eps  (rectified flow, Eq. 1 with alpha = 1 - sigma).
+  * The network predicts the velocity v = eps - x0, hence  x0 = x_t - s v.
+"""
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+# ------------------------------------------------------------------------------------------------
+# 1. Config and presets
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    name: str = "tiny"
+    # The space the DiT works in. For the toy world the "VAE" is the identity: RGB pixels in [-1, 1].
+    channels: int = 3
+    height: int = 16  # latent frame height
+    width: int = 16
+    num_frames: int = 12  # latent frames of one training clip
+    chunk_size: int = 3  # K: frames per chunk, the unit of causality (Eq. 5) and of streaming
+    # DiT (Wan2.1 architecture)
+    patch_size: tuple[int, int, int] = (1, 4, 4)  # (frames, rows, cols); frames must be 1
+    dim: int = 128
+    ffn_dim: int = 512
+    num_heads: int = 4
+    num_layers: int = 4
+    freq_dim: int = 256  # sinusoidal time-embedding width
+    text_dim: int = 64  # width of the text encoder's output
+    text_len: int = 32  # prompts are padded (with zeros after the encoder) or truncated to this
+    eps: float = 1e-6
+    # Text encoder: "tiny" = a small random UMT5 over ByT5 bytes (needs no files); otherwise a local
+    # directory holding a transformers UMT5 encoder and its tokenizer.
+    text_encoder: str = "tiny"
+    negative_prompt: str = ""  # the "unconditional" prompt of classifier-free guidance
+    # Flow matching and sampling (Sec. 3.1)
+    shift: float = 1.0  # timestep shift s' = shift s / (1 + (shift - 1) s)
+    teacher_steps: int = 48  # Euler steps of the teacher's ODE sampler
+    teacher_guidance: float = 3.0  # CFG scale of the teacher when it samples (ODE pairs, baselines)
+    # The student's few denoising steps, as indices into the teacher's sampling schedule, so that
+    # the ODE pairs of Sec. 4.3 are recorded exactly at the student's timesteps.
+    student_step_indices: tuple[int, ...] = (0, 12, 24, 36)  # t = 1000, 750, 500, 250
+    # DMD (Sec. 3.2, 4.2, Alg. 1)
+    real_guidance: float = 3.0  # CFG scale of the real score (teacher), uncond + g (cond - uncond)
+    dmd_t_min: float = 20.0  # DMD's noising timestep is kept away from both ends
+    dmd_t_max: float = 980.0
+    critic_updates_per_generator: int = 5  # two time-scale update rule (DMD2)
+    # Optimisation
+    batch_size: int = 32
+    lr_teacher: float = 1e-3
+    lr_ode: float = 1e-4
+    lr_generator: float = 2e-5
+    lr_critic: float = 2e-5
+    grad_clip: float = 1.0
+
+
+PRESETS: dict[str, Config] = {
+    "tiny": Config(),
+    "wan2.1-t2v-1.3b": Config(
+        name="wan2.1-t2v-1.3b",
+        channels=16,  # Wan VAE latent channels
+        height=60,  # 480 x 832 pixels / 8
+        width=104,
+        num_frames=21,  # 81 video frames -> 1 + 80 / 4 latent frames
+        chunk_size=3,  # official release: 3 latent frames per chunk
+        patch_size=(1, 2, 2),  # 1560 tokens per latent frame
+        dim=1536,
+        ffn_dim=8960,
+        num_heads=12,
+        num_layers=30,
+        freq_dim=256,
+        text_dim=4096,  # UMT5-XXL
+        text_len=512,
+        text_encoder="text_encoder",  # resolved against --model-dir by the scripts
+        shift=8.0,  # Wan2.1 T2V sampling shift; CausVid uses the same
+        teacher_steps=50,  # ODE pairs: 50 Euler steps of the teacher
+        teacher_guidance=6.0,  # ODE pairs: CFG 6 with the negative prompt
+        student_step_indices=(0, 36, 44),  # = t [1000, 757, 522] on the shifted 50-step schedule
+        # The official code computes cond + 3.5 (cond - uncond), i.e. uncond + 4.5 (cond - uncond).
+        real_guidance=4.5,
+        dmd_t_min=20.0,
+        dmd_t_max=980.0,
+        critic_updates_per_generator=5,
+        batch_size=1,
+        lr_ode=2e-6,
+        lr_generator=2e-6,
+        lr_critic=2e-6,
+        grad_clip=10.0,
+    ),
+}
+
+
+def get_config(name: str, **overrides) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown config {name!r}; choose one of {sorted(PRESETS)}")
+    return Config(**{**asdict(PRESETS[name]), **overrides})
+
+
+def config_from_dict(d: dict) -> Config:
+    known = {f.name for f in fields(Config)}
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
+    return Config(**d)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Flow matching (Sec. 3.1)
+# ------------------------------------------------------------------------------------------------
+
+
+def _s(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Noise level s = t / 1000 of per-frame timesteps (B, F), broadcastable against x (B, F, ...)."""
+    return (t / 1000).to(x.dtype).reshape(*t.shape, *[1] * (x.ndim - t.ndim))
+
+
+def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 as rectified flow: x_t = (1 - s) x0 + s eps."""
+    s = _s(t, x0)
+    return (1 - s) * x0 + s * eps
+
+
+def velocity_to_x0(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = x0 + s (eps - x0) = x0 + s v, so the clean sample is x0 = x_t - s v."""
+    return x_t - _s(t, x_t) * v
+
+
+def x0_to_velocity(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Inverse of velocity_to_x0 (undefined at t = 0)."""
+    return (x_t - x0) / _s(t, x_t)
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Wan's timestep shift: spends more of the schedule at high noise for larger shift."""
+    s = t / 1000
+    return 1000 * shift * s / (1 + (shift - 1) * s)
+
+
+def sampling_schedule(steps: int, shift: float) -> torch.Tensor:
+    """The teacher's `steps` timesteps from 1000 down (0 excluded), shifted, float64."""
+    s = torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1]
+    return shift_timesteps(1000 * s, shift)
+
+
+def student_timesteps(cfg: Config) -> torch.Tensor:
+    """The student's few steps (Alg. 1 'T', Alg. 2 't_Q..t_1'), high noise first, float32.
+
+    They are picked from the teacher's shifted schedule by index (the official release's
+    [0, 36, 44] of 50 steps with shift 8 gives t = [1000, 757, 522]), so every student timestep is a
+    point the teacher's ODE trajectory passes through and the ODE pairs need no interpolation."""
+    ts = sampling_schedule(cfg.teacher_steps, cfg.shift)
+    return ts[list(cfg.student_step_indices)].float()
+
+
+def flow_matching_loss(model: Callable, x0: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Eq. 2 in the flow parametrisation: regress the velocity eps - x0 at x_t.
+
+    Serves teacher pre-training (toy world) and the critic s_gen of DMD (Alg. 1 lines 12-14).
+    t: (B, F) per-frame timesteps."""
+    eps = torch.randn_like(x0)
+    v = model(add_noise(x0, eps, t), t, text)
+    return F.mse_loss(v.float(), (eps - x0).float())
+
+
+def guided_velocity(model, x, t, text, uncond, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance: uncond + g (cond - uncond), both halves in one batched forward."""
+    if guidance == 1.0 or uncond is None:
+        return model(x, t, text)
+    uncond = uncond.expand_as(text)
+    v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, uncond])).chunk(2)
+    return v_uncond + guidance * (v_cond - v_uncond)
+
+
+def _progress(it, enabled: bool, desc: str):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, leave=False)
+
+
+@torch.no_grad()
+def sample_ode(model, noise, text, uncond=None, guidance=1.0, steps=50, shift=1.0, keep=(), progress=False):
+    """Euler integration of the probability-flow ODE dx/ds = v from s = 1 (noise) to s = 0.
+
+    keep: indices into the schedule at which to record the state (the ODE pairs of Sec. 4.3).
+    Returns x0 (B, F, C, H, W) and, stacked along dim 1, the kept states followed by x0."""
+    B, Fr = noise.shape[:2]
+    ts = torch.cat([sampling_schedule(steps, shift), torch.zeros(1, dtype=torch.float64)])
+    bad = [i for i in keep if not 0 <= i < steps]
+    if bad:
+        raise ValueError(f"keep indices {bad} lie outside the {steps}-step schedule")
+    x, kept = noise, []
+    for i in _progress(range(steps), progress, "teacher ODE"):
+        if i in keep:
+            kept.append(x)
+        t = torch.full((B, Fr), float(ts[i]), device=x.device)
+        v = guided_velocity(model, x, t, text, uncond, guidance)
+        x = x + float(ts[i + 1] - ts[i]) / 1000 * v  # s decreases: a step of ds = (t_next - t) / 1000
+    return x, torch.stack(kept + [x], dim=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Text encoder: UMT5 through transformers
+# ------------------------------------------------------------------------------------------------
+
+
+class TextEncoder(nn.Module):
+    """Frozen UMT5 encoder. Prompts -> (B, L, D_text), the positions after each prompt's end zeroed,
+    as Wan does. The empty prompt "" (or Wan's negative prompt) is the unconditional one."""
+
+    def __init__(self, tokenizer, encoder: nn.Module, text_len: int):
+        super().__init__()
+        self.tokenizer, self.encoder, self.text_len = tokenizer, encoder.eval().requires_grad_(False), text_len
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        device = next(self.encoder.parameters()).device
+        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.text_len, truncation=True,
+                             return_tensors="pt")
+        ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+        out = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        return out * mask.unsqueeze(-1).to(out.dtype)
+
+
+def tiny_umt5_config(cfg: Config):
+    from transformers import UMT5Config
+
+    return UMT5Config(vocab_size=384, d_model=cfg.text_dim, d_kv=16, d_ff=2 * cfg.text_dim, num_layers=2,
+                      num_heads=cfg.text_dim // 16, relative_attention_num_buckets=32, dropout_rate=0.0)
+
+
+def build_text_encoder(cfg: Config, state_dict: dict | None = None, seed: int = 0) -> TextEncoder:
+    """For "tiny": a randomly initialised 2-layer UMT5 (seeded) with the file-free ByT5 byte tokenizer;
+    its weights are stored with the teacher checkpoint. Otherwise: UMT5 from a local directory."""
+    from transformers import ByT5Tokenizer, UMT5EncoderModel
+
+    if cfg.text_encoder != "tiny":
+        return load_umt5(cfg.text_encoder, cfg.text_len)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = UMT5EncoderModel(tiny_umt5_config(cfg))
+    if state_dict is not None:
+        encoder.load_state_dict(state_dict)
+    return TextEncoder(ByT5Tokenizer(), encoder, cfg.text_len)
+
+
+def load_umt5(path: str, text_len: int) -> TextEncoder:
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"text encoder directory {path!r} not found; pass the directory that holds "
+                                "a transformers UMT5 encoder (e.g. Wan2.1-T2V-1.3B-Diffusers/text_encoder)")
+    tok_path = os.path.join(os.path.dirname(path.rstrip("/")), "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tok_path if os.path.isdir(tok_path) else path)
+    return TextEncoder(tokenizer, UMT5EncoderModel.from_pretrained(path), text_len)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. DiT building blocks: time embedding, 3D RoPE, modulation
+# ------------------------------------------------------------------------------------------------
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """(...,) timesteps in [0, 1000] -> (..., dim): [cos, sin] at frequencies 10000^(-k / (dim/2))."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.double().unsqueeze(-1) * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def rope_angles(head_dim: int, frames: int, rows: int, cols: int, frame_offset: int = 0,
+                device=None, theta: float = 10000.0) -> torch.Tensor:
+    """3D RoPE angles, (frames * rows * cols, head_dim / 2), in token order (f, h, w).
+
+    The head dim is split into a time part of head_dim - 4 (head_dim // 6) channels and two spatial
+    parts of 2 (head_dim // 6) each (Wan2.1). Each part rotates pairs of channels by position x
+    theta^(-2k / part). frame_offset shifts the time positions: a chunk streamed after c cached
+    frames sits at positions c, c + 1, ... exactly as in a full forward over the clip (Alg. 2)."""
+    d_hw = 2 * (head_dim // 6)
+    d_t = head_dim - 2 * d_hw
+
+    def axis(n, d, start):  # (n, d / 2)
+        pos = torch.arange(start, start + n, dtype=torch.float64, device=device)
+        inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
+        return torch.outer(pos, inv)
+
+    a_t = axis(frames, d_t, frame_offset)[:, None, None].expand(frames, rows, cols, -1)
+    a_h = axis(rows, d_hw, 0)[None, :, None].expand(frames, rows, cols, -1)
+    a_w = axis(cols, d_hw, 0)[None, None, :].expand(frames, rows, cols, -1)
+    return torch.cat([a_t, a_h, a_w], dim=-1).reshape(frames * rows * cols, head_dim // 2)
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (x[2k], x[2k+1]) of x (B, S, heads, head_dim) by angles (S, head_dim/2)."""
+    x1, x2 = rearrange(x.float(), "b s n (d two) -> two b s n d", two=2)
+    cos, sin = angles.cos()[None, :, None].float(), angles.sin()[None, :, None].float()
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN per frame: x (B, F*N, D); shift, scale (B, F, D) apply to all N tokens of their frame."""
+    Fr = shift.shape[1]
+    x = x.unflatten(1, (Fr, -1))
+    return (x * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)).flatten(1, 2)
+
+
+def gate(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-frame gate g (B, F, D) on x (B, F*N, D)."""
+    return (x.unflatten(1, (g.shape[1], -1)) * g.unsqueeze(2)).flatten(1, 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Block-causal attention (Sec. 4.1, Eq. 5)
+# ------------------------------------------------------------------------------------------------
+
+
+def block_causal_mask(num_frames: int, chunk_size: int, tokens_per_frame: int = 1, device=None) -> torch.Tensor:
+    """Eq. 5: frame i may attend to frame j iff floor(j / k) <= floor(i / k).
+
+    Bidirectional inside a chunk, causal across chunks. Returns a boolean (S, S) mask, True = attend,
+    rows are queries, with S = num_frames * tokens_per_frame."""
+    chunk = torch.arange(num_frames, device=device) // chunk_size
+    mask = chunk[None, :] <= chunk[:, None]  # [i, j]: chunk(j) <= chunk(i)
+    return mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. KV cache (Sec. 4.4, Alg. 2)
+# ------------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Per-layer self-attention keys and values of the clean context frames (Alg. 2 line 2).
+
+    Keys are stored after RoPE, so each cached frame keeps the position it was encoded at; a new
+    chunk is encoded at positions num_frames, num_frames + 1, ... A chunk attends to the whole cache
+    plus itself with no mask: the cache holds only the past, so block-causality holds by construction
+    ("block-wise causal attention is no longer needed at inference time", Sec. 4.4)."""
+
+    def __init__(self):
+        self.k: list[torch.Tensor] = []  # per layer (B, S_ctx, heads, head_dim)
+        self.v: list[torch.Tensor] = []
+        self.num_frames = 0  # frames held = time position of the next frame
+
+    def context(self, layer: int):
+        return (self.k[layer], self.v[layer]) if self.num_frames else None
+
+    def append(self, kvs: list[tuple[torch.Tensor, torch.Tensor]], num_frames: int):
+        """Alg. 2 line 12: append the new frames' keys/values (given for every layer)."""
+        if self.num_frames == 0:
+            self.k, self.v = [k for k, _ in kvs], [v for _, v in kvs]
+        else:
+            self.k = [torch.cat([c, k], dim=1) for c, (k, _) in zip(self.k, kvs)]
+            self.v = [torch.cat([c, v], dim=1) for c, (_, v) in zip(self.v, kvs)]
+        self.num_frames += num_frames
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. The DiT (Wan2.1 architecture; module names are Wan's original ones so its weights load as-is)
+# ------------------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    """Self-attention with q/k RMSNorm over the whole width and 3D RoPE."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=eps), nn.RMSNorm(dim, eps=eps)
+
+    def forward(self, x, angles, mask=None, context=None):
+        """x (B, S, D), angles (S, head_dim/2), mask (S, S) or None, context: cached (k, v) or None.
+        Returns the output (B, S, D) and this call's (k, v), (B, S, heads, head_dim), for the cache."""
+        split = lambda y: rearrange(y, "b s (n d) -> b s n d", n=self.num_heads)
+        q = apply_rope(split(self.norm_q(self.q(x))), angles)
+        k = apply_rope(split(self.norm_k(self.k(x))), angles)
+        v = split(self.v(x))
+        k_all, v_all = (k, v) if context is None else (torch.cat([context[0], k], 1), torch.cat([context[1], v], 1))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
+                                             attn_mask=mask)
+        return self.o(rearrange(out, "b n s d -> b s (n d)")), (k, v)
+
+
+class CrossAttention(nn.Module):
+    """Attention from video tokens to text tokens. Text enters only here, never through the time
+    modulation, so per-frame timesteps cannot leak information between chunks (official #1, #21)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=eps), nn.RMSNorm(dim, eps=eps)
+
+    def forward(self, x, text):
+        """x (B, S, D), text (B, L, D) -> (B, S, D)."""
+        split = lambda y: rearrange(y, "b s (n d) -> b n s d", n=self.num_heads)
+        q, k, v = split(self.norm_q(self.q(x))), split(self.norm_k(self.k(text))), split(self.v(text))
+        return self.o(rearrange(F.scaled_dot_product_attention(q, k, v), "b n s d -> b s (n d)"))
+
+
+class Block(nn.Module):
+    """Wan2.1 block: adaLN self-attention, cross-attention (affine LayerNorm, no gate), adaLN FFN."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        D = cfg.dim
+        self.norm1 = nn.LayerNorm(D, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(D, cfg.num_heads, cfg.eps)
+        self.norm3 = nn.LayerNorm(D, eps=cfg.eps)  # Wan's name for the cross-attention norm
+        self.cross_attn = CrossAttention(D, cfg.num_heads, cfg.eps)
+        self.norm2 = nn.LayerNorm(D, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(D, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, D))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, D))  # learned table added to the time embedding
+
+    def forward(self, x, e, text, angles, mask=None, context=None):
+        """x (B, S, D); e (B, F, 6, D) per-frame time modulation; text (B, L, D)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.unsqueeze(1) + e).unbind(2)  # each (B, F, D)
+        y, kv = self.self_attn(modulate(self.norm1(x), shift1, scale1), angles, mask, context)
+        x = x + gate(y, gate1)
+        x = x + self.cross_attn(self.norm3(x), text)
+        x = x + gate(self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2)
+        return x, kv
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        out = cfg.channels * math.prod(cfg.patch_size)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, out)
+        self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+
+    def forward(self, x, e0):
+        """x (B, S, D); e0 (B, F, D) the time embedding *before* the 6-way projection."""
+        shift, scale = (self.modulation.unsqueeze(1) + e0.unsqueeze(2)).unbind(2)
+        return self.head(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Wan2.1's DiT. One class for all three roles of CausVid (Fig. 6):
+    the bidirectional teacher s_data (causal=False), the block-causal student G (causal=True), and the
+    critic s_gen (initialised from the teacher, bidirectional like it)."""
+
+    def __init__(self, cfg: Config, causal: bool = False):
+        super().__init__()
+        if cfg.patch_size[0] != 1:
+            raise ValueError("per-frame timesteps need patch_size[0] == 1 (one latent frame per token row)")
+        if cfg.dim % cfg.num_heads:
+            raise ValueError(f"dim {cfg.dim} is not divisible by num_heads {cfg.num_heads}")
+        self.cfg, self.causal = cfg, causal
+        D = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.channels, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.head = Head(cfg)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """The one place for init. Xavier linears, zero biases, adaLN-Zero: the time projection, the
+        gate rows of every modulation table and the output layer start at zero, so a fresh model is
+        the identity on its residual stream and predicts v = 0."""
+        D = self.cfg.dim
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        nn.init.zeros_(self.patch_embedding.bias)
+        for m in [*self.text_embedding, *self.time_embedding]:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.normal_(block.modulation, std=D**-0.5)
+            with torch.no_grad():
+                block.modulation[:, [2, 5]] = 0  # the gates of self-attention and FFN
+        nn.init.normal_(self.head.modulation, std=D**-0.5)
+        for m in [self.time_projection[1], self.head.head]:
+            nn.init.zeros_(m.weight)
+
+    def forward(self, x, t, text, cache: KVCache | None = None, write_cache: bool = False):
+        """Velocity v = eps - x0 of x_t.
+
+        x (B, F, C, H, W) noisy frames; t (B, F) their timesteps in [0, 1000]; text (B, L, D_text).
+        cache=None: the frames are a whole clip; the student masks attention block-causally (Eq. 5).
+        cache given: the frames continue the cached context and attend to it plus themselves
+        (Alg. 2 line 7); write_cache=True appends their keys/values to it (Alg. 2 lines 11-12)."""
+        B, Fr, C, H, W = x.shape
+        cfg, (_, ph, pw) = self.cfg, self.cfg.patch_size
+        if t.shape != (B, Fr):
+            raise ValueError(f"timesteps must have shape (B, F) = {(B, Fr)}, got {tuple(t.shape)}")
+        rows, cols = H // ph, W // pw
+        N = rows * cols
+        x = self.patch_embedding(rearrange(x, "b f c h w -> b c f h w"))
+        x = rearrange(x, "b d f h w -> b (f h w) d")  # (B, S = F*N, D)
+
+        e0 = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim))  # (B, F, D)
+        e = self.time_projection(e0).unflatten(2, (6, cfg.dim))  # (B, F, 6, D)
+        text = self.text_embedding(text)  # (B, L, D)
+
+        offset = cache.num_frames if cache is not None else 0
+        angles = rope_angles(cfg.dim // cfg.num_heads, Fr, rows, cols, offset, device=x.device)
+        mask = None
+        if self.causal and cache is None:
+            if Fr % cfg.chunk_size:
+                raise ValueError(f"{Fr} frames are not a whole number of chunks of {cfg.chunk_size}")
+            mask = block_causal_mask(Fr, cfg.chunk_size, N, device=x.device)
+
+        kvs = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, e, text, angles, mask, cache.context(i) if cache is not None else None)
+            kvs.append(kv)
+        if write_cache:
+            cache.append(kvs, Fr)
+
+        x = self.head(x, e0)  # (B, S, C * ph * pw)
+        return rearrange(x, "b (f h w) (ph pw c) -> b f c (h ph) (w pw)", f=Fr, h=rows, w=cols, ph=ph, pw=pw)
+
+
+def predict_x0(model, x_t, t, text, **kw) -> torch.Tensor:
+    """The model's estimate of the clean frames, x0 = x_t - s v (official #44, #50)."""
+    return velocity_to_x0(x_t, model(x_t, t, text, **kw), t)
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Streaming generation with the KV cache (Alg. 2)
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def fill_cache(model: DiT, cache: KVCache, x0: torch.Tensor, text: torch.Tensor):
+    """Alg. 2 lines 10-12: run the finished (clean) frames at t = 0 and append their keys/values."""
+    model(x0, torch.zeros(x0.shape[:2], device=x0.device), text, cache=cache, write_cache=True)
+
+
+@torch.no_grad()
+def stream_generate(model: DiT, noise: torch.Tensor, text: torch.Tensor, timesteps: torch.Tensor,
+                    generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Alg. 2: generate chunk after chunk, each with the few student steps, yielding each clean chunk
+    (B, K, C, H, W) as soon as it is done.
+
+    noise (B, F, C, H, W) holds the initial noise of every chunk (line 4); timesteps the student's
+    steps, high noise first; generator draws the re-noising noise of line 8."""
+    B, Fr = noise.shape[:2]
+    K = model.cfg.chunk_size
+    if Fr % K:
+        raise ValueError(f"{Fr} frames are not a whole number of chunks of {K}")
+    cache = KVCache()  # line 2
+    for c in range(Fr // K):  # line 3
+        x = noise[:, c * K:(c + 1) * K]  # line 4
+        for j, t in enumerate(timesteps):  # line 6
+            tt = torch.full((B, K), float(t), device=x.device)
+            x0 = predict_x0(model, x, tt, text, cache=cache)  # line 7
+            if j + 1 < len(timesteps):  # line 8: re-noise the estimate to the next, lower step
+                eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                x = add_noise(x0, eps, torch.full((B, K), float(timesteps[j + 1]), device=x.device))
+        if c + 1 < Fr // K:  # the last chunk's keys/values would never be read
+            fill_cache(model, cache, x0, text)  # lines 10-12
+        yield x0
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. ODE initialisation (Sec. 4.3, Eq. 6)
+# ------------------------------------------------------------------------------------------------
+
+
+def chunkwise_step_indices(B: int, num_frames: int, chunk_size: int, num_steps: int, device=None,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Alg. 1 line 5: an independent random student step per chunk, repeated over the chunk's frames.
+    Returns step indices (B, F)."""
+    idx = torch.randint(0, num_steps, (B, num_frames // chunk_size), generator=generator, device=device)
+    return idx.repeat_interleave(chunk_size, dim=1)
+
+
+def ode_regression_loss(student: Callable, trajectory: torch.Tensor, text: torch.Tensor,
+                        timesteps: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Eq. 6: || G({x^i_{t_i}}, {t_i}) - {x^i_0} ||^2 with every chunk i at its own student step t_i.
+
+    trajectory (B, Q+1, F, C, H, W): the teacher's ODE states at the Q student timesteps followed by
+    the ODE's end point x0 (sample_ode(..., keep=student_step_indices))."""
+    B, Q1, Fr = trajectory.shape[:3]
+    idx = chunkwise_step_indices(B, Fr, chunk_size, Q1 - 1, device=trajectory.device)
+    x_t = trajectory[torch.arange(B, device=idx.device)[:, None], idx, torch.arange(Fr, device=idx.device)]
+    t = timesteps.to(trajectory.device)[idx]  # (B, F)
+    x0 = predict_x0(student, x_t, t, text)
+    return F.mse_loss(x0.float(), trajectory[:, -1].float())
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. Asymmetric distribution matching distillation (Sec. 3.2, 4.2, Alg. 1, Eq. 4)
+# ------------------------------------------------------------------------------------------------
+
+
+def generator_x0(generator: Callable, x0_data: torch.Tensor, text: torch.Tensor, timesteps: torch.Tensor,
+                 chunk_size: int) -> torch.Tensor:
+    """Alg. 1 lines 4-7: noise each chunk of a data clip to its own random student step and let the
+    (block-causal) student predict the clean clip. Returns x0_hat (B, F, C, H, W), with grad."""
+    B, Fr = x0_data.shape[:2]
+    idx = chunkwise_step_indices(B, Fr, chunk_size, len(timesteps), device=x0_data.device)
+    t = timesteps.to(x0_data.device)[idx]
+    x_t = add_noise(x0_data, torch.randn_like(x0_data), t)
+    return predict_x0(generator, x_t, t, text)
+
+
+def dmd_timesteps(B: int, num_frames: int, cfg: Config, device=None) -> torch.Tensor:
+    """Alg. 1 line 8: one t per sample for the whole clip, t ~ U[0, 1000) shifted like the teacher's
+    schedule and clamped to [dmd_t_min, dmd_t_max] (the ends carry no useful score difference)."""
+    t = shift_timesteps(torch.rand(B, device=device) * 1000, cfg.shift).clamp(cfg.dmd_t_min, cfg.dmd_t_max)
+    return t[:, None].expand(B, num_frames)
+
+
+def dmd_loss(x0: torch.Tensor, teacher: Callable, critic: Callable, text: torch.Tensor, uncond, cfg: Config):
+    """The generator's DMD loss (Eq. 4, Alg. 1 lines 8-10). x0 (B, F, C, H, W): generator output, with grad.
+
+    Noise x0 to a random t, and ask both score models for their clean estimate there: the frozen
+    bidirectional teacher with CFG (s_data, the 'real' score) and the critic (s_gen, the 'fake' score).
+    For x_t = (1 - s) x0 + s eps the score is -(x_t - (1 - s) x0_hat) / s^2, so
+        s_data - s_gen = (1 - s) / s^2 * (real_x0 - fake_x0),
+    and Eq. 4's gradient is proportional to (fake_x0 - real_x0) dG/dphi. DMD replaces the weight
+    (1 - s) / s^2 by 1 / mean|x0 - real_x0| per sample, which keeps the step size even across t.
+
+    Why 0.5 * mse(x0, (x0 - grad).detach()) (official #44): its derivative with respect to x0 is
+    (x0 - (x0 - grad)) / n = grad / n, and the target is a constant, so backprop delivers exactly
+    grad * dx0/dphi -- Eq. 4 -- to the generator, without ever differentiating the score models.
+    Returns (loss, logs)."""
+    B, Fr = x0.shape[:2]
+    with torch.no_grad():
+        t = dmd_timesteps(B, Fr, cfg, device=x0.device)  # line 8
+        x_t = add_noise(x0, torch.randn_like(x0), t)  # line 9
+        fake_x0 = predict_x0(critic, x_t, t, text)
+        real_x0 = velocity_to_x0(x_t, guided_velocity(teacher, x_t, t, text, uncond, cfg.real_guidance), t)
+        dims = tuple(range(1, x0.ndim))
+        weight = (x0 - real_x0).abs().mean(dim=dims, keepdim=True)
+        grad = torch.nan_to_num((fake_x0 - real_x0) / weight)
+    loss = 0.5 * F.mse_loss(x0.double(), (x0.double() - grad.double()).detach())  # line 10
+    return loss, {"dmd_grad_norm": grad.norm().item() / B, "dmd_t": t[:, 0].mean().item()}
+
+
+def critic_loss(critic: Callable, x0_gen: torch.Tensor, text: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Alg. 1 lines 11-14: train s_gen with the denoising loss (Eq. 2) on the generator's samples,
+    with fresh noise and a fresh t; x0_gen is detached, so only the critic learns."""
+    B, Fr = x0_gen.shape[:2]
+    return flow_matching_loss(critic, x0_gen.detach(), dmd_timesteps(B, Fr, cfg, device=x0_gen.device), text)
+
+
+# ------------------------------------------------------------------------------------------------
+# 12. Checkpoints and the Wan key mapping
+# ------------------------------------------------------------------------------------------------
+
+# Our parameter names are Wan2.1's original ones (the official Wan2.1-T2V-1.3B checkpoint loads with
+# no renaming). diffusers' WanTransformer3DModel names them differently; this table maps ours to
+# theirs, "{i}" standing for the block index. Note Wan's norm3 (the affine cross-attention norm) is
+# diffusers' norm2, and Wan's norm2 (the FFN norm) is diffusers' norm3.
+WAN_TO_DIFFUSERS = {
+    "patch_embedding": "patch_embedding",
+    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+    "time_projection.1": "condition_embedder.time_proj",
+    "blocks.{i}.self_attn.q": "blocks.{i}.attn1.to_q",
+    "blocks.{i}.self_attn.k": "blocks.{i}.attn1.to_k",
+    "blocks.{i}.self_attn.v": "blocks.{i}.attn1.to_v",
+    "blocks.{i}.self_attn.o": "blocks.{i}.attn1.to_out.0",
+    "blocks.{i}.self_attn.norm_q": "blocks.{i}.attn1.norm_q",
+    "blocks.{i}.self_attn.norm_k": "blocks.{i}.attn1.norm_k",
+    "blocks.{i}.cross_attn.q": "blocks.{i}.attn2.to_q",
+    "blocks.{i}.cross_attn.k": "blocks.{i}.attn2.to_k",
+    "blocks.{i}.cross_attn.v": "blocks.{i}.attn2.to_v",
+    "blocks.{i}.cross_attn.o": "blocks.{i}.attn2.to_out.0",
+    "blocks.{i}.cross_attn.norm_q": "blocks.{i}.attn2.norm_q",
+    "blocks.{i}.cross_attn.norm_k": "blocks.{i}.attn2.norm_k",
+    "blocks.{i}.norm3": "blocks.{i}.norm2",
+    "blocks.{i}.ffn.0": "blocks.{i}.ffn.net.0.proj",
+    "blocks.{i}.ffn.2": "blocks.{i}.ffn.net.2",
+    "blocks.{i}.modulation": "blocks.{i}.scale_shift_table",
+    "head.head": "proj_out",
+    "head.modulation": "scale_shift_table",
+}
+
+
+def _diffusers_key(key: str) -> str:
+    """Our (Wan) parameter name -> diffusers' name, through WAN_TO_DIFFUSERS."""
+    m = re.match(r"blocks\.(\d+)\.(.*)", key)
+    i, rest = (m.group(1), "blocks.{i}." + m.group(2)) if m else (None, key)
+    module, _, param = rest.rpartition(".")
+    for ours, theirs in ((rest, None), (module, param)):  # parameters with no suffix, then module.param
+        if ours in WAN_TO_DIFFUSERS:
+            name = WAN_TO_DIFFUSERS[ours].format(i=i)
+            return name if theirs is None else f"{name}.{theirs}"
+    raise KeyError(f"no diffusers name for parameter {key!r}")
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint"):
+    """load_state_dict that names every missing, unexpected or mis-shaped key in one error."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{source} does not fit the model: missing {missing}, unexpected {unexpected}, "
+                         f"shape mismatches {shapes}")
+    model.load_state_dict(state)
+
+
+def from_diffusers_state_dict(model: DiT, state: dict[str, torch.Tensor]) -> DiT:
+    """Load a diffusers WanTransformer3DModel state dict into our DiT (strict)."""
+    ours = {key: state[_diffusers_key(key)] for key in model.state_dict() if _diffusers_key(key) in state}
+    unexpected = sorted(set(state) - {_diffusers_key(k) for k in model.state_dict()})
+    if unexpected:
+        raise ValueError(f"diffusers state dict has keys our DiT does not: {unexpected}")
+    load_state_dict_strict(model, ours, "diffusers state dict")
+    return model
+
+
+def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], cfg: Config, **meta):
+    """Weights as .safetensors, the config (and any JSON-able meta) in its header, so the file alone
+    rebuilds its model. Written to a temporary file and renamed: a crash never leaves half a file."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    header = {"config": json.dumps(asdict(cfg)), **{k: json.dumps(v) for k, v in meta.items()}}
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=header)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], Config, dict]:
+    """-> (tensors, config, meta). Never unpickles: safetensors holds only tensors and strings."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} not found")
+    with safe_open(path, framework="pt") as f:
+        header = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if "config" not in header:
+        raise ValueError(f"{path!r} is not a CausVid checkpoint (no config in its header)")
+    meta = {k: json.loads(v) for k, v in header.items() if k != "config"}
+    return tensors, config_from_dict(json.loads(header["config"])), meta
+
+
+def save_model(path: str, model: DiT, **meta):
+    save_checkpoint(path, model.state_dict(), model.cfg, causal=model.causal, **meta)
+
+
+def load_model(path: str, causal: bool | None = None, device="cpu") -> DiT:
+    """Rebuild a DiT from a checkpoint alone; causal=None keeps the role it was saved with."""
+    tensors, cfg, meta = load_checkpoint(path)
+    model = DiT(cfg, causal=meta.get("causal", False) if causal is None else causal)
+    load_state_dict_strict(model, {k: v for k, v in tensors.items() if not k.startswith("text_encoder.")}, path)
+    return model.to(device)

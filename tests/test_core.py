@@ -1,0 +1,452 @@
+"""The subtle parts of causvid.py, proven on CPU in fp32: the mask, causality, the KV cache,
+parity with diffusers' Wan, flow matching and the DMD gradient."""
+
+import math
+
+import pytest
+import torch
+
+import causvid as cv
+
+
+def small_config(**kw) -> cv.Config:
+    """A DiT small enough for exhaustive tests: 6 frames of 8x8 with 4 tokens per frame."""
+    base = dict(channels=3, height=8, width=8, num_frames=6, chunk_size=2, patch_size=(1, 4, 4), dim=48,
+                ffn_dim=96, num_heads=2, num_layers=2, freq_dim=32, text_dim=16, text_len=5)
+    return cv.Config(**{**base, **kw})
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """A fresh DiT is adaLN-Zero (it outputs exactly 0), which would make every comparison vacuous:
+    give every parameter random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+def make_model(causal: bool, cfg=None, seed=0) -> cv.DiT:
+    return randomize(cv.DiT(cfg or small_config(), causal=causal), seed)
+
+
+def inputs(cfg, B=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, cfg.num_frames, cfg.channels, cfg.height, cfg.width, generator=g)
+    t = torch.rand(B, cfg.num_frames, generator=g) * 1000
+    text = torch.randn(B, cfg.text_len, cfg.text_dim, generator=g)
+    return x, t, text
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The mask is Eq. 5
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frames,k", [(1, 1), (6, 1), (6, 2), (7, 3), (12, 3), (21, 3), (10, 5), (4, 4)])
+def test_mask_is_eq5(frames, k):
+    mask = cv.block_causal_mask(frames, k)
+    for i in range(frames):
+        for j in range(frames):
+            assert bool(mask[i, j]) == (math.floor(j / k) <= math.floor(i / k)), (i, j)
+
+
+def test_mask_expands_to_tokens():
+    frame_mask = cv.block_causal_mask(6, 3)
+    tok = cv.block_causal_mask(6, 3, tokens_per_frame=4)
+    assert tok.shape == (24, 24)
+    for a in range(24):
+        for b in range(24):
+            assert tok[a, b] == frame_mask[a // 4, b // 4]
+
+
+def test_mask_blocks():
+    # chunk size 2, 4 frames: [[1100],[1100],[1111],[1111]]
+    expect = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(cv.block_causal_mask(4, 2), expect)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Causality
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 2])
+def test_student_is_block_causal(chunk):
+    cfg = small_config()
+    model, (x, t, text) = make_model(causal=True), inputs(cfg)
+    K = cfg.chunk_size
+    with torch.no_grad():
+        before = model(x, t, text)
+        x2, t2 = x.clone(), t.clone()
+        x2[:, chunk * K:(chunk + 1) * K] += torch.randn_like(x2[:, chunk * K:(chunk + 1) * K])
+        t2[:, chunk * K:(chunk + 1) * K] = 1000 - t2[:, chunk * K:(chunk + 1) * K]  # new noise level too
+        after = model(x2, t2, text)
+    diff = (after - before).abs().amax(dim=(0, 2, 3, 4))  # per frame
+    if chunk:
+        assert diff[:chunk * K].max() == 0, diff  # the past: bitwise unchanged
+    assert (diff[chunk * K:] > 1e-3).all(), diff  # the changed chunk and the future do change
+
+
+def test_teacher_is_bidirectional():
+    cfg = small_config()
+    model, (x, t, text) = make_model(causal=False), inputs(cfg)
+    with torch.no_grad():
+        before = model(x, t, text)
+        x2 = x.clone()
+        x2[:, -1] += 1.0  # change only the last frame
+        after = model(x2, t, text)
+    diff = (after - before).abs().amax(dim=(0, 2, 3, 4))
+    assert (diff > 1e-3).all(), diff  # every frame, the first included, sees the last
+
+
+def test_student_rejects_partial_chunks():
+    cfg = small_config()
+    model, (x, t, text) = make_model(causal=True), inputs(cfg)
+    with pytest.raises(ValueError, match="whole number of chunks"):
+        model(x[:, :5], t[:, :5], text)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. KV-cache equivalence (Alg. 2 vs the masked training forward)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3])
+def test_kv_cache_matches_masked_forward(chunk_size):
+    """Streaming chunk j over a cache of clean chunks 0..j-1 (filled at t = 0) must equal one masked
+    forward over [clean chunks at t = 0, noisy chunk j at its per-frame t, anything after]."""
+    cfg = small_config(chunk_size=chunk_size)
+    model = make_model(causal=True, cfg=cfg)
+    clean, t_noisy, text = inputs(cfg, seed=2)
+    noisy = torch.randn_like(clean)
+    K, L = cfg.chunk_size, cfg.num_frames // cfg.chunk_size
+    cache = cv.KVCache()
+    with torch.no_grad():
+        for j in range(L):
+            sl = slice(j * K, (j + 1) * K)
+            streamed = model(noisy[:, sl], t_noisy[:, sl], text, cache=cache)
+            x_full = torch.cat([clean[:, :j * K], noisy[:, sl], torch.randn_like(clean[:, (j + 1) * K:])], 1)
+            t_full = torch.cat([torch.zeros_like(t_noisy[:, :j * K]), t_noisy[:, sl], t_noisy[:, (j + 1) * K:]], 1)
+            full = model(x_full, t_full, text)[:, sl]
+            assert (streamed - full).abs().max() <= 1e-5
+            assert streamed.abs().max() > 1e-2  # not vacuous
+            cv.fill_cache(model, cache, clean[:, sl], text)
+            assert cache.num_frames == (j + 1) * K
+    assert cache.k[0].shape[1] == cfg.num_frames * 4  # 4 tokens per frame
+
+
+def test_stream_generate_equals_recomputing_the_prefix():
+    """Alg. 2 with the cache vs the same algorithm recomputing the whole clean prefix with the mask."""
+    cfg = small_config()
+    model = make_model(causal=True, cfg=cfg)
+    noise, _, text = inputs(cfg, seed=3)
+    ts = torch.tensor([1000.0, 750.0, 500.0, 250.0])
+    chunks = list(cv.stream_generate(model, noise, text, ts, generator=torch.Generator().manual_seed(7)))
+    assert len(chunks) == 3 and chunks[0].shape == (2, 2, 3, 8, 8)
+
+    g, K, done = torch.Generator().manual_seed(7), cfg.chunk_size, []
+    with torch.no_grad():
+        for c in range(3):
+            x = noise[:, c * K:(c + 1) * K]
+            for j, t in enumerate(ts):
+                ctx = torch.cat(done + [x], 1)
+                tt = torch.cat([torch.zeros(2, c * K), torch.full((2, K), float(t))], 1)
+                x0 = cv.predict_x0(model, ctx, tt, text)[:, -K:]
+                if j + 1 < len(ts):
+                    x = cv.add_noise(x0, torch.randn(x0.shape, generator=g), torch.full((2, K), float(ts[j + 1])))
+            done.append(x0)
+    for a, b in zip(chunks, done):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_cache_holds_post_rope_keys_at_their_positions():
+    """A chunk streamed after c cached frames gets RoPE time positions c.. (not 0..)."""
+    cfg = small_config()
+    a = cv.rope_angles(cfg.dim // cfg.num_heads, 6, 2, 2)
+    b = cv.rope_angles(cfg.dim // cfg.num_heads, 2, 2, 2, frame_offset=4)
+    assert torch.equal(a[16:], b)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Parity with Wan's reference implementation (diffusers' WanTransformer3DModel)
+# ---------------------------------------------------------------------------------------------
+
+
+def diffusers_pair(seed=0):
+    diffusers = pytest.importorskip("diffusers")
+    cfg = small_config(patch_size=(1, 2, 2), dim=24, ffn_dim=40, num_heads=2, channels=4, text_dim=12, freq_dim=16)
+    torch.manual_seed(seed)
+    ref = diffusers.WanTransformer3DModel(
+        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.dim // cfg.num_heads,
+        in_channels=cfg.channels, out_channels=cfg.channels, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        eps=cfg.eps)
+    randomize(ref, seed)
+    ours = cv.from_diffusers_state_dict(cv.DiT(cfg), ref.state_dict()).eval()
+    return cfg, ref, ours
+
+
+def test_diffusers_parity_scalar_timestep():
+    cfg, ref, ours = diffusers_pair()
+    x, _, text = inputs(cfg)
+    t = torch.tensor([873.0, 41.0])
+    with torch.no_grad():
+        theirs = ref(rearrange_in(x), t, text, return_dict=False)[0]
+        mine = ours(x, t[:, None].expand(-1, cfg.num_frames), text)
+    assert mine.abs().max() > 1e-2
+    assert (rearrange_in(mine) - theirs).abs().max() <= 1e-4
+
+
+def test_diffusers_parity_per_frame_timesteps():
+    cfg, ref, ours = diffusers_pair(seed=1)
+    x, t, text = inputs(cfg)
+    N = (cfg.height // 2) * (cfg.width // 2)
+    with torch.no_grad():
+        theirs = ref(rearrange_in(x), t.repeat_interleave(N, dim=1), text, return_dict=False)[0]  # per token
+        mine = ours(x, t, text)
+    assert (rearrange_in(mine) - theirs).abs().max() <= 1e-4
+
+
+def rearrange_in(x):  # ours (B, F, C, H, W) <-> diffusers (B, C, F, H, W)
+    return x.transpose(1, 2)
+
+
+def test_our_names_are_wans_original_names():
+    """diffusers' own converter for the original Wan2.1 checkpoint turns our state-dict names into
+    exactly the names our table gives: an original checkpoint loads into our DiT unchanged."""
+    pytest.importorskip("diffusers")
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    ours = cv.DiT(small_config()).state_dict()
+    converted = convert_wan_transformer_to_diffusers(dict(ours))
+    assert set(converted) == {cv._diffusers_key(k) for k in ours}
+    for k, v in ours.items():
+        assert converted[cv._diffusers_key(k)] is v
+
+
+def test_diffusers_loading_is_strict():
+    cfg, ref, _ = diffusers_pair()
+    state = dict(ref.state_dict())
+    state.pop("blocks.0.attn1.to_q.weight")
+    state["blocks.0.extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="blocks.0.extra.weight"):
+        cv.from_diffusers_state_dict(cv.DiT(cfg), state)
+    del state["blocks.0.extra.weight"]
+    with pytest.raises(ValueError, match=r"missing \['blocks.0.self_attn.q.weight'\]"):
+        cv.from_diffusers_state_dict(cv.DiT(cfg), state)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Flow matching
+# ---------------------------------------------------------------------------------------------
+
+
+def test_velocity_x0_round_trip():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 2, 5, 5, generator=g), torch.randn(3, 4, 2, 5, 5, generator=g)
+    t = torch.rand(3, 4, generator=g) * 999 + 1
+    x_t = cv.add_noise(x0, eps, t)
+    v = eps - x0
+    assert torch.allclose(cv.velocity_to_x0(x_t, v, t), x0, atol=1e-5)
+    assert torch.allclose(cv.x0_to_velocity(x_t, x0, t), v, atol=1e-3)
+    # the end points of the path: t = 0 is data, t = 1000 is noise
+    assert torch.equal(cv.add_noise(x0, eps, torch.zeros(3, 4)), x0)
+    assert torch.equal(cv.add_noise(x0, eps, torch.full((3, 4), 1000.0)), eps)
+
+
+def test_shift_and_student_steps():
+    assert torch.allclose(cv.shift_timesteps(torch.tensor([0.0, 500.0, 1000.0]), 8.0),
+                          torch.tensor([0.0, 8000 / 9, 1000.0]))
+    wan = cv.student_timesteps(cv.get_config("wan2.1-t2v-1.3b"))
+    assert torch.allclose(wan, torch.tensor([1000.0, 756.76, 521.74]), atol=0.01)  # official [1000, 757, 522]
+    four = cv.student_timesteps(cv.get_config("wan2.1-t2v-1.3b", teacher_steps=48, student_step_indices=(0, 12, 24, 36)))
+    assert torch.allclose(four, torch.tensor([1000.0, 960.0, 888.89, 727.27]), atol=0.01)  # the 4-step variant
+    assert cv.student_timesteps(cv.get_config("tiny")).tolist() == [1000.0, 750.0, 500.0, 250.0]
+
+
+def gaussian_velocity(mu, a):
+    """Exact E[eps - x0 | x_t] for data x0 ~ N(mu, a^2) under x_t = (1 - s) x0 + s eps."""
+
+    def v(x, t, text=None):
+        s = cv._s(t, x)
+        var = (1 - s) ** 2 * a**2 + s**2
+        r = (x - (1 - s) * mu) / var
+        return s * r - (mu + (1 - s) * a**2 * r)
+
+    return v
+
+
+def test_euler_sampler_lands_on_the_known_answer():
+    """For Gaussian data the probability-flow ODE is x_s = (1 - s) mu + sqrt((1 - s)^2 a^2 + s^2) z:
+    the sampler must carry noise z to mu + a z, passing the kept states on the way."""
+    mu, a = 1.5, 0.3
+    z = torch.randn(64, 3, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    x0, traj = cv.sample_ode(gaussian_velocity(mu, a), z, None, steps=800, shift=3.0, keep=(0, 200, 600))
+    err = lambda x: (x - (mu + a * z)).abs().max().item()
+    assert err(x0) < 1e-2
+    # Euler is first order: 4x the steps, ~4x less error
+    coarse = cv.sample_ode(gaussian_velocity(mu, a), z, None, steps=200, shift=3.0)[0]
+    assert 3.5 < err(coarse) / err(x0) < 4.5
+    ts = cv.sampling_schedule(800, 3.0)
+    assert traj.shape == (64, 4, 3, 1, 2, 2)
+    for n, i in enumerate((0, 200, 600)):
+        s = float(ts[i]) / 1000
+        exact = (1 - s) * mu + math.sqrt((1 - s) ** 2 * a**2 + s**2) * z
+        assert (traj[:, n] - exact).abs().max() < 1e-2
+    assert torch.equal(traj[:, -1], x0)
+
+
+def test_cfg_combines_cond_and_uncond():
+    model = lambda x, t, text: text.mean(dim=(1, 2)).reshape(-1, 1, 1, 1, 1).expand_as(x)
+    x, t = torch.zeros(2, 1, 1, 1, 1), torch.zeros(2, 1)
+    cond, uncond = torch.full((2, 3, 4), 2.0), torch.full((1, 3, 4), 0.5)
+    v = cv.guided_velocity(model, x, t, cond, uncond, 3.0)
+    assert torch.allclose(v, torch.full_like(x, 0.5 + 3.0 * 1.5))
+
+
+def test_flow_matching_loss_is_zero_for_the_exact_velocity():
+    """With degenerate data (a point mass at mu) the exact velocity is known at every x_t, so the
+    loss of the exact field is 0 and that of a wrong field is not."""
+    mu = 0.7
+    exact = lambda x, t, text: (x - mu) / cv._s(t, x)  # eps - mu, with eps = (x - (1 - s) mu) / s
+    x0, t = torch.full((8, 2, 1, 3, 3), mu), torch.rand(8, 2) * 900 + 50
+    assert cv.flow_matching_loss(exact, x0, t, None) < 1e-8
+    assert cv.flow_matching_loss(lambda x, t, text: torch.zeros_like(x), x0, t, None) > 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. DMD moves a generator toward the teacher's distribution
+# ---------------------------------------------------------------------------------------------
+
+
+class AffineGenerator(torch.nn.Module):
+    """x0 = b + c z in 2-D: a generator whose output distribution N(b, c^2) is known in closed form."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = torch.nn.Parameter(torch.tensor([-1.0, 2.0]))
+        self.c = torch.nn.Parameter(torch.tensor([0.2, 1.5]))
+
+    def forward(self, z):  # z (B, 1, 2, 1, 1)
+        return self.b.view(1, 1, 2, 1, 1) + self.c.view(1, 1, 2, 1, 1) * z
+
+
+def dmd_gaussian_setup():
+    cfg = cv.get_config("tiny", shift=1.0)
+    mu, a = torch.tensor([1.0, -0.5]).view(1, 1, 2, 1, 1), torch.tensor([0.5, 0.5]).view(1, 1, 2, 1, 1)
+    teacher = gaussian_velocity(mu, a)  # the real score s_data
+    gen = AffineGenerator()
+    critic = lambda x, t, text: gaussian_velocity(gen.b.detach().view(1, 1, 2, 1, 1),
+                                                  gen.c.detach().abs().view(1, 1, 2, 1, 1))(x, t)  # exact s_gen
+    return cfg, mu, a, teacher, gen, critic
+
+
+def test_dmd_gradient_points_toward_the_teacher():
+    torch.manual_seed(0)
+    cfg, mu, a, teacher, gen, critic = dmd_gaussian_setup()
+    z = torch.randn(4096, 1, 2, 1, 1)
+    loss, _ = cv.dmd_loss(gen(z), teacher, critic, None, None, cfg)
+    loss.backward()
+    # gradient descent must move b towards mu (-1 -> 1 up, 2 -> -0.5 down) and c towards a (0.2 up, 1.5 down)
+    assert gen.b.grad[0] < 0 and gen.b.grad[1] > 0
+    assert gen.c.grad[0] < 0 and gen.c.grad[1] > 0
+
+
+def test_dmd_steps_shrink_the_gap():
+    torch.manual_seed(0)
+    cfg, mu, a, teacher, gen, critic = dmd_gaussian_setup()
+    gap = lambda: ((gen.b - mu.flatten()).abs().sum() + (gen.c.abs() - a.flatten()).abs().sum()).item()
+    start = gap()
+    opt = torch.optim.SGD(gen.parameters(), lr=0.5)
+    for _ in range(200):
+        loss, _ = cv.dmd_loss(gen(torch.randn(256, 1, 2, 1, 1)), teacher, critic, None, None, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert gap() < 0.1 * start, (start, gap(), gen.b, gen.c)
+
+
+def test_dmd_loss_value_and_gradient_form():
+    """0.5 mse(x0, x0 - g) has value 0.5 mean(g^2) and gradient g / n: the surrogate of Eq. 4."""
+    cfg = cv.get_config("tiny")
+    x0 = torch.randn(2, 3, 1, 2, 2, requires_grad=True)
+    fake = lambda x, t, text: torch.zeros_like(x)
+    real = lambda x, t, text: torch.ones_like(x)
+    loss, _ = cv.dmd_loss(x0, real, fake, None, None, cfg)
+    loss.backward()
+    g = x0.grad * x0.numel()  # the gradient is g / n; scale it back
+    assert torch.allclose(loss, 0.5 * (g.double() ** 2).mean(), rtol=1e-5)
+    # fake_x0 - real_x0 = s > 0 everywhere: descent lowers x0 toward the real score's estimate
+    assert (g > 0).all()
+
+
+def test_critic_loss_trains_only_the_critic():
+    cfg = small_config()
+    critic = make_model(causal=False, cfg=cfg)
+    x, _, text = inputs(cfg)
+    x_gen = x.clone().requires_grad_(True)
+    loss = cv.critic_loss(critic, x_gen, text, cfg)
+    loss.backward()
+    assert x_gen.grad is None
+    assert all(p.grad is not None for p in critic.parameters())
+
+
+def test_ode_regression_loss_uses_per_chunk_steps():
+    """A student that returns the exact x0 whatever its input has zero loss; per-chunk timesteps are
+    constant inside a chunk and vary between chunks."""
+    torch.manual_seed(0)
+    B, Fr, K, Q = 64, 6, 2, 4
+    traj = torch.randn(B, Q + 1, Fr, 1, 2, 2)
+    ts = torch.tensor([1000.0, 750.0, 500.0, 250.0])
+    seen = []
+
+    def student(x_t, t, text):
+        seen.append(t)
+        return cv.x0_to_velocity(x_t, traj[:, -1], t)  # predicts exactly x0
+
+    assert cv.ode_regression_loss(student, traj, None, ts, K) < 1e-8
+    t = seen[0]
+    assert (t.view(B, Fr // K, K) == t.view(B, Fr // K, K)[..., :1]).all()
+    assert (t[:, 0] != t[:, K]).any()
+    # and the student's inputs are the trajectory states at those timesteps
+    idx = cv.chunkwise_step_indices(3, Fr, K, Q, generator=torch.Generator().manual_seed(0))
+    assert idx.shape == (3, Fr) and idx.max() < Q
+
+
+# ---------------------------------------------------------------------------------------------
+# Text encoder and checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tiny_text_encoder():
+    cfg = cv.get_config("tiny")
+    enc = cv.build_text_encoder(cfg)
+    out = enc(["a red circle moving left", ""])
+    assert out.shape == (2, cfg.text_len, cfg.text_dim)
+    n = len("a red circle moving left") + 1  # bytes + </s>
+    assert out[0, n:].abs().max() == 0 and out[0, :n].abs().min() > 0  # zero padding after the prompt
+    assert out[1, 1:].abs().max() == 0  # "" is </s> alone
+    again = cv.build_text_encoder(cfg)(["a red circle moving left"])  # seeded: the same encoder every time
+    assert torch.equal(again[0], out[0])
+    assert not any(p.requires_grad for p in enc.parameters())
+
+
+def test_checkpoint_round_trip(tmp_path):
+    cfg = small_config()
+    model = make_model(causal=True, cfg=cfg)
+    path = str(tmp_path / "m.safetensors")
+    cv.save_model(path, model, step=3)
+    loaded = cv.load_model(path)
+    assert loaded.causal and loaded.cfg == cfg
+    x, t, text = inputs(cfg)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, text), loaded(x, t, text))
+    assert cv.load_checkpoint(path)[2]["step"] == 3
+
+
+def test_fresh_model_predicts_zero_velocity():
+    """adaLN-Zero: the output layer starts at zero."""
+    cfg = small_config()
+    x, t, text = inputs(cfg)
+    assert cv.DiT(cfg)(x, t, text).abs().max() == 0
