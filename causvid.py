@@ -64,23 +64,33 @@ class Config:
     negative_prompt: str = ""  # the "unconditional" prompt of classifier-free guidance
     # Flow matching and sampling (Sec. 3.1)
     shift: float = 1.0  # timestep shift s' = shift s / (1 + (shift - 1) s)
-    teacher_steps: int = 48  # Euler steps of the teacher's ODE sampler
+    teacher_steps: int = 24  # Euler steps of the teacher's ODE sampler
     teacher_guidance: float = 3.0  # CFG scale of the teacher when it samples (ODE pairs, baselines)
     # The student's few denoising steps, as indices into the teacher's sampling schedule, so that
     # the ODE pairs of Sec. 4.3 are recorded exactly at the student's timesteps.
-    student_step_indices: tuple[int, ...] = (0, 12, 24, 36)  # t = 1000, 750, 500, 250
+    student_step_indices: tuple[int, ...] = (0, 6, 12, 18)  # t = 1000, 750, 500, 250
     # DMD (Sec. 3.2, 4.2, Alg. 1)
     real_guidance: float = 3.0  # CFG scale of the real score (teacher), uncond + g (cond - uncond)
     dmd_t_min: float = 20.0  # DMD's noising timestep is kept away from both ends
     dmd_t_max: float = 980.0
     critic_updates_per_generator: int = 5  # two time-scale update rule (DMD2)
-    # Optimisation
+    # Optimisation (AdamW everywhere)
     batch_size: int = 32
-    lr_teacher: float = 1e-3
+    grad_clip: float = 1.0
+    # toy teacher pre-training: stands in for a pretrained model (toy world only)
+    teacher_train_steps: int = 4000
+    lr_teacher: float = 1e-3  # peak; linear warm-up, cosine decay
+    warmup: int = 200
+    ema_decay: float = 0.999
+    cfg_dropout: float = 0.1  # share of empty prompts, so classifier-free guidance works
+    # stage 1: ODE initialisation (Sec. 4.3)
+    ode_pairs: int = 512
+    ode_steps: int = 600
     lr_ode: float = 1e-4
+    # stage 2: DMD (iterations; the generator steps every critic_updates_per_generator-th)
+    dmd_steps: int = 1500
     lr_generator: float = 2e-5
     lr_critic: float = 2e-5
-    grad_clip: float = 1.0
 
 
 PRESETS: dict[str, Config] = {
@@ -111,6 +121,9 @@ PRESETS: dict[str, Config] = {
         dmd_t_max=980.0,
         critic_updates_per_generator=5,
         batch_size=1,
+        ode_pairs=1000,  # paper: 1000 ODE pairs, 3000 iterations
+        ode_steps=3000,
+        dmd_steps=6000,  # paper: 6000 DMD iterations
         lr_ode=2e-6,
         lr_generator=2e-6,
         lr_critic=2e-6,
@@ -318,12 +331,11 @@ def rope_angles(head_dim: int, frames: int, rows: int, cols: int, frame_offset: 
     return torch.cat([a_t, a_h, a_w], dim=-1).reshape(frames * rows * cols, head_dim // 2)
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (x[2k], x[2k+1]) of x (B, S, heads, head_dim) by angles (S, head_dim/2)."""
-    x1, x2 = rearrange(x.float(), "b s n (d two) -> two b s n d", two=2)
-    cos, sin = angles.cos()[None, :, None].float(), angles.sin()[None, :, None].float()
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (x[2k], x[2k+1]) of x (B, S, heads, head_dim) by the angles of
+    `rotation` (S, head_dim/2), complex e^(i angle): each pair is one complex number, times e^(i angle)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation[None, :, None]).flatten(-2).type_as(x)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -398,12 +410,12 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=eps), nn.RMSNorm(dim, eps=eps)
 
-    def forward(self, x, angles, mask=None, context=None):
-        """x (B, S, D), angles (S, head_dim/2), mask (S, S) or None, context: cached (k, v) or None.
+    def forward(self, x, rotation, mask=None, context=None):
+        """x (B, S, D), rotation (S, head_dim/2) RoPE, mask (S, S) or None, context: cached (k, v) or None.
         Returns the output (B, S, D) and this call's (k, v), (B, S, heads, head_dim), for the cache."""
         split = lambda y: rearrange(y, "b s (n d) -> b s n d", n=self.num_heads)
-        q = apply_rope(split(self.norm_q(self.q(x))), angles)
-        k = apply_rope(split(self.norm_k(self.k(x))), angles)
+        q = apply_rope(split(self.norm_q(self.q(x))), rotation)
+        k = apply_rope(split(self.norm_k(self.k(x))), rotation)
         v = split(self.v(x))
         k_all, v_all = (k, v) if context is None else (torch.cat([context[0], k], 1), torch.cat([context[1], v], 1))
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
@@ -442,10 +454,10 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(D, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, D))
         self.modulation = nn.Parameter(torch.zeros(1, 6, D))  # learned table added to the time embedding
 
-    def forward(self, x, e, text, angles, mask=None, context=None):
+    def forward(self, x, e, text, rotation, mask=None, context=None):
         """x (B, S, D); e (B, F, 6, D) per-frame time modulation; text (B, L, D)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.unsqueeze(1) + e).unbind(2)  # each (B, F, D)
-        y, kv = self.self_attn(modulate(self.norm1(x), shift1, scale1), angles, mask, context)
+        y, kv = self.self_attn(modulate(self.norm1(x), shift1, scale1), rotation, mask, context)
         x = x + gate(y, gate1)
         x = x + self.cross_attn(self.norm3(x), text)
         x = x + gate(self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2)
@@ -531,6 +543,7 @@ class DiT(nn.Module):
 
         offset = cache.num_frames if cache is not None else 0
         angles = rope_angles(cfg.dim // cfg.num_heads, Fr, rows, cols, offset, device=x.device)
+        rotation = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)  # (S, head_dim/2)
         mask = None
         if self.causal and cache is None:
             if Fr % cfg.chunk_size:
@@ -539,7 +552,7 @@ class DiT(nn.Module):
 
         kvs = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, e, text, angles, mask, cache.context(i) if cache is not None else None)
+            x, kv = block(x, e, text, rotation, mask, cache.context(i) if cache is not None else None)
             kvs.append(kv)
         if write_cache:
             cache.append(kvs, Fr)
@@ -566,27 +579,34 @@ def fill_cache(model: DiT, cache: KVCache, x0: torch.Tensor, text: torch.Tensor)
 
 @torch.no_grad()
 def stream_generate(model: DiT, noise: torch.Tensor, text: torch.Tensor, timesteps: torch.Tensor,
-                    generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                    generator: torch.Generator | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
     """Alg. 2: generate chunk after chunk, each with the few student steps, yielding each clean chunk
     (B, K, C, H, W) as soon as it is done.
 
     noise (B, F, C, H, W) holds the initial noise of every chunk (line 4); timesteps the student's
-    steps, high noise first; generator draws the re-noising noise of line 8."""
+    steps, high noise first; generator draws the re-noising noise of line 8. use_cache=False is the
+    baseline without Alg. 2's cache: every step re-runs the whole clean prefix (at t = 0) with the
+    block-causal mask -- the same result, at a cost that grows with the video's length."""
     B, Fr = noise.shape[:2]
     K = model.cfg.chunk_size
     if Fr % K:
         raise ValueError(f"{Fr} frames are not a whole number of chunks of {K}")
-    cache = KVCache()  # line 2
+    cache, done = KVCache(), []  # line 2
     for c in range(Fr // K):  # line 3
         x = noise[:, c * K:(c + 1) * K]  # line 4
         for j, t in enumerate(timesteps):  # line 6
             tt = torch.full((B, K), float(t), device=x.device)
-            x0 = predict_x0(model, x, tt, text, cache=cache)  # line 7
+            if use_cache:
+                x0 = predict_x0(model, x, tt, text, cache=cache)  # line 7
+            else:
+                prefix = torch.zeros(B, c * K, device=x.device)
+                x0 = predict_x0(model, torch.cat(done + [x], 1), torch.cat([prefix, tt], 1), text)[:, -K:]
             if j + 1 < len(timesteps):  # line 8: re-noise the estimate to the next, lower step
                 eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
                 x = add_noise(x0, eps, torch.full((B, K), float(timesteps[j + 1]), device=x.device))
-        if c + 1 < Fr // K:  # the last chunk's keys/values would never be read
+        if use_cache and c + 1 < Fr // K:  # the last chunk's keys/values would never be read
             fill_cache(model, cache, x0, text)  # lines 10-12
+        done.append(x0)
         yield x0
 
 
@@ -675,6 +695,123 @@ def critic_loss(critic: Callable, x0_gen: torch.Tensor, text: torch.Tensor, cfg:
 
 
 # ------------------------------------------------------------------------------------------------
+# 11. The toy world: Moving Shapes (shared/toy_world.md)
+# ------------------------------------------------------------------------------------------------
+# 16x16 RGB clips of one coloured shape moving 1 px per frame and bouncing off the walls. Exact
+# dynamics, so a generated clip can be scored against every clip its prompt admits.
+
+COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+          "magenta": (255, 0, 255), "cyan": (0, 255, 255)}
+SHAPES = ("square", "circle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+PROMPTS = [f"a {c} {s} moving {d}" for c in COLORS for s in SHAPES for d in DIRECTIONS]  # 48
+FRAME, BOX, MAX_POS = 16, 6, 10  # frame side, object box side, largest top-left coordinate
+
+
+def parse_prompt(prompt: str) -> tuple[str, str, str]:
+    """"a red circle moving left" -> ("red", "circle", "left")."""
+    words = prompt.split()
+    if len(words) != 5 or words[0] != "a" or words[3] != "moving" or words[1] not in COLORS \
+            or words[2] not in SHAPES or words[4] not in DIRECTIONS:
+        raise ValueError(f"{prompt!r} is not a toy prompt; expected 'a {{color}} {{shape}} moving {{direction}}' "
+                         f"with color in {list(COLORS)}, shape in {list(SHAPES)}, direction in {list(DIRECTIONS)}")
+    return words[1], words[2], words[4]
+
+
+def shape_mask(shape: str) -> torch.Tensor:
+    """(6, 6) bool: the square fills the box; the circle keeps pixels whose centre is within 2.9 of
+    the box centre (24 pixels)."""
+    if shape == "square":
+        return torch.ones(BOX, BOX, dtype=torch.bool)
+    c = torch.arange(BOX) + 0.5 - BOX / 2
+    return c[:, None] ** 2 + c[None, :] ** 2 <= 2.9**2
+
+
+def trajectory(x: int, y: int, direction: str, num_frames: int) -> list[tuple[int, int]]:
+    """Top-left corners of the box over the frames. Per axis, a step that would leave 0..10 first
+    flips the velocity, then steps (..., 9, 10, 9, 8, ... at a wall)."""
+    vx, vy = DIRECTIONS[direction]
+    out = []
+    for _ in range(num_frames):
+        out.append((x, y))
+        if not 0 <= x + vx <= MAX_POS:
+            vx = -vx
+        if not 0 <= y + vy <= MAX_POS:
+            vy = -vy
+        x, y = x + vx, y + vy
+    return out
+
+
+def render(prompt: str, x: int, y: int, num_frames: int) -> torch.Tensor:
+    """One clip, uint8 (F, 16, 16, 3), black background, box top-left at column x, row y in frame 0."""
+    color, shape, direction = parse_prompt(prompt)
+    mask, rgb = shape_mask(shape), torch.tensor(COLORS[color], dtype=torch.uint8)
+    clip = torch.zeros(num_frames, FRAME, FRAME, 3, dtype=torch.uint8)
+    for f, (px, py) in enumerate(trajectory(x, y, direction, num_frames)):
+        clip[f, py:py + BOX, px:px + BOX][mask] = rgb
+    return clip
+
+
+_ALL_CLIPS: dict[int, torch.Tensor] = {}
+
+
+def all_clips(num_frames: int) -> torch.Tensor:
+    """Every clip of the world: uint8 (48 prompts, 121 starts, F, 16, 16, 3), start index = y * 11 + x."""
+    if num_frames not in _ALL_CLIPS:
+        starts = [(x, y) for y in range(MAX_POS + 1) for x in range(MAX_POS + 1)]
+        _ALL_CLIPS[num_frames] = torch.stack([torch.stack([render(p, x, y, num_frames) for x, y in starts])
+                                              for p in PROMPTS])
+    return _ALL_CLIPS[num_frames]
+
+
+def to_model_space(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., F, H, W, 3) -> float (..., F, 3, H, W) in [-1, 1]: the toy world's identity "VAE"."""
+    return frames.movedim(-1, -3).float() / 127.5 - 1
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float (..., F, 3, H, W) in [-1, 1] -> uint8 (..., F, H, W, 3)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1).cpu()
+
+
+def toy_batch(batch_size: int, num_frames: int, generator: torch.Generator | None = None):
+    """Random clips with their prompts: (B, F, 3, 16, 16) in [-1, 1], list of B prompts."""
+    p = torch.randint(0, len(PROMPTS), (batch_size,), generator=generator)
+    s = torch.randint(0, (MAX_POS + 1) ** 2, (batch_size,), generator=generator)
+    return to_model_space(all_clips(num_frames)[p, s]), [PROMPTS[i] for i in p]
+
+
+def psnr_to_all(frames: torch.Tensor) -> torch.Tensor:
+    """PSNR (0-255 scale, whole clip) of each clip against every clip of the world.
+    frames uint8 (N, F, 16, 16, 3) -> (N, 48, 121)."""
+    x = frames.flatten(1).double()  # (N, P)
+    mse = torch.stack([torch.cdist(x, ref.flatten(1).double()) ** 2 for ref in all_clips(frames.shape[1])], 1)
+    return 10 * torch.log10(255.0**2 / (mse / x.shape[1]).clamp_min(1e-10))
+
+
+def score_toy(frames: torch.Tensor, prompts: list[str]) -> dict:
+    """toy_world.md "Scoring": best-fit PSNR against the clips the prompt admits, prompt accuracy
+    (is the prompt's best fit at least as good as every other prompt's?), and diversity (distinct
+    best-fit starts per prompt relative to as many uniform draws from the 121 starts)."""
+    psnr = psnr_to_all(frames)  # (N, 48, 121)
+    idx = torch.tensor([PROMPTS.index(p) for p in prompts])
+    per_prompt = psnr.amax(2)  # (N, 48)
+    best = per_prompt[torch.arange(len(prompts)), idx]
+    correct = best >= per_prompt.amax(1)
+    start = psnr[torch.arange(len(prompts)), idx].argmax(1)
+    diversity = []
+    for p in set(prompts):
+        rows = [i for i, q in enumerate(prompts) if q == p]
+        n = len(rows)
+        if n > 1:
+            expected = 121 * (1 - (120 / 121) ** n)
+            diversity.append(len({int(start[i]) for i in rows}) / expected)
+    return {"best_fit_psnr": best.mean().item(), "prompt_accuracy": correct.float().mean().item(),
+            "diversity": sum(diversity) / len(diversity) if diversity else float("nan"),
+            "per_sample_psnr": best, "per_sample_correct": correct}
+
+
+# ------------------------------------------------------------------------------------------------
 # 12. Checkpoints and the Wan key mapping
 # ------------------------------------------------------------------------------------------------
 
@@ -752,7 +889,8 @@ def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], cfg: Config, **
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     header = {"config": json.dumps(asdict(cfg)), **{k: json.dumps(v) for k, v in meta.items()}}
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=header)
+    save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, tmp, metadata=header)  # clone: no shared storage
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -781,3 +919,127 @@ def load_model(path: str, causal: bool | None = None, device="cpu") -> DiT:
     model = DiT(cfg, causal=meta.get("causal", False) if causal is None else causal)
     load_state_dict_strict(model, {k: v for k, v in tensors.items() if not k.startswith("text_encoder.")}, path)
     return model.to(device)
+
+
+def save_model_with_text(path: str, model: DiT, text_encoder: TextEncoder | None, **meta):
+    """save_model, plus the tiny text encoder's weights (prefix "text_encoder.") when the config uses
+    it, so the file alone rebuilds both. Wan's UMT5 stays in its own directory."""
+    tensors = dict(model.state_dict())
+    if text_encoder is not None and model.cfg.text_encoder == "tiny":
+        tensors.update({f"text_encoder.{k}": v for k, v in text_encoder.encoder.state_dict().items()})
+    save_checkpoint(path, tensors, model.cfg, causal=model.causal, **meta)
+
+
+def load_text_encoder(path: str, cfg: Config | None = None) -> TextEncoder:
+    """The text encoder that belongs to a checkpoint: the stored tiny UMT5, or UMT5 from cfg's path."""
+    tensors, saved_cfg, _ = load_checkpoint(path)
+    cfg = cfg or saved_cfg
+    te = {k[len("text_encoder."):]: v for k, v in tensors.items() if k.startswith("text_encoder.")}
+    if cfg.text_encoder == "tiny" and not te:
+        raise ValueError(f"{path!r} uses the tiny text encoder but does not contain its weights")
+    return build_text_encoder(cfg, te or None)
+
+
+# ------------------------------------------------------------------------------------------------
+# 13. Training and output utilities shared by the scripts
+# ------------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda was given but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, plain fp32 elsewhere."""
+    from contextlib import nullcontext
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (the weights the tiny teacher is sampled with)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        for k, v in model.state_dict().items():
+            self.shadow[k].lerp_(v, 1 - self.decay) if v.dtype.is_floating_point else self.shadow[k].copy_(v)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to `peak`, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, clip: float, lr: float | None = None) -> float:
+    """backward, clip, step; returns the gradient norm before clipping."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    if lr is not None:
+        for group in opt.param_groups:
+            group["lr"] = lr
+    opt.step()
+    return norm.item()
+
+
+def write_video(path: str, frames: torch.Tensor, scale: int = 8, fps: int = 8, columns: int = 8):
+    """uint8 (N, F, H, W, 3) -> one video (.gif or .mp4) of the N clips in a grid, each upscaled by
+    nearest neighbour so 16x16 frames are visible. Written to a temporary name, then renamed."""
+    import imageio.v2 as imageio
+
+    N, Fr, H, W, _ = frames.shape
+    cols = min(columns, N)
+    rows = -(-N // cols)
+    pad = torch.zeros(rows * cols - N, Fr, H, W, 3, dtype=torch.uint8)
+    grid = torch.cat([frames, pad]).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    grid = F.pad(grid.permute(0, 1, 4, 2, 3), (1, 1, 1, 1), value=64).permute(0, 1, 3, 4, 2)  # grey borders
+    grid = rearrange(grid, "(r c) f h w x -> f (r h) (c w) x", r=rows, c=cols).numpy()
+    ext = os.path.splitext(path)[1]
+    tmp = f"{path}.tmp{os.getpid()}{ext}"
+    if ext == ".gif":
+        imageio.mimsave(tmp, list(grid), duration=1000 / fps, loop=0)
+    else:
+        imageio.mimsave(tmp, list(grid), fps=fps, macro_block_size=1)
+    os.replace(tmp, path)
+
+
+def add_common_args(p):
+    """The flags every script shares."""
+    p.add_argument("--tiny", action="store_true", help="the toy-world preset: runs on a CPU in minutes")
+    p.add_argument("--config", choices=sorted(PRESETS), help="a named preset (--tiny is --config tiny)")
+    p.add_argument("--out", help="run directory for checkpoints and samples (default: runs/<config>)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=int, help="batch size (default: the preset's)")
+    return p
+
+
+def resolve_common(args) -> tuple[Config, torch.device, str]:
+    """-> (config, device, run directory), from the common flags."""
+    if args.tiny and args.config not in (None, "tiny"):
+        raise SystemExit(f"error: --tiny and --config {args.config} contradict each other; give one")
+    name = "tiny" if args.tiny else args.config
+    if name is None:
+        raise SystemExit("error: choose a preset: --tiny (toy world, CPU) or --config wan2.1-t2v-1.3b")
+    cfg = get_config(name, **({"batch_size": args.batch_size} if args.batch_size else {}))
+    out = args.out or os.path.join("runs", name)
+    return cfg, pick_device(args.device), out
+
+
+def embed_prompts(text_encoder: TextEncoder, prompts: list[str], batch: int = 64) -> dict[str, torch.Tensor]:
+    """Encode a fixed set of prompts once: prompt -> (L, D_text)."""
+    unique = list(dict.fromkeys(prompts))
+    out = {}
+    for i in range(0, len(unique), batch):
+        out.update(zip(unique[i:i + batch], text_encoder(unique[i:i + batch])))
+    return out

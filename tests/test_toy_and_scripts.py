@@ -1,0 +1,147 @@
+"""The toy world follows shared/toy_world.md to the pixel, its scores mean what they say, and the
+three scripts run end to end with --tiny into a temporary directory."""
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+
+import causvid as cv
+import sample
+import train_dmd
+import train_ode
+
+CIRCLE = """
+..##..
+.####.
+######
+######
+.####.
+..##..
+"""
+
+
+def test_circle_mask_is_the_drawing():
+    expect = torch.tensor([[c == "#" for c in row] for row in CIRCLE.split()])
+    assert torch.equal(cv.shape_mask("circle"), expect)
+    assert cv.shape_mask("circle").sum() == 24 and cv.shape_mask("square").sum() == 36
+
+
+def test_bounce_at_the_walls():
+    xs = [x for x, _ in cv.trajectory(8, 4, "right", 6)]
+    assert xs == [8, 9, 10, 9, 8, 7]
+    assert [x for x, _ in cv.trajectory(0, 4, "left", 4)] == [0, 1, 2, 3]  # starts at the wall
+    assert [y for _, y in cv.trajectory(3, 2, "up", 6)] == [2, 1, 0, 1, 2, 3]  # up is toward row 0
+    assert [y for _, y in cv.trajectory(3, 9, "down", 4)] == [9, 10, 9, 8]
+    assert all(x == 3 for x, _ in cv.trajectory(3, 2, "up", 6))  # the other axis never moves
+    assert len(cv.trajectory(5, 5, "left", 100)) == 100
+
+
+def test_render_pixels():
+    clip = cv.render("a magenta circle moving down", 2, 7, 3)
+    assert clip.shape == (3, 16, 16, 3) and clip.dtype == torch.uint8
+    for f, (x, y) in enumerate([(2, 7), (2, 8), (2, 9)]):
+        lit = (clip[f] > 0).any(-1)
+        box = torch.zeros(16, 16, dtype=torch.bool)
+        box[y:y + 6, x:x + 6] = cv.shape_mask("circle")
+        assert torch.equal(lit, box)
+        assert (clip[f][lit] == torch.tensor([255, 0, 255], dtype=torch.uint8)).all()
+    assert clip[0, 0, 0].tolist() == [0, 0, 0]
+
+
+def test_prompts():
+    assert len(cv.PROMPTS) == 48 == len(set(cv.PROMPTS))
+    assert cv.parse_prompt("a red circle moving left") == ("red", "circle", "left")
+    assert "a yellow square moving up" in cv.PROMPTS
+    for bad in ["a red triangle moving left", "red circle moving left", "a red circle moving sideways", ""]:
+        with pytest.raises(ValueError, match="not a toy prompt"):
+            cv.parse_prompt(bad)
+
+
+def test_dataset_batch():
+    x, prompts = cv.toy_batch(5, 12, torch.Generator().manual_seed(0))
+    assert x.shape == (5, 12, 3, 16, 16) and len(prompts) == 5
+    assert x.min() == -1 and x.max() == 1
+    assert torch.equal(cv.to_uint8(x), cv.to_uint8(cv.to_model_space(cv.to_uint8(x))))  # round trip
+
+
+def test_score_perfect_noisy_and_wrong():
+    p = "a green square moving left"
+    clip = cv.render(p, 4, 6, 12)[None]
+    s = cv.score_toy(clip, [p])
+    assert s["best_fit_psnr"] > 50 and s["prompt_accuracy"] == 1.0
+    g = torch.Generator().manual_seed(0)
+    psnrs = []
+    for sigma in [5, 20, 60]:
+        noisy = (clip.float() + sigma * torch.randn(clip.shape, generator=g)).clamp(0, 255).round().to(torch.uint8)
+        psnrs.append(cv.score_toy(noisy, [p])["best_fit_psnr"])
+    assert psnrs[0] > psnrs[1] > psnrs[2]
+    wrong = cv.render("a blue square moving left", 4, 6, 12)[None]
+    assert cv.score_toy(wrong, [p])["prompt_accuracy"] == 0.0
+
+
+def test_diversity():
+    p = "a red square moving up"
+    same = cv.render(p, 3, 3, 12)[None].repeat(8, 1, 1, 1, 1)
+    spread = torch.stack([cv.render(p, x, 0, 12) for x in range(8)])
+    expected = 121 * (1 - (120 / 121) ** 8)
+    assert cv.score_toy(same, [p] * 8)["diversity"] == pytest.approx(1 / expected)
+    assert cv.score_toy(spread, [p] * 8)["diversity"] == pytest.approx(8 / expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# The scripts, end to end (tiny step counts)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train_dmd.main(["--tiny", "--out", str(out), "--steps", "3", "--ode-steps", "2", "--teacher-steps", "3",
+                    "--pairs", "3", "--batch-size", "2", "--sample-every", "2", "--device", "cpu"])
+    return out
+
+
+def test_train_dmd_runs_everything(run_dir):
+    for name in ["teacher", "ode", "dmd"]:
+        model = cv.load_model(str(run_dir / f"{name}.safetensors"))  # the checkpoint alone rebuilds it
+        assert model.causal == (name != "teacher") and model.cfg == cv.get_config("tiny", batch_size=2)
+        enc = cv.load_text_encoder(str(run_dir / f"{name}.safetensors"))
+        assert enc(["a red square moving up"]).shape == (1, 32, 64)
+    tensors, _, meta = cv.load_checkpoint(str(run_dir / "ode_pairs.safetensors"))
+    assert tensors["trajectories"].shape == (3, 5, 12, 3, 16, 16) and len(meta["prompts"]) == 3
+    assert (run_dir / "dmd_samples_000002.gif").exists()
+    # the students differ from the teacher they were initialised from: they were trained
+    t, o = cv.load_model(str(run_dir / "teacher.safetensors")), cv.load_model(str(run_dir / "ode.safetensors"))
+    changed = [k for k, v in t.state_dict().items() if not torch.equal(v, o.state_dict()[k])]
+    assert "head.head.weight" in changed
+
+
+def test_sample_writes_npz_and_video(run_dir):
+    prompts = ["a red square moving up", "a cyan circle moving left"]
+    args = ["--tiny", "--out", str(run_dir), "--num-frames", "6", "--name", "s"]
+    for p in prompts:
+        args += ["--prompt", p]
+    sample.main(args)
+    data = np.load(run_dir / "s.npz")
+    assert data["frames"].shape == (2, 6, 16, 16, 3) and data["frames"].dtype == np.uint8
+    assert list(data["prompts"]) == prompts
+    gif = imageio.mimread(run_dir / "s.gif")
+    assert len(gif) == 6 and gif[0].shape[:2] == (8 * 16 + 2, 2 * (8 * 16 + 2))
+    assert len(imageio.mimread(run_dir / "s.mp4")) == 6
+
+
+def test_sample_cache_equals_no_cache_and_teacher_runs(run_dir):
+    common = ["--tiny", "--out", str(run_dir), "--prompt", "a blue circle moving right", "--seed", "3"]
+    sample.main(common + ["--name", "cached"])
+    sample.main(common + ["--name", "uncached", "--no-cache"])
+    a, b = np.load(run_dir / "cached.npz")["frames"], np.load(run_dir / "uncached.npz")["frames"]
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # same video up to uint8 rounding
+    score = sample.main(common + ["--name", "teacher", "--teacher"])
+    assert np.load(run_dir / "teacher.npz")["frames"].shape == (1, 12, 16, 16, 3)
+    assert 0.0 <= score["prompt_accuracy"] <= 1.0
+
+
+def test_sample_rejects_bad_frame_counts(run_dir):
+    with pytest.raises(SystemExit, match="multiple of the chunk size"):
+        sample.main(["--tiny", "--out", str(run_dir), "--num-frames", "7", "--prompt", "a red square moving up"])

@@ -1,0 +1,112 @@
+"""Stage 2 of CausVid: asymmetric distribution matching distillation (Sec. 3.2, 4.2; Alg. 1; Eq. 4).
+
+The block-causal generator G (from stage 1) learns to make videos whose noised versions the frozen
+bidirectional teacher (s_data, the "real" score, with CFG) and a critic trained online on G's own
+samples (s_gen, the "fake" score, initialised from the teacher) disagree about as little as
+possible. Generator inputs are data clips noised per chunk to random student steps (Alg. 1 lines
+4-7). The critic takes critic_updates_per_generator steps per generator step (DMD2's two time-scale
+update rule). With --tiny and no stage-1 checkpoint, stage 1 (train_ode.py) runs first, so this one
+command trains everything.
+
+Writes <out>/dmd.safetensors and <out>/dmd_samples_<iteration>.gif every --sample-every iterations.
+"""
+
+import argparse
+import os
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+import causvid as cv
+import train_ode
+
+
+def parse_args(argv=None):
+    p = cv.add_common_args(argparse.ArgumentParser(description=__doc__,
+                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.add_argument("--steps", type=int, help="DMD iterations, each a critic update; the generator is updated "
+                                             "every critic_updates_per_generator-th (default: the preset's)")
+    p.add_argument("--ode", help="stage-1 student checkpoint (default: <out>/ode.safetensors)")
+    p.add_argument("--teacher", help="bidirectional teacher checkpoint (default: <out>/teacher.safetensors)")
+    p.add_argument("--ode-steps", type=int, help="stage-1 steps, if stage 1 runs first (default: the preset's)")
+    p.add_argument("--teacher-steps", type=int, help="toy teacher pre-training steps, if it runs first")
+    p.add_argument("--pairs", type=int, help="ODE pairs, if stage 1 runs first (default: the preset's)")
+    p.add_argument("--log-every", type=int, default=50, help="iterations between log lines (default: 50)")
+    p.add_argument("--sample-every", type=int, default=500, help="iterations between sample GIFs (default: 500)")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def write_samples(generator, emb, cfg, path, device, seed=0):
+    """A few streamed toy samples as a GIF, so a person can watch training progress."""
+    prompts = cv.PROMPTS[::6]
+    text = torch.stack([emb[p] for p in prompts]).to(device)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(prompts), cfg.num_frames, cfg.channels, cfg.height, cfg.width, generator=g).to(device)
+    generator.eval()
+    video = torch.cat(list(cv.stream_generate(generator, noise, text, cv.student_timesteps(cfg).to(device), g)), 1)
+    generator.train()
+    cv.write_video(path, cv.to_uint8(video))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg, device, out = cv.resolve_common(args)
+    torch.manual_seed(args.seed)
+    ode_path = args.ode or os.path.join(out, "ode.safetensors")
+    teacher_path = args.teacher or os.path.join(out, "teacher.safetensors")
+    if not os.path.exists(ode_path):
+        if args.ode or cfg.name != "tiny":
+            raise SystemExit(f"error: stage-1 checkpoint {ode_path!r} not found; run train_ode.py first")
+        print(f"no stage-1 checkpoint at {ode_path}: running train_ode.py first")
+        stage1 = ["--tiny", "--out", out, "--seed", str(args.seed), "--log-every", str(args.log_every)]
+        for flag, value in [("--device", args.device), ("--steps", args.ode_steps), ("--teacher", args.teacher),
+                            ("--teacher-steps", args.teacher_steps), ("--pairs", args.pairs),
+                            ("--batch-size", args.batch_size)]:
+            stage1 += [flag, str(value)] if value is not None else []
+        train_ode.main(stage1)
+
+    print(f"generator: {ode_path} | teacher and critic init: {teacher_path}")
+    generator = cv.load_model(ode_path, causal=True, device=device).train()
+    teacher = cv.load_model(teacher_path, causal=False, device=device).eval().requires_grad_(False)
+    critic = cv.load_model(teacher_path, causal=False, device=device).train()  # Alg. 1 line 2
+    text_encoder = cv.load_text_encoder(teacher_path).to(device)
+    emb = cv.embed_prompts(text_encoder, cv.PROMPTS + [cfg.negative_prompt])
+    uncond = emb[cfg.negative_prompt][None].to(device)
+
+    opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.lr_generator, betas=(0.9, 0.999), weight_decay=0.0)
+    opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.lr_critic, betas=(0.9, 0.999), weight_decay=0.0)
+    timesteps = cv.student_timesteps(cfg).to(device)
+    steps, ratio, B = args.steps or cfg.dmd_steps, cfg.critic_updates_per_generator, cfg.batch_size
+    g = torch.Generator().manual_seed(args.seed + 2)
+    t0, logs = time.time(), {}
+    for it in tqdm(range(steps), desc="DMD"):
+        x_data, prompts = cv.toy_batch(B, cfg.num_frames, g)  # line 4
+        text = torch.stack([emb[p] for p in prompts]).to(device)
+        generator_turn = it % ratio == 0
+        with cv.autocast(device), torch.set_grad_enabled(generator_turn):
+            x0 = cv.generator_x0(generator, x_data.to(device), text, timesteps, cfg.chunk_size)  # lines 5-7
+        if generator_turn:  # lines 8-10
+            with cv.autocast(device):
+                loss_g, info = cv.dmd_loss(x0, teacher, critic, text, uncond, cfg)
+            logs.update(dmd=loss_g.item(), gen_grad=cv.optimizer_step(loss_g, opt_g, generator.parameters(),
+                                                                       cfg.grad_clip), **info)
+        with cv.autocast(device):  # lines 11-14
+            loss_c = cv.critic_loss(critic, x0, text, cfg)
+        logs.update(critic=loss_c.item(), critic_grad=cv.optimizer_step(loss_c, opt_c, critic.parameters(),
+                                                                         cfg.grad_clip))
+        if (it + 1) % args.log_every == 0 or it + 1 == steps:
+            train_ode.log("dmd", it + 1, steps, t0, **logs)
+        if cfg.name == "tiny" and ((it + 1) % args.sample_every == 0 or it + 1 == steps):
+            path = os.path.join(out, f"dmd_samples_{it + 1:06d}.gif")
+            write_samples(generator, emb, cfg, path, device)
+            tqdm.write(f"wrote {path}")
+
+    path = os.path.join(out, "dmd.safetensors")
+    cv.save_model_with_text(path, generator.eval(), text_encoder, stage="dmd", steps=steps)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
