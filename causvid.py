@@ -63,12 +63,14 @@ class Config:
     text_encoder: str = "tiny"
     negative_prompt: str = ""  # the "unconditional" prompt of classifier-free guidance
     # Flow matching and sampling (Sec. 3.1)
-    shift: float = 1.0  # timestep shift s' = shift s / (1 + (shift - 1) s)
+    # Timestep shift s' = shift s / (1 + (shift - 1) s), for training and sampling alike. Where the
+    # object goes and how it moves is decided at high noise; shift 3 trains and samples more there.
+    shift: float = 3.0
     teacher_steps: int = 24  # Euler steps of the teacher's ODE sampler
     teacher_guidance: float = 3.0  # CFG scale of the teacher when it samples (ODE pairs, baselines)
     # The student's few denoising steps, as indices into the teacher's sampling schedule, so that
     # the ODE pairs of Sec. 4.3 are recorded exactly at the student's timesteps.
-    student_step_indices: tuple[int, ...] = (0, 6, 12, 18)  # t = 1000, 750, 500, 250
+    student_step_indices: tuple[int, ...] = (0, 6, 12, 18)  # s = 1, .75, .5, .25 shifted: t = 1000, 900, 750, 500
     # DMD (Sec. 3.2, 4.2, Alg. 1)
     real_guidance: float = 3.0  # CFG scale of the real score (teacher), uncond + g (cond - uncond)
     dmd_t_min: float = 20.0  # DMD's noising timestep is kept away from both ends
@@ -89,8 +91,8 @@ class Config:
     lr_ode: float = 1e-4
     # stage 2: DMD (iterations; the generator steps every critic_updates_per_generator-th)
     dmd_steps: int = 1500
-    lr_generator: float = 2e-5
-    lr_critic: float = 2e-5
+    lr_generator: float = 5e-5
+    lr_critic: float = 5e-5
 
 
 PRESETS: dict[str, Config] = {
@@ -270,6 +272,17 @@ def tiny_umt5_config(cfg: Config):
                       num_heads=cfg.text_dim // 16, relative_attention_num_buckets=32, dropout_rate=0.0)
 
 
+def load_umt5(path: str, text_len: int) -> TextEncoder:
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"text encoder directory {path!r} not found; pass the directory that holds "
+                                "a transformers UMT5 encoder (e.g. Wan2.1-T2V-1.3B-Diffusers/text_encoder)")
+    tok_path = os.path.join(os.path.dirname(path.rstrip("/")), "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tok_path if os.path.isdir(tok_path) else path)
+    return TextEncoder(tokenizer, UMT5EncoderModel.from_pretrained(path), text_len)
+
+
 def build_text_encoder(cfg: Config, state_dict: dict | None = None, seed: int = 0) -> TextEncoder:
     """For "tiny": a randomly initialised 2-layer UMT5 (seeded) with the file-free ByT5 byte tokenizer;
     its weights are stored with the teacher checkpoint. Otherwise: UMT5 from a local directory."""
@@ -283,17 +296,6 @@ def build_text_encoder(cfg: Config, state_dict: dict | None = None, seed: int = 
     if state_dict is not None:
         encoder.load_state_dict(state_dict)
     return TextEncoder(ByT5Tokenizer(), encoder, cfg.text_len)
-
-
-def load_umt5(path: str, text_len: int) -> TextEncoder:
-    from transformers import AutoTokenizer, UMT5EncoderModel
-
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"text encoder directory {path!r} not found; pass the directory that holds "
-                                "a transformers UMT5 encoder (e.g. Wan2.1-T2V-1.3B-Diffusers/text_encoder)")
-    tok_path = os.path.join(os.path.dirname(path.rstrip("/")), "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(tok_path if os.path.isdir(tok_path) else path)
-    return TextEncoder(tokenizer, UMT5EncoderModel.from_pretrained(path), text_len)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -909,8 +911,14 @@ def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], Config, dict]:
     return tensors, config_from_dict(json.loads(header["config"])), meta
 
 
-def save_model(path: str, model: DiT, **meta):
-    save_checkpoint(path, model.state_dict(), model.cfg, causal=model.causal, **meta)
+def save_model(path: str, model: DiT, text_encoder: TextEncoder | None = None, **meta):
+    """The DiT's weights, its role (causal or not) and config; with the tiny text encoder also its
+    weights (prefix "text_encoder."), so the file alone rebuilds both. Wan's UMT5 stays in its own
+    directory."""
+    tensors = dict(model.state_dict())
+    if text_encoder is not None and model.cfg.text_encoder == "tiny":
+        tensors.update({f"text_encoder.{k}": v for k, v in text_encoder.encoder.state_dict().items()})
+    save_checkpoint(path, tensors, model.cfg, causal=model.causal, **meta)
 
 
 def load_model(path: str, causal: bool | None = None, device="cpu") -> DiT:
@@ -919,15 +927,6 @@ def load_model(path: str, causal: bool | None = None, device="cpu") -> DiT:
     model = DiT(cfg, causal=meta.get("causal", False) if causal is None else causal)
     load_state_dict_strict(model, {k: v for k, v in tensors.items() if not k.startswith("text_encoder.")}, path)
     return model.to(device)
-
-
-def save_model_with_text(path: str, model: DiT, text_encoder: TextEncoder | None, **meta):
-    """save_model, plus the tiny text encoder's weights (prefix "text_encoder.") when the config uses
-    it, so the file alone rebuilds both. Wan's UMT5 stays in its own directory."""
-    tensors = dict(model.state_dict())
-    if text_encoder is not None and model.cfg.text_encoder == "tiny":
-        tensors.update({f"text_encoder.{k}": v for k, v in text_encoder.encoder.state_dict().items()})
-    save_checkpoint(path, tensors, model.cfg, causal=model.causal, **meta)
 
 
 def load_text_encoder(path: str, cfg: Config | None = None) -> TextEncoder:

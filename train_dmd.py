@@ -104,7 +104,7 @@ def main(argv=None):
             tqdm.write(f"wrote {path}")
 
     path = os.path.join(out, "dmd.safetensors")
-    cv.save_model_with_text(path, generator.eval(), text_encoder, stage="dmd", steps=steps)
+    cv.save_model(path, generator.eval(), text_encoder, stage="dmd", steps=steps)
     print(f"wrote {path}")
 
 

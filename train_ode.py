@@ -38,7 +38,7 @@ def log(stage, step, total, t0, **values):
 
 def pretrain_teacher(cfg: cv.Config, steps: int, device, seed: int, log_every: int):
     """Stand-in for a pretrained video model (toy world only): a bidirectional DiT trained with flow
-    matching (Eq. 2) on Moving Shapes; logit-normal timesteps, one per clip; 10% empty prompts for
+    matching (Eq. 2) on Moving Shapes; shifted logit-normal timesteps, one per clip; 10% empty prompts for
     classifier-free guidance; warm-up + cosine learning rate; EMA weights are the result."""
     text_encoder = cv.build_text_encoder(cfg)
     emb = cv.embed_prompts(text_encoder, cv.PROMPTS + [""])
@@ -51,7 +51,8 @@ def pretrain_teacher(cfg: cv.Config, steps: int, device, seed: int, log_every: i
         x0, prompts = cv.toy_batch(B, cfg.num_frames, g)
         drop = torch.rand(B, generator=g) < cfg.cfg_dropout
         text = torch.stack([emb["" if d else p] for p, d in zip(prompts, drop)]).to(device)
-        t = (torch.sigmoid(torch.randn(B, 1, generator=g)) * 1000).expand(B, cfg.num_frames).to(device)
+        t = cv.shift_timesteps(torch.sigmoid(torch.randn(B, 1, generator=g)) * 1000, cfg.shift)
+        t = t.expand(B, cfg.num_frames).to(device)
         with cv.autocast(device):
             loss = cv.flow_matching_loss(model, x0.to(device), t, text)
         norm = cv.optimizer_step(loss, opt, model.parameters(), cfg.grad_clip,
@@ -122,7 +123,7 @@ def main(argv=None):
         print(f"no teacher at {teacher_path}: pre-training the toy teacher for {steps} steps "
               "(stands in for a pretrained video model)")
         teacher, text_encoder = pretrain_teacher(cfg, steps, device, args.seed, args.log_every)
-        cv.save_model_with_text(teacher_path, teacher, text_encoder, stage="teacher", steps=steps)
+        cv.save_model(teacher_path, teacher, text_encoder, stage="teacher", steps=steps)
         print(f"wrote {teacher_path}")
     teacher.requires_grad_(False)
 
@@ -141,7 +142,7 @@ def main(argv=None):
     steps = args.steps or cfg.ode_steps
     student = regress_student(teacher, text_encoder, pairs, prompts, cfg, steps, device, args.seed, args.log_every)
     path = os.path.join(out, "ode.safetensors")
-    cv.save_model_with_text(path, student, text_encoder, stage="ode", steps=steps)
+    cv.save_model(path, student, text_encoder, stage="ode", steps=steps)
     print(f"wrote {path}")
 
 
