@@ -213,16 +213,8 @@ def guided_velocity(model, x, t, text, uncond, guidance: float) -> torch.Tensor:
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
-def _progress(it, enabled: bool, desc: str):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc=desc, leave=False)
-
-
 @torch.no_grad()
-def sample_ode(model, noise, text, uncond=None, guidance=1.0, steps=50, shift=1.0, keep=(), progress=False):
+def sample_ode(model, noise, text, uncond=None, guidance=1.0, steps=50, shift=1.0, keep=()):
     """Euler integration of the probability-flow ODE dx/ds = v from s = 1 (noise) to s = 0.
 
     keep: indices into the schedule at which to record the state (the ODE pairs of Sec. 4.3).
@@ -233,7 +225,7 @@ def sample_ode(model, noise, text, uncond=None, guidance=1.0, steps=50, shift=1.
     if bad:
         raise ValueError(f"keep indices {bad} lie outside the {steps}-step schedule")
     x, kept = noise, []
-    for i in _progress(range(steps), progress, "teacher ODE"):
+    for i in range(steps):
         if i in keep:
             kept.append(x)
         t = torch.full((B, Fr), float(ts[i]), device=x.device)

@@ -129,9 +129,9 @@ def main(argv=None):
 
     n = args.pairs or cfg.ode_pairs
     pairs_path = os.path.join(out, "ode_pairs.safetensors")
-    if os.path.exists(pairs_path) and cv.load_checkpoint(pairs_path)[0]["trajectories"].shape[0] >= n:
-        tensors, _, meta = cv.load_checkpoint(pairs_path)
-        pairs, prompts = tensors["trajectories"][:n], meta["prompts"][:n]
+    stored = cv.load_checkpoint(pairs_path) if os.path.exists(pairs_path) else None
+    if stored is not None and stored[0]["trajectories"].shape[0] >= n:
+        pairs, prompts = stored[0]["trajectories"][:n], stored[2]["prompts"][:n]
         print(f"ODE pairs: {pairs_path} ({n})")
     else:
         pairs, prompts = make_ode_pairs(teacher, text_encoder, cfg, n, device, args.seed)

@@ -145,3 +145,12 @@ def test_sample_cache_equals_no_cache_and_teacher_runs(run_dir):
 def test_sample_rejects_bad_frame_counts(run_dir):
     with pytest.raises(SystemExit, match="multiple of the chunk size"):
         sample.main(["--tiny", "--out", str(run_dir), "--num-frames", "7", "--prompt", "a red square moving up"])
+
+
+def test_train_ode_reuses_teacher_and_pairs(run_dir, capsys):
+    pairs = run_dir / "ode_pairs.safetensors"
+    before = (pairs.stat().st_mtime_ns, (run_dir / "teacher.safetensors").stat().st_mtime_ns)
+    train_ode.main(["--tiny", "--out", str(run_dir), "--steps", "1", "--pairs", "2", "--batch-size", "2"])
+    after = (pairs.stat().st_mtime_ns, (run_dir / "teacher.safetensors").stat().st_mtime_ns)
+    assert before == after  # neither the teacher nor the pairs were made again
+    assert f"ODE pairs: {pairs} (2)" in capsys.readouterr().out
