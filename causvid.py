@@ -888,15 +888,16 @@ def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], cfg: Config, **
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], Config, dict]:
-    """-> (tensors, config, meta). Never unpickles: safetensors holds only tensors and strings."""
+def load_checkpoint(path: str, keep: Callable[[str], bool] = lambda key: True) -> tuple[dict[str, torch.Tensor], Config, dict]:
+    """-> (tensors whose names pass `keep`, config, meta); the other tensors are never read.
+    Never unpickles: safetensors holds only tensors and strings."""
     from safetensors import safe_open
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} not found")
     with safe_open(path, framework="pt") as f:
         header = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys() if keep(k)}
     if "config" not in header:
         raise ValueError(f"{path!r} is not a CausVid checkpoint (no config in its header)")
     meta = {k: json.loads(v) for k, v in header.items() if k != "config"}
@@ -915,17 +916,17 @@ def save_model(path: str, model: DiT, text_encoder: TextEncoder | None = None, *
 
 def load_model(path: str, causal: bool | None = None, device="cpu") -> DiT:
     """Rebuild a DiT from a checkpoint alone; causal=None keeps the role it was saved with."""
-    tensors, cfg, meta = load_checkpoint(path)
+    tensors, cfg, meta = load_checkpoint(path, keep=lambda k: not k.startswith("text_encoder."))
     model = DiT(cfg, causal=meta.get("causal", False) if causal is None else causal)
-    load_state_dict_strict(model, {k: v for k, v in tensors.items() if not k.startswith("text_encoder.")}, path)
+    load_state_dict_strict(model, tensors, path)
     return model.to(device)
 
 
-def load_text_encoder(path: str, cfg: Config | None = None) -> TextEncoder:
-    """The text encoder that belongs to a checkpoint: the stored tiny UMT5, or UMT5 from cfg's path."""
-    tensors, saved_cfg, _ = load_checkpoint(path)
-    cfg = cfg or saved_cfg
-    te = {k[len("text_encoder."):]: v for k, v in tensors.items() if k.startswith("text_encoder.")}
+def load_text_encoder(path: str) -> TextEncoder:
+    """The text encoder that belongs to a checkpoint: the stored tiny UMT5, or UMT5 from the config's
+    path. Reads only the text encoder's tensors, not the DiT's."""
+    tensors, cfg, _ = load_checkpoint(path, keep=lambda k: k.startswith("text_encoder."))
+    te = {k[len("text_encoder."):]: v for k, v in tensors.items()}
     if cfg.text_encoder == "tiny" and not te:
         raise ValueError(f"{path!r} uses the tiny text encoder but does not contain its weights")
     return build_text_encoder(cfg, te or None)

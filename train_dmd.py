@@ -12,6 +12,7 @@ Writes <out>/dmd.safetensors and <out>/dmd_samples_<iteration>.gif every --sampl
 """
 
 import argparse
+import copy
 import os
 import time
 
@@ -70,7 +71,7 @@ def main(argv=None):
     print(f"generator: {ode_path} | teacher and critic init: {teacher_path}")
     generator = cv.load_model(ode_path, causal=True, device=device).train()
     teacher = cv.load_model(teacher_path, causal=False, device=device).eval().requires_grad_(False)
-    critic = cv.load_model(teacher_path, causal=False, device=device).train()  # Alg. 1 line 2
+    critic = copy.deepcopy(teacher).train().requires_grad_(True)  # Alg. 1 line 2: s_gen starts as s_data
     text_encoder = cv.load_text_encoder(teacher_path).to(device)
     emb = cv.embed_prompts(text_encoder, cv.PROMPTS + [cfg.negative_prompt])
     uncond = emb[cfg.negative_prompt][None].to(device)
