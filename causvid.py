@@ -26,6 +26,9 @@ import json
 import math
 import os
 import re
+import signal
+import sys
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, Iterator
 
@@ -33,6 +36,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from tqdm.auto import tqdm
+
+
+class CausVidError(ValueError):
+    """Something a user can fix (a path, a flag, an input file, a diverged run). The scripts print
+    its message as one line, `error: ...`, and exit with code 2; nothing is half-written."""
+
 
 # ------------------------------------------------------------------------------------------------
 # 1. Config and presets
@@ -136,7 +146,7 @@ PRESETS: dict[str, Config] = {
 
 def get_config(name: str, **overrides) -> Config:
     if name not in PRESETS:
-        raise ValueError(f"unknown config {name!r}; choose one of {sorted(PRESETS)}")
+        raise CausVidError(f"unknown config {name!r}; choose one of {sorted(PRESETS)}")
     return Config(**{**asdict(PRESETS[name]), **overrides})
 
 
@@ -249,6 +259,12 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> torch.Tensor:
+        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise CausVidError(f"prompts must be a non-empty list of strings, got {prompts!r:.80}")
+        for p, n in zip(prompts, map(len, self.tokenizer(list(prompts)).input_ids)):
+            if n > self.text_len:  # documented behaviour: truncate, and say so
+                warnings.warn(f"prompt {p!r:.60} is {n} tokens, longer than the text length {self.text_len}; "
+                              f"only its first {self.text_len} tokens are used", stacklevel=2)
         device = next(self.encoder.parameters()).device
         tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.text_len, truncation=True,
                              return_tensors="pt")
@@ -268,7 +284,7 @@ def load_umt5(path: str, text_len: int) -> TextEncoder:
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"text encoder directory {path!r} not found; pass the directory that holds "
+        raise CausVidError(f"text encoder directory {path!r} not found; pass the directory that holds "
                                 "a transformers UMT5 encoder (e.g. Wan2.1-T2V-1.3B-Diffusers/text_encoder)")
     tok_path = os.path.join(os.path.dirname(path.rstrip("/")), "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(tok_path if os.path.isdir(tok_path) else path)
@@ -860,7 +876,7 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
     shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
               if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
-        raise ValueError(f"{source} does not fit the model: missing {missing}, unexpected {unexpected}, "
+        raise CausVidError(f"{source} does not fit the model: missing {missing}, unexpected {unexpected}, "
                          f"shape mismatches {shapes}")
     model.load_state_dict(state)
 
@@ -870,7 +886,7 @@ def from_diffusers_state_dict(model: DiT, state: dict[str, torch.Tensor]) -> DiT
     ours = {key: state[_diffusers_key(key)] for key in model.state_dict() if _diffusers_key(key) in state}
     unexpected = sorted(set(state) - {_diffusers_key(k) for k in model.state_dict()})
     if unexpected:
-        raise ValueError(f"diffusers state dict has keys our DiT does not: {unexpected}")
+        raise CausVidError(f"diffusers state dict has keys our DiT does not: {unexpected}")
     load_state_dict_strict(model, ours, "diffusers state dict")
     return model
 
@@ -883,9 +899,15 @@ def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], cfg: Config, **
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     header = {"config": json.dumps(asdict(cfg)), **{k: json.dumps(v) for k, v in meta.items()}}
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, tmp, metadata=header)  # clone: no shared storage
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, tmp, metadata=header)  # clone: no shared storage
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_checkpoint(path: str, keep: Callable[[str], bool] = lambda key: True) -> tuple[dict[str, torch.Tensor], Config, dict]:
@@ -894,12 +916,17 @@ def load_checkpoint(path: str, keep: Callable[[str], bool] = lambda key: True) -
     from safetensors import safe_open
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} not found")
-    with safe_open(path, framework="pt") as f:
-        header = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys() if keep(k)}
+        raise CausVidError(f"checkpoint {path!r} not found; check the path (train_ode.py / train_dmd.py write "
+                           "runs/<config>/{teacher,ode,dmd}.safetensors)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if keep(k)}
+    except Exception as e:  # safetensors' own error types differ between versions
+        raise CausVidError(f"{path!r} is not a readable .safetensors checkpoint (wrong format or truncated: "
+                           f"{str(e).splitlines()[0][:80]}); pass a file written by these scripts") from None
     if "config" not in header:
-        raise ValueError(f"{path!r} is not a CausVid checkpoint (no config in its header)")
+        raise CausVidError(f"{path!r} is a safetensors file but not a CausVid checkpoint (no config in its header)")
     meta = {k: json.loads(v) for k, v in header.items() if k != "config"}
     return tensors, config_from_dict(json.loads(header["config"])), meta
 
@@ -914,9 +941,18 @@ def save_model(path: str, model: DiT, text_encoder: TextEncoder | None = None, *
     save_checkpoint(path, tensors, model.cfg, causal=model.causal, **meta)
 
 
-def load_model(path: str, causal: bool | None = None, device="cpu") -> DiT:
-    """Rebuild a DiT from a checkpoint alone; causal=None keeps the role it was saved with."""
+def check_preset(cfg: Config, expected: Config | None, path: str):
+    """A checkpoint made with one preset cannot run under another."""
+    if expected is not None and cfg.name != expected.name:
+        raise CausVidError(f"{path!r} holds a {cfg.name!r} model but the preset asked for is {expected.name!r}; "
+                           f"pass --config {cfg.name} (or --tiny), or a checkpoint of {expected.name!r}")
+
+
+def load_model(path: str, causal: bool | None = None, device="cpu", expect: Config | None = None) -> DiT:
+    """Rebuild a DiT from a checkpoint alone; causal=None keeps the role it was saved with.
+    expect: the preset the caller runs under; a checkpoint of another preset is refused."""
     tensors, cfg, meta = load_checkpoint(path, keep=lambda k: not k.startswith("text_encoder."))
+    check_preset(cfg, expect, path)
     model = DiT(cfg, causal=meta.get("causal", False) if causal is None else causal)
     load_state_dict_strict(model, tensors, path)
     return model.to(device)
@@ -928,7 +964,7 @@ def load_text_encoder(path: str) -> TextEncoder:
     tensors, cfg, _ = load_checkpoint(path, keep=lambda k: k.startswith("text_encoder."))
     te = {k[len("text_encoder."):]: v for k, v in tensors.items()}
     if cfg.text_encoder == "tiny" and not te:
-        raise ValueError(f"{path!r} uses the tiny text encoder but does not contain its weights")
+        raise CausVidError(f"{path!r} uses the tiny text encoder but does not contain its weights")
     return build_text_encoder(cfg, te or None)
 
 
@@ -941,7 +977,7 @@ def pick_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was given but torch sees no CUDA GPU; use --device cpu")
+        raise CausVidError(f"--device {name} was given but torch sees no CUDA GPU; use --device cpu")
     return torch.device(name)
 
 
@@ -964,6 +1000,13 @@ class EMA:
         for k, v in model.state_dict().items():
             self.shadow[k].lerp_(v, 1 - self.decay) if v.dtype.is_floating_point else self.shadow[k].copy_(v)
 
+    def state_dict(self) -> dict:
+        return self.shadow
+
+    def load_state_dict(self, state: dict):
+        for k, v in state.items():
+            self.shadow[k].copy_(v)
+
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warm-up to `peak`, then cosine decay to 0 at `total`."""
@@ -972,16 +1015,138 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+class NonFiniteError(CausVidError):
+    """A loss or gradient that is NaN or inf; the step that produced it was not applied."""
+
+
 def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, clip: float, lr: float | None = None) -> float:
-    """backward, clip, step; returns the gradient norm before clipping."""
+    """backward, clip, step; returns the gradient norm before clipping. A non-finite loss or gradient
+    raises NonFiniteError *before* the update, so the weights stay the last good ones."""
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"the loss is {loss.item()}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    if not torch.isfinite(norm):
+        raise NonFiniteError(f"the gradient norm is {norm.item()} (loss {loss.item():.4g})")
     if lr is not None:
         for group in opt.param_groups:
             group["lr"] = lr
     opt.step()
     return norm.item()
+
+
+def _pack(obj, name: str, tensors: dict):
+    """Nested dicts/lists of tensors and JSON values -> a JSON spec; the tensors go to `tensors`."""
+    if isinstance(obj, torch.Tensor):
+        tensors[name] = obj
+        return {"tensor": name}
+    if isinstance(obj, dict):
+        return {"dict": [[k, _pack(v, f"{name}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"list": [_pack(v, f"{name}.{i}", tensors) for i, v in enumerate(obj)]}
+    return {"value": obj}
+
+
+def _unpack(spec: dict, tensors: dict):
+    if "tensor" in spec:
+        return tensors[spec["tensor"]]
+    if "dict" in spec:
+        return {k: _unpack(v, tensors) for k, v in spec["dict"]}
+    if "list" in spec:
+        return [_unpack(v, tensors) for v in spec["list"]]
+    return spec["value"]
+
+
+class TrainLoop:
+    """What every training loop here shares so that no night of training is lost:
+
+      with cv.TrainLoop(path, cfg, steps, {"model": model, "opt": opt, "data": g}, resume) as loop:
+          for step in loop:        # step = 0, 1, ... (from the saved step when resuming)
+              ...one training step...
+
+    * the state -- anything with state_dict()/load_state_dict() (models, optimizers, EMA) and
+      torch.Generators, plus torch's global RNG and the step -- is written atomically to `path`
+      every `save_every` steps and on Ctrl-C (SIGINT) after the step in progress ends, which then
+      exits with code 130; a second Ctrl-C stops at once;
+    * resume=True continues from `path`: the following steps' losses are those of a run never stopped;
+    * a NonFiniteError (NaN/inf loss or gradient; optimizer_step applies nothing then) stops training
+      with one line naming the step; the weights are still the last good ones, and are saved;
+    * when all steps are done the state file is deleted (the stage's checkpoint replaces it)."""
+
+    def __init__(self, path: str, cfg: Config, total: int, state: dict, resume: bool = False,
+                 save_every: int = 500, desc: str = "training"):
+        if "rng" in state:
+            raise ValueError('"rng" is the name of the global RNG state; call yours something else')
+        self.path, self.cfg, self.total, self.state = path, cfg, total, state
+        self.save_every, self.desc, self.step, self._stop = save_every, desc, 0, False
+        if resume and os.path.exists(path):
+            self._load()
+            print(f"resuming {desc} from {path} at step {self.step}")
+        elif resume:
+            print(f"--resume: no saved state at {path}; {desc} starts from step 0")
+
+    def _save(self):
+        tensors: dict[str, torch.Tensor] = {}
+        rngs = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rngs["cuda"] = torch.cuda.get_rng_state_all()
+        spec = {name: _pack(obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict(), name, tensors)
+                for name, obj in self.state.items()}
+        spec["rng"] = _pack(rngs, "rng", tensors)  # torch's global generators (noise, timesteps)
+        save_checkpoint(self.path, tensors, self.cfg, step=self.step, state=spec)
+
+    def _load(self):
+        tensors, cfg, meta = load_checkpoint(self.path)
+        if cfg != self.cfg:
+            diff = {f.name: (getattr(cfg, f.name), getattr(self.cfg, f.name)) for f in fields(Config)
+                    if getattr(cfg, f.name) != getattr(self.cfg, f.name)}
+            raise CausVidError(f"{self.path!r} was saved with another config ({diff}, saved vs now); "
+                               "resume with the same flags, or delete it to start over")
+        spec = meta["state"]
+        for name, obj in self.state.items():
+            value = _unpack(spec[name], tensors)
+            obj.set_state(value) if isinstance(obj, torch.Generator) else obj.load_state_dict(value)
+        rngs = _unpack(spec["rng"], tensors)
+        torch.set_rng_state(rngs["torch"])
+        if "cuda" in rngs and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rngs["cuda"])
+        self.step = meta["step"]
+
+    def __enter__(self):
+        def on_sigint(signum, frame):
+            if self._stop:  # the second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self._stop = True
+            tqdm.write(f"Ctrl-C: stopping after step {self.step + 1}, saving {self.path} (Ctrl-C again to quit now)")
+
+        import threading
+
+        self._old = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+        return self
+
+    def __iter__(self):
+        for step in tqdm(range(self.step, self.total), desc=self.desc, initial=self.step, total=self.total):
+            yield step
+            self.step = step + 1
+            if self._stop:
+                self._save()
+                tqdm.write(f"interrupted: saved {self.path} at step {self.step}; continue with --resume")
+                raise SystemExit(130)
+            if self.step % self.save_every == 0 and self.step < self.total:
+                self._save()
+
+    def __exit__(self, kind, error, tb):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        if isinstance(error, NonFiniteError):
+            self._save()
+            raise NonFiniteError(f"{self.desc} stopped at step {self.step + 1}: {error}; nothing of that step "
+                                 f"was applied and the last good state (after step {self.step}) is in {self.path} "
+                                 "-- lower the learning rate or clip harder, and continue with --resume") from None
+        if error is None and self.step >= self.total and os.path.exists(self.path):
+            os.remove(self.path)
+        return False
 
 
 def write_video(path: str, frames: torch.Tensor, scale: int = 8, fps: int = 8, columns: int = 8):
@@ -1016,16 +1181,42 @@ def add_common_args(p):
     return p
 
 
+def add_training_args(p):
+    """The flags both training scripts share: resumable state (see TrainLoop)."""
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>/<stage>_state"
+                                                         ".safetensors (models, optimizers, step, RNG)")
+    p.add_argument("--save-every", type=int, default=500, help="steps between saves of the resumable state "
+                                                               "(default: 500; Ctrl-C also saves)")
+    return p
+
+
+def run_cli(main: Callable):
+    """The scripts' entry point: a CausVidError is printed as one line and exits with code 2."""
+    try:
+        main()
+    except CausVidError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def resolve_common(args) -> tuple[Config, torch.device, str]:
     """-> (config, device, run directory), from the common flags."""
     if args.tiny and args.config not in (None, "tiny"):
-        raise SystemExit(f"error: --tiny and --config {args.config} contradict each other; give one")
+        raise CausVidError(f"--tiny and --config {args.config} contradict each other; give one")
     name = "tiny" if args.tiny else args.config
     if name is None:
-        raise SystemExit("error: choose a preset: --tiny (toy world, CPU) or --config wan2.1-t2v-1.3b")
+        raise CausVidError("choose a preset: --tiny (toy world, CPU) or --config wan2.1-t2v-1.3b")
     cfg = get_config(name, **({"batch_size": args.batch_size} if args.batch_size else {}))
     out = args.out or os.path.join("runs", name)
-    return cfg, pick_device(args.device), out
+    device = pick_device(args.device)
+    try:  # fail now, not after an hour of training
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f".write_test{os.getpid()}"), "w"):
+            pass
+        os.remove(os.path.join(out, f".write_test{os.getpid()}"))
+    except OSError as e:
+        raise CausVidError(f"cannot write to --out {out!r} ({e.strerror}); pass a directory you can write to") from None
+    return cfg, device, out
 
 
 def embed_prompts(text_encoder: TextEncoder, prompts: list[str], batch: int = 64) -> dict[str, torch.Tensor]:

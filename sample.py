@@ -59,12 +59,18 @@ def main(argv=None):
     args = parse_args(argv)
     cfg, device, out = cv.resolve_common(args)
     path = args.ckpt or os.path.join(out, "teacher.safetensors" if args.teacher else "dmd.safetensors")
-    model = cv.load_model(path, causal=not args.teacher, device=device).eval()
+    num_frames = cfg.num_frames if args.num_frames is None else args.num_frames
+    if num_frames <= 0 or num_frames % cfg.chunk_size:
+        raise cv.CausVidError(f"--num-frames {num_frames} must be a positive multiple of the chunk size "
+                              f"{cfg.chunk_size}, e.g. {max(1, num_frames // cfg.chunk_size) * cfg.chunk_size}")
+    blank = [p for p in args.prompt or [] if not p.strip()]
+    if blank:
+        raise cv.CausVidError(f"--prompt {blank[0]!r} is empty; give a text prompt such as 'a red square moving left'")
+    if args.samples_per_prompt < 1:
+        raise cv.CausVidError(f"--samples-per-prompt {args.samples_per_prompt} must be at least 1")
+    model = cv.load_model(path, causal=not args.teacher, device=device, expect=cfg).eval()
     cfg = model.cfg
     text_encoder = cv.load_text_encoder(path).to(device)
-    num_frames = args.num_frames or cfg.num_frames
-    if num_frames <= 0 or num_frames % cfg.chunk_size:
-        raise SystemExit(f"error: --num-frames {num_frames} must be a positive multiple of the chunk size {cfg.chunk_size}")
     prompts = [p for p in (args.prompt or cv.PROMPTS) for _ in range(args.samples_per_prompt)]
     batch = args.batch_size or 64
     print(f"model: {path} ({'bidirectional teacher' if args.teacher else 'causal student'}), {len(prompts)} "
@@ -101,4 +107,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cv.run_cli(main)

@@ -24,8 +24,8 @@ import train_ode
 
 
 def parse_args(argv=None):
-    p = cv.add_common_args(argparse.ArgumentParser(description=__doc__,
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
+    p = cv.add_training_args(cv.add_common_args(argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)))
     p.add_argument("--steps", type=int, help="DMD iterations, each a critic update; the generator is updated "
                                              "every critic_updates_per_generator-th (default: the preset's)")
     p.add_argument("--ode", help="stage-1 student checkpoint (default: <out>/ode.safetensors)")
@@ -59,9 +59,10 @@ def main(argv=None):
     teacher_path = args.teacher or os.path.join(out, "teacher.safetensors")
     if not os.path.exists(ode_path):
         if args.ode or cfg.name != "tiny":
-            raise SystemExit(f"error: stage-1 checkpoint {ode_path!r} not found; run train_ode.py first")
+            raise cv.CausVidError(f"stage-1 checkpoint {ode_path!r} not found; run train_ode.py first")
         print(f"no stage-1 checkpoint at {ode_path}: running train_ode.py first")
-        stage1 = ["--tiny", "--out", out, "--seed", str(args.seed), "--log-every", str(args.log_every)]
+        stage1 = ["--tiny", "--out", out, "--seed", str(args.seed), "--log-every", str(args.log_every),
+                  "--save-every", str(args.save_every)] + ["--resume"] * args.resume
         for flag, value in [("--device", args.device), ("--steps", args.ode_steps), ("--teacher", args.teacher),
                             ("--teacher-steps", args.teacher_steps), ("--pairs", args.pairs),
                             ("--batch-size", args.batch_size)]:
@@ -69,8 +70,8 @@ def main(argv=None):
         train_ode.main(stage1)
 
     print(f"generator: {ode_path} | teacher and critic init: {teacher_path}")
-    generator = cv.load_model(ode_path, causal=True, device=device).train()
-    teacher = cv.load_model(teacher_path, causal=False, device=device).eval().requires_grad_(False)
+    generator = cv.load_model(ode_path, causal=True, device=device, expect=cfg).train()
+    teacher = cv.load_model(teacher_path, causal=False, device=device, expect=cfg).eval().requires_grad_(False)
     critic = copy.deepcopy(teacher).train().requires_grad_(True)  # Alg. 1 line 2: s_gen starts as s_data
     text_encoder = cv.load_text_encoder(teacher_path).to(device)
     emb = cv.embed_prompts(text_encoder, cv.PROMPTS + [cfg.negative_prompt])
@@ -82,32 +83,34 @@ def main(argv=None):
     steps, ratio, B = args.steps or cfg.dmd_steps, cfg.critic_updates_per_generator, cfg.batch_size
     g = torch.Generator().manual_seed(args.seed + 2)
     t0, logs = time.time(), {}
-    for it in tqdm(range(steps), desc="DMD"):
-        x_data, prompts = cv.toy_batch(B, cfg.num_frames, g)  # line 4
-        text = torch.stack([emb[p] for p in prompts]).to(device)
-        generator_turn = it % ratio == 0
-        with cv.autocast(device), torch.set_grad_enabled(generator_turn):
-            x0 = cv.generator_x0(generator, x_data.to(device), text, timesteps, cfg.chunk_size)  # lines 5-7
-        if generator_turn:  # lines 8-10
-            with cv.autocast(device):
-                loss_g, info = cv.dmd_loss(x0, teacher, critic, text, uncond, cfg)
-            logs.update(dmd=loss_g.item(), gen_grad=cv.optimizer_step(loss_g, opt_g, generator.parameters(),
-                                                                       cfg.grad_clip), **info)
-        with cv.autocast(device):  # lines 11-14
-            loss_c = cv.critic_loss(critic, x0, text, cfg)
-        logs.update(critic=loss_c.item(), critic_grad=cv.optimizer_step(loss_c, opt_c, critic.parameters(),
-                                                                         cfg.grad_clip))
-        if (it + 1) % args.log_every == 0 or it + 1 == steps:
-            train_ode.log("dmd", it + 1, steps, t0, **logs)
-        if cfg.name == "tiny" and ((it + 1) % args.sample_every == 0 or it + 1 == steps):
-            path = os.path.join(out, f"dmd_samples_{it + 1:06d}.gif")
-            write_samples(generator, emb, cfg, path, device)
-            tqdm.write(f"wrote {path}")
-
-    path = os.path.join(out, "dmd.safetensors")
-    cv.save_model(path, generator.eval(), text_encoder, stage="dmd", steps=steps)
-    print(f"wrote {path}")
+    state = {"generator": generator, "critic": critic, "opt_g": opt_g, "opt_c": opt_c, "data": g}
+    with cv.TrainLoop(os.path.join(out, "dmd_state.safetensors"), cfg, steps, state, args.resume, args.save_every,
+                      "DMD") as loop:
+        for it in loop:
+            x_data, prompts = cv.toy_batch(B, cfg.num_frames, g)  # line 4
+            text = torch.stack([emb[p] for p in prompts]).to(device)
+            generator_turn = it % ratio == 0
+            with cv.autocast(device), torch.set_grad_enabled(generator_turn):
+                x0 = cv.generator_x0(generator, x_data.to(device), text, timesteps, cfg.chunk_size)  # lines 5-7
+            if generator_turn:  # lines 8-10
+                with cv.autocast(device):
+                    loss_g, info = cv.dmd_loss(x0, teacher, critic, text, uncond, cfg)
+                logs.update(dmd=loss_g.item(), gen_grad=cv.optimizer_step(loss_g, opt_g, generator.parameters(),
+                                                                           cfg.grad_clip), **info)
+            with cv.autocast(device):  # lines 11-14
+                loss_c = cv.critic_loss(critic, x0, text, cfg)
+            logs.update(critic=loss_c.item(), critic_grad=cv.optimizer_step(loss_c, opt_c, critic.parameters(),
+                                                                             cfg.grad_clip))
+            if (it + 1) % args.log_every == 0 or it + 1 == steps:
+                train_ode.log("dmd", it + 1, steps, t0, **logs)
+            if cfg.name == "tiny" and ((it + 1) % args.sample_every == 0 or it + 1 == steps):
+                path = os.path.join(out, f"dmd_samples_{it + 1:06d}.gif")
+                write_samples(generator, emb, cfg, path, device)
+                tqdm.write(f"wrote {path}")
+        path = os.path.join(out, "dmd.safetensors")
+        cv.save_model(path, generator.eval(), text_encoder, stage="dmd", steps=steps)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    cv.run_cli(main)

@@ -20,8 +20,8 @@ import causvid as cv
 
 
 def parse_args(argv=None):
-    p = cv.add_common_args(argparse.ArgumentParser(description=__doc__,
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
+    p = cv.add_training_args(cv.add_common_args(argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)))
     p.add_argument("--steps", type=int, help="ODE regression steps (default: the preset's ode_steps)")
     p.add_argument("--teacher", help="a bidirectional teacher checkpoint (default: <out>/teacher.safetensors, "
                                      "pre-trained first on the toy world if it does not exist)")
@@ -36,10 +36,11 @@ def log(stage, step, total, t0, **values):
     tqdm.write(f"{stage} step {step}/{total} | {items} | {time.time() - t0:.0f} s")
 
 
-def pretrain_teacher(cfg: cv.Config, steps: int, device, seed: int, log_every: int):
+def pretrain_teacher(cfg: cv.Config, steps: int, device, seed: int, log_every: int, path: str,
+                     resume: bool = False, save_every: int = 500):
     """Stand-in for a pretrained video model (toy world only): a bidirectional DiT trained with flow
     matching (Eq. 2) on Moving Shapes; shifted logit-normal timesteps, one per clip; 10% empty prompts for
-    classifier-free guidance; warm-up + cosine learning rate; EMA weights are the result."""
+    classifier-free guidance; warm-up + cosine learning rate; EMA weights are the result, saved to `path`."""
     text_encoder = cv.build_text_encoder(cfg)
     emb = cv.embed_prompts(text_encoder, cv.PROMPTS + [""])
     model = cv.DiT(cfg).to(device)
@@ -47,20 +48,25 @@ def pretrain_teacher(cfg: cv.Config, steps: int, device, seed: int, log_every: i
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr_teacher, betas=(0.9, 0.99), weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     t0, B = time.time(), cfg.batch_size
-    for step in tqdm(range(steps), desc="teacher pre-training"):
-        x0, prompts = cv.toy_batch(B, cfg.num_frames, g)
-        drop = torch.rand(B, generator=g) < cfg.cfg_dropout
-        text = torch.stack([emb["" if d else p] for p, d in zip(prompts, drop)]).to(device)
-        t = cv.shift_timesteps(torch.sigmoid(torch.randn(B, 1, generator=g)) * 1000, cfg.shift)
-        t = t.expand(B, cfg.num_frames).to(device)
-        with cv.autocast(device):
-            loss = cv.flow_matching_loss(model, x0.to(device), t, text)
-        norm = cv.optimizer_step(loss, opt, model.parameters(), cfg.grad_clip,
-                                 cv.lr_at(step, steps, cfg.lr_teacher, cfg.warmup))
-        ema.update(model)
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            log("teacher", step + 1, steps, t0, loss=loss.item(), grad_norm=norm)
-    model.load_state_dict(ema.shadow)
+    state = {"model": model, "ema": ema, "opt": opt, "data": g}
+    with cv.TrainLoop(path.replace(".safetensors", "_state.safetensors"), cfg, steps, state, resume, save_every,
+                      "teacher pre-training") as loop:
+        for step in loop:
+            x0, prompts = cv.toy_batch(B, cfg.num_frames, g)
+            drop = torch.rand(B, generator=g) < cfg.cfg_dropout
+            text = torch.stack([emb["" if d else p] for p, d in zip(prompts, drop)]).to(device)
+            t = cv.shift_timesteps(torch.sigmoid(torch.randn(B, 1, generator=g)) * 1000, cfg.shift)
+            t = t.expand(B, cfg.num_frames).to(device)
+            with cv.autocast(device):
+                loss = cv.flow_matching_loss(model, x0.to(device), t, text)
+            norm = cv.optimizer_step(loss, opt, model.parameters(), cfg.grad_clip,
+                                     cv.lr_at(step, steps, cfg.lr_teacher, cfg.warmup))
+            ema.update(model)
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                log("teacher", step + 1, steps, t0, loss=loss.item(), grad_norm=norm)
+        model.load_state_dict(ema.shadow)
+        cv.save_model(path, model, text_encoder, stage="teacher", steps=steps)  # before the state is dropped
+    print(f"wrote {path}")
     return model.eval(), text_encoder
 
 
@@ -85,8 +91,9 @@ def make_ode_pairs(teacher, text_encoder, cfg: cv.Config, n: int, device, seed: 
 
 
 def regress_student(teacher, text_encoder, pairs, prompts, cfg: cv.Config, steps: int, device, seed: int,
-                    log_every: int):
-    """Eq. 6 on the ODE pairs; the student starts from the teacher's weights with the causal mask."""
+                    log_every: int, path: str, resume: bool = False, save_every: int = 500):
+    """Eq. 6 on the ODE pairs; the student starts from the teacher's weights with the causal mask.
+    Saved to `path`."""
     student = cv.DiT(cfg, causal=True).to(device)
     student.load_state_dict(teacher.state_dict())
     emb = cv.embed_prompts(text_encoder, prompts)
@@ -94,42 +101,47 @@ def regress_student(teacher, text_encoder, pairs, prompts, cfg: cv.Config, steps
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr_ode, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed + 1)
     t0 = time.time()
-    for step in tqdm(range(steps), desc="ODE regression"):
-        idx = torch.randint(0, len(pairs), (cfg.batch_size,), generator=g)
-        text = torch.stack([emb[prompts[i]] for i in idx]).to(device)
-        with cv.autocast(device):
-            loss = cv.ode_regression_loss(student, pairs[idx].to(device), text, timesteps, cfg.chunk_size)
-        norm = cv.optimizer_step(loss, opt, student.parameters(), cfg.grad_clip)
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            log("ode", step + 1, steps, t0, loss=loss.item(), grad_norm=norm)
-    return student.eval()
+    with cv.TrainLoop(path.replace(".safetensors", "_state.safetensors"), cfg, steps,
+                      {"student": student, "opt": opt, "data": g}, resume, save_every, "ODE regression") as loop:
+        for step in loop:
+            idx = torch.randint(0, len(pairs), (cfg.batch_size,), generator=g)
+            text = torch.stack([emb[prompts[i]] for i in idx]).to(device)
+            with cv.autocast(device):
+                loss = cv.ode_regression_loss(student, pairs[idx].to(device), text, timesteps, cfg.chunk_size)
+            norm = cv.optimizer_step(loss, opt, student.parameters(), cfg.grad_clip)
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                log("ode", step + 1, steps, t0, loss=loss.item(), grad_norm=norm)
+        cv.save_model(path, student.eval(), text_encoder, stage="ode", steps=steps)
+    print(f"wrote {path}")
+    return student
 
 
 def main(argv=None):
     args = parse_args(argv)
     cfg, device, out = cv.resolve_common(args)
     torch.manual_seed(args.seed)
-    os.makedirs(out, exist_ok=True)
+    resumable = dict(resume=args.resume, save_every=args.save_every)
 
     teacher_path = args.teacher or os.path.join(out, "teacher.safetensors")
     if os.path.exists(teacher_path):
         print(f"teacher: {teacher_path}")
-        teacher = cv.load_model(teacher_path, causal=False, device=device).eval()
+        teacher = cv.load_model(teacher_path, causal=False, device=device, expect=cfg).eval()
         text_encoder = cv.load_text_encoder(teacher_path).to(device)
     elif args.teacher or cfg.name != "tiny":
-        raise SystemExit(f"error: teacher checkpoint {teacher_path!r} not found")
+        raise cv.CausVidError(f"teacher checkpoint {teacher_path!r} not found; pass --teacher PATH")
     else:
         steps = args.teacher_steps or cfg.teacher_train_steps
         print(f"no teacher at {teacher_path}: pre-training the toy teacher for {steps} steps "
               "(stands in for a pretrained video model)")
-        teacher, text_encoder = pretrain_teacher(cfg, steps, device, args.seed, args.log_every)
-        cv.save_model(teacher_path, teacher, text_encoder, stage="teacher", steps=steps)
-        print(f"wrote {teacher_path}")
+        teacher, text_encoder = pretrain_teacher(cfg, steps, device, args.seed, args.log_every, teacher_path,
+                                                 **resumable)
     teacher.requires_grad_(False)
 
     n = args.pairs or cfg.ode_pairs
     pairs_path = os.path.join(out, "ode_pairs.safetensors")
     stored = cv.load_checkpoint(pairs_path) if os.path.exists(pairs_path) else None
+    if stored is not None:
+        cv.check_preset(stored[1], cfg, pairs_path)
     if stored is not None and stored[0]["trajectories"].shape[0] >= n:
         pairs, prompts = stored[0]["trajectories"][:n], stored[2]["prompts"][:n]
         print(f"ODE pairs: {pairs_path} ({n})")
@@ -140,11 +152,9 @@ def main(argv=None):
         print(f"wrote {pairs_path}: {n} trajectories at t = {cv.student_timesteps(cfg).tolist()} and 0")
 
     steps = args.steps or cfg.ode_steps
-    student = regress_student(teacher, text_encoder, pairs, prompts, cfg, steps, device, args.seed, args.log_every)
-    path = os.path.join(out, "ode.safetensors")
-    cv.save_model(path, student, text_encoder, stage="ode", steps=steps)
-    print(f"wrote {path}")
+    regress_student(teacher, text_encoder, pairs, prompts, cfg, steps, device, args.seed, args.log_every,
+                    os.path.join(out, "ode.safetensors"), **resumable)
 
 
 if __name__ == "__main__":
-    main()
+    cv.run_cli(main)

@@ -1,0 +1,284 @@
+"""The scripts fail well and recover: one-line errors for bad input, atomic checkpoints, --resume that
+continues exactly, determinism, and a guard against NaN."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import causvid as cv
+import sample
+import train_dmd
+import train_ode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = "a red square moving up"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input -> one line that says what is wrong and how to fix it
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_args(run_dir, *extra):
+    return ["--tiny", "--out", str(run_dir), "--device", "cpu", "--prompt", PROMPT, *extra]
+
+
+def test_missing_checkpoint(run_dir, tmp_path):
+    with pytest.raises(cv.CausVidError, match="not found; check the path"):
+        sample.main(sample_args(run_dir, "--ckpt", str(tmp_path / "nope.safetensors")))
+
+
+def test_not_a_checkpoint_and_truncated(run_dir, tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"this is not a checkpoint" * 10)
+    with pytest.raises(cv.CausVidError, match="not a readable .safetensors checkpoint"):
+        sample.main(sample_args(run_dir, "--ckpt", str(junk)))
+    data = (run_dir / "dmd.safetensors").read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(cv.CausVidError, match="truncated"):
+        sample.main(sample_args(run_dir, "--ckpt", str(cut)))
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(cv.CausVidError, match="not a CausVid checkpoint"):
+        cv.load_model(str(tmp_path / "foreign.safetensors"))
+
+
+def test_checkpoint_of_another_preset(run_dir):
+    with pytest.raises(cv.CausVidError, match="holds a 'tiny' model but the preset asked for is 'wan2.1-t2v-1.3b'"):
+        sample.main(["--config", "wan2.1-t2v-1.3b", "--out", str(run_dir), "--device", "cpu",
+                     "--ckpt", str(run_dir / "dmd.safetensors"), "--prompt", PROMPT])
+
+
+@pytest.mark.parametrize("frames", ["7", "0", "-3"])
+def test_bad_frame_counts(run_dir, frames):
+    with pytest.raises(cv.CausVidError, match="must be a positive multiple of the chunk size 3"):
+        sample.main(sample_args(run_dir, "--num-frames", frames))
+
+
+def test_bad_prompts(run_dir):
+    with pytest.raises(cv.CausVidError, match="is empty; give a text prompt"):
+        sample.main(["--tiny", "--out", str(run_dir), "--prompt", "  "])
+    enc = cv.load_text_encoder(str(run_dir / "teacher.safetensors"))
+    for bad in [[], "a red square moving up", [PROMPT, 3], None]:
+        with pytest.raises(cv.CausVidError, match="prompts must be a non-empty list of strings"):
+            enc(bad)
+
+
+def test_long_prompt_is_truncated_with_a_warning(run_dir):
+    enc = cv.load_text_encoder(str(run_dir / "teacher.safetensors"))
+    long = "a red square moving up " * 4  # 92 bytes > text_len 32
+    with pytest.warns(UserWarning, match="longer than the text length 32; only its first 32 tokens are used"):
+        out = enc([long])
+    assert out.shape == (1, 32, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enc([PROMPT])  # a short prompt warns nothing
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda(run_dir):
+    with pytest.raises(cv.CausVidError, match="torch sees no CUDA GPU; use --device cpu"):
+        sample.main(["--tiny", "--out", str(run_dir), "--device", "cuda"])
+
+
+def test_unwritable_out(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a directory")
+    with pytest.raises(cv.CausVidError, match="cannot write to --out .* pass a directory you can write to"):
+        train_ode.main(["--tiny", "--out", str(blocker / "run")])
+
+
+def test_contradicting_presets():
+    with pytest.raises(cv.CausVidError, match="contradict"):
+        sample.main(["--tiny", "--config", "wan2.1-t2v-1.3b"])
+    with pytest.raises(cv.CausVidError, match="choose a preset"):
+        sample.main([])
+
+
+def test_the_scripts_print_one_line_and_exit_2(tmp_path):
+    for script in ["sample.py", "train_dmd.py"]:
+        r = subprocess.run([sys.executable, script, "--tiny", "--out", str(tmp_path), "--device", "cpu",
+                            "--ckpt" if script == "sample.py" else "--ode", str(tmp_path / "missing.safetensors")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "not found" in lines[0]
+        assert not any(p.name.endswith(".npz") for p in tmp_path.iterdir())  # nothing half-written
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: atomic, never unpickled
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_save_that_dies_midway_leaves_the_previous_checkpoint(run_dir, tmp_path, monkeypatch):
+    path = str(tmp_path / "model.safetensors")
+    model = cv.load_model(str(run_dir / "ode.safetensors"))
+    cv.save_model(path, model, stage="first")
+    import safetensors.torch
+
+    real_save = safetensors.torch.save_file
+
+    def dies_halfway(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:  # a half-written file, then the process "dies"
+            f.truncate(os.path.getsize(filename) // 2)
+        raise KeyboardInterrupt("killed during the save")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        cv.save_model(path, cv.DiT(model.cfg, causal=True), stage="second")
+    monkeypatch.undo()
+    tensors, _, meta = cv.load_checkpoint(path)
+    assert meta["stage"] == "first"
+    assert all(torch.equal(v, tensors[k]) for k, v in model.state_dict().items())
+    assert os.listdir(tmp_path) == ["model.safetensors"]  # no temporary file left behind
+
+
+def test_nothing_is_unpickled():
+    for name in ["causvid.py", "train_ode.py", "train_dmd.py", "sample.py"]:
+        source = open(os.path.join(ROOT, name)).read()
+        assert not re.search(r"import pickle|pickle\.loads?\(|allow_pickle=True", source)
+        calls = re.findall(r"torch\.load\([^)]*\)", source)
+        assert all("weights_only=True" in c for c in calls), calls
+
+
+# ---------------------------------------------------------------------------------------------
+# --resume continues exactly; Ctrl-C saves; NaN stops with the step named
+# ---------------------------------------------------------------------------------------------
+
+
+def record_logs(monkeypatch):
+    """Every value train_ode.log prints (both scripts log through it), keyed by (stage, step)."""
+    seen = {}
+    real = train_ode.log
+
+    def log(stage, step, total, t0, **values):
+        seen[(stage, step)] = values
+        real(stage, step, total, t0, **values)
+
+    monkeypatch.setattr(train_ode, "log", log)
+    return seen
+
+
+def interrupt_at_call(monkeypatch, module, name, n):
+    """Send ourselves Ctrl-C (SIGINT) during the n-th call of module.name."""
+    real, calls = getattr(module, name), [0]
+
+    def wrapped(*a, **kw):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def test_ode_resume_gives_the_same_losses(fresh_run, tmp_path_factory, monkeypatch):
+    os.remove(fresh_run / "ode.safetensors")
+    other = tmp_path_factory.mktemp("again")
+    for name in ["teacher.safetensors", "ode_pairs.safetensors"]:
+        (other / name).write_bytes((fresh_run / name).read_bytes())
+    common = ["--tiny", "--device", "cpu", "--steps", "6", "--batch-size", "2", "--log-every", "1", "--pairs", "3"]
+
+    straight = record_logs(monkeypatch)
+    train_ode.main(common + ["--out", str(fresh_run)])
+    monkeypatch.undo()
+
+    resumed = record_logs(monkeypatch)
+    interrupt_at_call(monkeypatch, cv, "ode_regression_loss", 4)
+    with pytest.raises(SystemExit) as stop:
+        train_ode.main(common + ["--out", str(other)])
+    assert stop.value.code == 130 and (other / "ode_state.safetensors").exists()
+    assert not (other / "ode.safetensors").exists() and max(s for _, s in resumed) == 4
+    monkeypatch.undo()
+    resumed = record_logs(monkeypatch)
+    train_ode.main(common + ["--out", str(other), "--resume"])
+    assert sorted(resumed) == [("ode", 5), ("ode", 6)]
+    for key in resumed:
+        assert resumed[key] == straight[key]  # bit-identical losses and gradient norms
+    assert not (other / "ode_state.safetensors").exists()  # done: the checkpoint replaces the state
+    a, b = cv.load_model(str(fresh_run / "ode.safetensors")), cv.load_model(str(other / "ode.safetensors"))
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_dmd_resume_gives_the_same_losses(fresh_run, tmp_path_factory, monkeypatch):
+    other = tmp_path_factory.mktemp("again")
+    for name in ["teacher.safetensors", "ode.safetensors"]:
+        (other / name).write_bytes((fresh_run / name).read_bytes())
+    common = ["--tiny", "--device", "cpu", "--steps", "7", "--batch-size", "2", "--log-every", "1",
+              "--sample-every", "1000"]
+    straight = record_logs(monkeypatch)
+    train_dmd.main(common + ["--out", str(fresh_run)])
+    monkeypatch.undo()
+
+    interrupt_at_call(monkeypatch, cv, "critic_loss", 3)
+    with pytest.raises(SystemExit):
+        train_dmd.main(common + ["--out", str(other)])
+    monkeypatch.undo()
+    resumed = record_logs(monkeypatch)
+    train_dmd.main(common + ["--out", str(other), "--resume"])
+    assert sorted(s for _, s in resumed) == [4, 5, 6, 7]  # step 6 is a generator step (ratio 5)
+    for key, values in resumed.items():  # (the straight run's lines also repeat step 1's generator values)
+        assert values == {k: straight[key][k] for k in values}
+    assert set(resumed[("dmd", 6)]) >= {"dmd", "gen_grad", "critic"}
+
+
+def test_resume_refuses_another_config(fresh_run, monkeypatch):
+    os.remove(fresh_run / "ode.safetensors")
+    interrupt_at_call(monkeypatch, cv, "ode_regression_loss", 1)
+    with pytest.raises(SystemExit):
+        train_ode.main(["--tiny", "--out", str(fresh_run), "--steps", "4", "--batch-size", "2", "--pairs", "3"])
+    monkeypatch.undo()
+    with pytest.raises(cv.CausVidError, match="saved with another config .*batch_size.*resume with the same flags"):
+        train_ode.main(["--tiny", "--out", str(fresh_run), "--steps", "4", "--batch-size", "3", "--pairs", "3", "--resume"])
+
+
+def test_nan_stops_training_naming_the_step(fresh_run, monkeypatch):
+    os.remove(fresh_run / "ode.safetensors")
+    real, calls = cv.ode_regression_loss, [0]
+
+    def poisoned(*a, **kw):
+        calls[0] += 1
+        loss = real(*a, **kw)
+        return loss * float("nan") if calls[0] == 3 else loss
+
+    monkeypatch.setattr(cv, "ode_regression_loss", poisoned)
+    with pytest.raises(cv.NonFiniteError, match=r"ODE regression stopped at step 3: the loss is nan; .*"
+                                                r"last good state \(after step 2\) is in .*ode_state"):
+        train_ode.main(["--tiny", "--out", str(fresh_run), "--steps", "5", "--batch-size", "2", "--pairs", "3"])
+    tensors, _, meta = cv.load_checkpoint(str(fresh_run / "ode_state.safetensors"))
+    assert meta["step"] == 2 and all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
+    assert not (fresh_run / "ode.safetensors").exists()
+
+
+def test_nan_gradient_is_not_applied():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    loss = p.sqrt().sum()  # finite (0) loss, infinite gradient 1 / (2 sqrt(0))
+    with pytest.raises(cv.NonFiniteError, match="gradient norm is inf"):
+        cv.optimizer_step(loss, opt, [p], clip=1.0)
+    assert torch.equal(p.detach(), torch.zeros(3)) and not opt.state  # nothing was applied
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism
+# ---------------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_samples_bitwise(run_dir):
+    frames = {}
+    for name, seed in [("a", 5), ("b", 5), ("c", 6)]:
+        sample.main(sample_args(run_dir, "--prompt", "a cyan circle moving left", "--seed", str(seed), "--name", name))
+        frames[name] = np.load(run_dir / f"{name}.npz")["frames"]
+    assert np.array_equal(frames["a"], frames["b"])
+    assert not np.array_equal(frames["a"], frames["c"])
