@@ -555,10 +555,12 @@ class DiT(nn.Module):
         angles = rope_angles(cfg.dim // cfg.num_heads, Fr, rows, cols, offset, device=x.device)
         rotation = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)  # (S, head_dim/2)
         mask = None
-        if self.causal and cache is None:
+        if self.causal and (cache is None or Fr > cfg.chunk_size):  # one chunk after a cache needs no mask
             if Fr % cfg.chunk_size:
                 raise ValueError(f"{Fr} frames are not a whole number of chunks of {cfg.chunk_size}")
             mask = block_causal_mask(Fr, cfg.chunk_size, N, device=x.device)
+            if offset:  # the new frames also see every cached frame
+                mask = torch.cat([torch.ones(Fr * N, offset * N, dtype=torch.bool, device=x.device), mask], 1)
 
         kvs = []
         for i, block in enumerate(self.blocks):
@@ -588,35 +590,61 @@ def fill_cache(model: DiT, cache: KVCache, x0: torch.Tensor, text: torch.Tensor)
 
 
 @torch.no_grad()
-def stream_generate(model: DiT, noise: torch.Tensor, text: torch.Tensor, timesteps: torch.Tensor,
-                    generator: torch.Generator | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+def stream_generate(model: DiT, noise, text, timesteps: torch.Tensor, generator: torch.Generator | None = None,
+                    use_cache: bool = True, context: torch.Tensor | None = None, window: int | None = None,
+                    keep: int | None = None) -> Iterator[torch.Tensor]:
     """Alg. 2: generate chunk after chunk, each with the few student steps, yielding each clean chunk
-    (B, K, C, H, W) as soon as it is done.
+    (B, K, C, H, W) as soon as it is done. One loop serves every application of Sec. 5.3-5.4:
 
-    noise (B, F, C, H, W) holds the initial noise of every chunk (line 4); timesteps the student's
-    steps, high noise first; generator draws the re-noising noise of line 8. use_cache=False is the
-    baseline without Alg. 2's cache: every step re-runs the whole clean prefix (at t = 0) with the
-    block-causal mask -- the same result, at a cost that grows with the video's length."""
-    B, Fr = noise.shape[:2]
+    noise      the starting point of every chunk (line 4): (B, F, C, H, W), or any iterable of
+               (B, K, C, H, W) chunks, consumed as they arrive. Text-to-video: pure noise at
+               timesteps[0] = 1000. Video-to-video (SDEdit): each input chunk noised to timesteps[0],
+               with `timesteps` the tail of the student's steps from there on.
+    text       (B, L, D_text), or a sequence with one such tensor per chunk (dynamic prompting: the
+               prompt may change at any chunk; the cache keeps the visual context).
+    timesteps  the student's steps, high noise first; generator draws the re-noising of line 8.
+    context    clean frames (B, F_c, C, H, W), whole chunks, that precede the video (image-to-video:
+               the image repeated to fill a chunk). They enter the cache and are not yielded.
+    window     the most frames one chunk attends over, itself included (default: unbounded). When the
+               next chunk would not fit, a fresh cache is started holding the last `keep` clean frames
+               (default: window - 2 K), re-encoded at positions from 0 -- the official long-video
+               scheme -- so RoPE never sees a position beyond the window and memory stays bounded.
+    use_cache  False is the baseline without Alg. 2's cache: every step re-runs the clean prefix
+               (at t = 0) with the block-causal mask -- the same result, at a cost growing with it."""
     K = model.cfg.chunk_size
-    if Fr % K:
-        raise ValueError(f"{Fr} frames are not a whole number of chunks of {K}")
-    cache, done = KVCache(), []  # line 2
-    for c in range(Fr // K):  # line 3
-        x = noise[:, c * K:(c + 1) * K]  # line 4
+    if isinstance(noise, torch.Tensor):
+        if noise.shape[1] % K:
+            raise ValueError(f"{noise.shape[1]} frames are not a whole number of chunks of {K}")
+        noise = noise.split(K, dim=1)
+    keep = window - 2 * K if window is not None and keep is None else keep
+    if window is not None and not (window % K == 0 and window >= 2 * K and 0 < keep <= window - K and keep % K == 0):
+        raise ValueError(f"window {window} and keep {keep} must be whole chunks of {K}, window >= 2 chunks, "
+                         "0 < keep <= window - one chunk")
+    if context is not None and context.shape[1] % K:
+        raise ValueError(f"the context's {context.shape[1]} frames are not a whole number of chunks of {K}")
+    prefix = [] if context is None else list(context.split(K, dim=1))  # clean frames in the window
+    cache, cached = KVCache(), 0  # line 2; `cached`: how many of prefix's chunks the cache holds
+    for c, x in enumerate(noise):  # lines 3-4
+        B = x.shape[0]
+        txt = text if isinstance(text, torch.Tensor) else text[c]
+        if window is not None and (len(prefix) + 1) * K > window:  # slide: fresh cache, positions from 0
+            prefix, cache, cached = prefix[-(keep // K):], KVCache(), 0
+        if use_cache and cached < len(prefix):  # lines 10-12 for the chunks finished since (or context)
+            fill_cache(model, cache, torch.cat(prefix[cached:], 1), txt)
+            cached = len(prefix)
+            if window is None:  # nothing will be re-encoded: the cache alone holds the past
+                prefix, cached = [], 0
         for j, t in enumerate(timesteps):  # line 6
             tt = torch.full((B, K), float(t), device=x.device)
             if use_cache:
-                x0 = predict_x0(model, x, tt, text, cache=cache)  # line 7
+                x0 = predict_x0(model, x, tt, txt, cache=cache)  # line 7
             else:
-                prefix = torch.zeros(B, c * K, device=x.device)
-                x0 = predict_x0(model, torch.cat(done + [x], 1), torch.cat([prefix, tt], 1), text)[:, -K:]
+                past = torch.zeros(B, len(prefix) * K, device=x.device)
+                x0 = predict_x0(model, torch.cat(prefix + [x], 1), torch.cat([past, tt], 1), txt)[:, -K:]
             if j + 1 < len(timesteps):  # line 8: re-noise the estimate to the next, lower step
                 eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
                 x = add_noise(x0, eps, torch.full((B, K), float(timesteps[j + 1]), device=x.device))
-        if use_cache and c + 1 < Fr // K:  # the last chunk's keys/values would never be read
-            fill_cache(model, cache, x0, text)  # lines 10-12
-        done.append(x0)
+        prefix.append(x0)
         yield x0
 
 
@@ -819,6 +847,22 @@ def score_toy(frames: torch.Tensor, prompts: list[str]) -> dict:
     return {"best_fit_psnr": best.mean().item(), "prompt_accuracy": correct.float().mean().item(),
             "diversity": sum(diversity) / len(diversity) if diversity else float("nan"),
             "per_sample_psnr": best, "per_sample_correct": correct}
+
+
+def window_psnr(frames: torch.Tensor, prompts: list[str], window: int = 12) -> torch.Tensor:
+    """Long videos: best-fit PSNR of each consecutive `window`-frame window, against the clips of the
+    prompt's colour and shape moving either way along its axis (bounces flip the direction).
+    frames uint8 (N, F, 16, 16, 3) -> (N, F // window)."""
+    axis = {"left": ("left", "right"), "right": ("left", "right"), "up": ("up", "down"), "down": ("up", "down")}
+    out = []
+    for w in range(frames.shape[1] // window):
+        psnr = psnr_to_all(frames[:, w * window:(w + 1) * window]).amax(2)  # (N, 48)
+        best = []
+        for n, p in enumerate(prompts):
+            color, shape, direction = parse_prompt(p)
+            best.append(max(psnr[n, PROMPTS.index(f"a {color} {shape} moving {d}")] for d in axis[direction]))
+        out.append(torch.stack(best))
+    return torch.stack(out, 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1168,6 +1212,41 @@ def write_video(path: str, frames: torch.Tensor, scale: int = 8, fps: int = 8, c
     else:
         imageio.mimsave(tmp, list(grid), fps=fps, macro_block_size=1)
     os.replace(tmp, path)
+
+
+def read_frames(path: str, height: int, width: int) -> torch.Tensor:
+    """An image (png, jpg, ...), a video (mp4, gif) or a samples .npz of ours -> uint8 (N, F, H, W, 3),
+    N = 1 except for an npz of several videos. RGBA loses its alpha; frames of another size are
+    resized (with a message); other channel counts and bit depths are refused."""
+    import imageio.v2 as imageio
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise CausVidError(f"input {path!r} not found; check the path")
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as data:
+                arr = data["frames"]
+        else:
+            arr = np.stack(imageio.mimread(path, memtest=False))
+    except Exception as e:
+        raise CausVidError(f"cannot read {path!r} as an image, a video or a samples .npz "
+                           f"({str(e).splitlines()[0][:80]})") from None
+    if arr.dtype != np.uint8:
+        raise CausVidError(f"{path!r} has {arr.dtype} pixels; give an 8-bit image or video")
+    if arr.ndim == 3 or arr.shape[-1] not in (3, 4):  # grey frames (F, H, W), or odd channels
+        channels = 1 if arr.ndim == 3 else arr.shape[-1]
+        raise CausVidError(f"{path!r} has {channels} channel(s) per pixel; give an RGB (or RGBA) image or video")
+    frames = torch.from_numpy(arr[..., :3].copy())
+    frames = frames[None] if frames.ndim == 4 else frames  # (N, F, H, W, 3)
+    if frames.shape[2:4] != (height, width):
+        print(f"note: {path!r} is {frames.shape[3]}x{frames.shape[2]}, the model's frames are {width}x{height}: "
+              "resized")
+        x = frames.flatten(0, 1).permute(0, 3, 1, 2).float()
+        shrink = x.shape[2] >= height and x.shape[3] >= width
+        x = F.interpolate(x, size=(height, width), mode="area" if shrink else "nearest")
+        frames = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).unflatten(0, frames.shape[:2])
+    return frames
 
 
 def add_common_args(p):

@@ -1,10 +1,20 @@
-"""Streaming generation with the KV cache (Sec. 4.4, Alg. 2).
+"""Streaming generation with the KV cache (Sec. 4.4, Alg. 2) and the applications of Sec. 5.3-5.4.
 
 Generates chunk by chunk with the distilled causal student (default <out>/dmd.safetensors), printing
 the time to the first chunk and the frames per second, and writes
   <out>/<name>.npz   frames uint8 (N, F, H, W, 3) and prompts (N,)
   <out>/<name>.gif and .mp4   the clips in a grid, upscaled with nearest neighbour
-On the toy world it also scores the samples (best-fit PSNR, prompt accuracy, diversity).
+On the toy world it also scores the samples (best-fit PSNR, prompt accuracy, diversity; per-window
+PSNR for videos longer than the training length).
+
+Modes (all through the one streaming loop, causvid.stream_generate):
+  text-to-video      --prompt TEXT (repeatable: one video each; default all 48 toy prompts)
+  image-to-video     --image PATH: the image, repeated to fill a chunk, is the cached first chunk
+  video-to-video     --video PATH --strength S: each input chunk, as it arrives, is noised to the
+                     student step nearest below S * 1000 and denoised from there (SDEdit)
+  dynamic prompting  --switch CHUNK:TEXT (repeatable): from chunk CHUNK on, every video follows TEXT
+  long videos        --num-frames N, any multiple of the chunk size; the cache keeps a --window of
+                     frames (default: the training length) and re-encodes at positions from 0
 --teacher samples the bidirectional teacher instead (many Euler steps with CFG, the whole clip at
 once); --no-cache recomputes the whole prefix at every step instead of using the cache.
 """
@@ -27,31 +37,75 @@ def parse_args(argv=None):
     p.add_argument("--prompt", action="append", help="a prompt; repeat for several (default: all 48 toy prompts)")
     p.add_argument("--samples-per-prompt", type=int, default=1, help="samples of each prompt (default: 1)")
     p.add_argument("--num-frames", type=int, help="frames per video, a multiple of the chunk size "
-                                                  "(default: the training length)")
+                                                  "(default: the training length; with --video, its length)")
     p.add_argument("--teacher", action="store_true", help="sample the bidirectional teacher (Euler + CFG)")
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix instead of the KV cache")
+    p.add_argument("--image", help="image-to-video: the first frame (png, jpg, ...; resized if needed)")
+    p.add_argument("--video", help="video-to-video: an input video (mp4, gif, or a samples .npz)")
+    p.add_argument("--strength", type=float, default=0.75,
+                   help="video-to-video: how much of the input is replaced, in (0, 1]; denoising starts at "
+                        "the student step nearest below strength * 1000 (default: 0.75)")
+    p.add_argument("--switch", action="append", default=[], metavar="CHUNK:TEXT",
+                   help="dynamic prompting: from chunk CHUNK (0-based) on, use TEXT; repeatable")
+    p.add_argument("--window", type=int, help="frames one chunk attends over at most (default: the "
+                                              "training length; 0: unbounded)")
     p.add_argument("--name", default=None, help="output file name stem (default: samples_<model>)")
     return p.parse_args(argv)
 
 
+def parse_switches(switches: list[str], num_chunks: int) -> dict[int, str]:
+    """["2:a blue square moving right", ...] -> {2: "a blue square moving right", ...}."""
+    out = {}
+    for item in switches:
+        chunk, _, text = item.partition(":")
+        if not chunk.strip().isdigit() or not text.strip():
+            raise cv.CausVidError(f"--switch {item!r} is not CHUNK:TEXT; write e.g. --switch '2:a blue square moving right'")
+        if not 0 < int(chunk) < num_chunks:
+            raise cv.CausVidError(f"--switch at chunk {int(chunk)}: the video has chunks 0..{num_chunks - 1}; "
+                                  "switch at 1 or later")
+        out[int(chunk)] = text.strip()
+    return out
+
+
+def student_start(cfg: cv.Config, strength: float) -> int:
+    """Video-to-video: the first student step at or below strength * 1000."""
+    ts = cv.student_timesteps(cfg).tolist()
+    if not 0 < strength <= 1:
+        raise cv.CausVidError(f"--strength {strength} must lie in (0, 1]")
+    ok = [i for i, t in enumerate(ts) if t <= strength * 1000 + 1e-3]
+    if not ok:
+        raise cv.CausVidError(f"--strength {strength} is below the student's lowest step t = {ts[-1]:.0f}; "
+                              f"use at least {ts[-1] / 1000:.3f}")
+    return ok[0]
+
+
 @torch.no_grad()
 def generate(model, text, uncond, cfg: cv.Config, num_frames: int, seed: int, device, teacher=False,
-             use_cache=True):
-    """-> (video (B, F, C, H, W), seconds to the first chunk, seconds in all)."""
+             use_cache=True, context=None, video=None, start=0, window=None):
+    """-> (video (B, F, C, H, W), seconds to the first chunk, seconds in all).
+
+    text: (B, L, D_text) or one such tensor per chunk; context: clean frames before the video (I2V);
+    video: input frames (V2V), noised chunk by chunk to student step `start` as the loop asks for them."""
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(text), num_frames, cfg.channels, cfg.height, cfg.width, generator=g).to(device)
+    B = len(text if isinstance(text, torch.Tensor) else text[0])
+    noise = torch.randn(B, num_frames, cfg.channels, cfg.height, cfg.width, generator=g).to(device)
+    timesteps = cv.student_timesteps(cfg).to(device)[start:]
     t0 = time.perf_counter()
     with cv.autocast(device):
         if teacher:  # the bidirectional model must generate the whole clip before showing any of it
             video = cv.sample_ode(model, noise, text, uncond, cfg.teacher_guidance, cfg.teacher_steps, cfg.shift)[0]
             first = time.perf_counter() - t0
         else:
-            chunks = []
-            for chunk in cv.stream_generate(model, noise, text, cv.student_timesteps(cfg).to(device), g, use_cache):
-                chunks.append(chunk)
-                if len(chunks) == 1:
+            chunks = noise.split(cfg.chunk_size, 1)
+            if video is not None:  # SDEdit, lazily: a chunk is noised only when the loop reaches it
+                chunks = (cv.add_noise(v, n, torch.full(v.shape[:2], float(timesteps[0]), device=device))
+                          for v, n in zip(video.split(cfg.chunk_size, 1), chunks))
+            out = []
+            for chunk in cv.stream_generate(model, chunks, text, timesteps, g, use_cache, context, window):
+                out.append(chunk)
+                if len(out) == 1:
                     first = time.perf_counter() - t0
-            video = torch.cat(chunks, 1)
+            video = torch.cat(out, 1)
     return video.float(), first, time.perf_counter() - t0
 
 
@@ -59,31 +113,74 @@ def main(argv=None):
     args = parse_args(argv)
     cfg, device, out = cv.resolve_common(args)
     path = args.ckpt or os.path.join(out, "teacher.safetensors" if args.teacher else "dmd.safetensors")
-    num_frames = cfg.num_frames if args.num_frames is None else args.num_frames
-    if num_frames <= 0 or num_frames % cfg.chunk_size:
-        raise cv.CausVidError(f"--num-frames {num_frames} must be a positive multiple of the chunk size "
-                              f"{cfg.chunk_size}, e.g. {max(1, num_frames // cfg.chunk_size) * cfg.chunk_size}")
+    K = cfg.chunk_size
     blank = [p for p in args.prompt or [] if not p.strip()]
     if blank:
         raise cv.CausVidError(f"--prompt {blank[0]!r} is empty; give a text prompt such as 'a red square moving left'")
     if args.samples_per_prompt < 1:
         raise cv.CausVidError(f"--samples-per-prompt {args.samples_per_prompt} must be at least 1")
+    if args.teacher and (args.image or args.video or args.switch or args.window is not None):
+        raise cv.CausVidError("--image, --video, --switch and --window stream with the causal student; drop --teacher")
+    if args.image and args.video:
+        raise cv.CausVidError("give --image or --video, not both")
+    if (args.image or args.video) and cfg.name != "tiny":
+        raise cv.CausVidError("--image / --video need the Wan VAE to encode the input, which sample.py does not "
+                              "load yet; use them with --tiny")
+    window = cfg.num_frames if args.window is None else args.window or None
+    if window is not None and (window % K or window < 2 * K):
+        raise cv.CausVidError(f"--window {window} must be a multiple of the chunk size {K}, at least {2 * K} "
+                              "(or 0 for an unbounded cache)")
+    inputs = cv.read_frames(args.video, cfg.height, cfg.width) if args.video else None
+    if inputs is not None and args.num_frames is None:
+        args.num_frames = inputs.shape[1] // K * K
+    num_frames = cfg.num_frames if args.num_frames is None else args.num_frames
+    if num_frames <= 0 or num_frames % K:
+        raise cv.CausVidError(f"--num-frames {num_frames} must be a positive multiple of the chunk size "
+                              f"{K}, e.g. {max(1, num_frames // K) * K}")
+    if inputs is not None and inputs.shape[1] < num_frames:
+        raise cv.CausVidError(f"--video has {inputs.shape[1]} frames, fewer than --num-frames {num_frames}")
+    switches = parse_switches(args.switch, num_frames // K)
+    start = student_start(cfg, args.strength) if args.video else 0
+    image = cv.read_frames(args.image, cfg.height, cfg.width)[0, :1] if args.image else None  # (1, H, W, 3)
+
     model = cv.load_model(path, causal=not args.teacher, device=device, expect=cfg).eval()
     cfg = model.cfg
     text_encoder = cv.load_text_encoder(path).to(device)
-    prompts = [p for p in (args.prompt or cv.PROMPTS) for _ in range(args.samples_per_prompt)]
+    base = args.prompt or cv.PROMPTS
+    if inputs is not None and inputs.shape[0] > 1 and len(base) not in (1, inputs.shape[0]):
+        raise cv.CausVidError(f"--video holds {inputs.shape[0]} videos: give one --prompt, or one per video")
+    if inputs is not None and inputs.shape[0] > 1 and len(base) == 1:
+        base = base * inputs.shape[0]
+    prompts = [p for p in base for _ in range(args.samples_per_prompt)]
     batch = args.batch_size or 64
+    mode = ("image-to-video" if args.image else f"video-to-video from t = {cv.student_timesteps(cfg)[start]:.0f}"
+            if args.video else "text-to-video") + (f", prompt switches {switches}" if switches else "")
     print(f"model: {path} ({'bidirectional teacher' if args.teacher else 'causal student'}), {len(prompts)} "
-          f"videos of {num_frames} frames, device {device}")
+          f"videos of {num_frames} frames, {mode}, window {window or 'unbounded'}, device {device}")
 
-    emb = cv.embed_prompts(text_encoder, prompts + [cfg.negative_prompt])
+    emb = cv.embed_prompts(text_encoder, prompts + list(switches.values()) + [cfg.negative_prompt])
     uncond = emb[cfg.negative_prompt][None].to(device)
     videos, firsts, total = [], [], 0.0
     for i in range(0, len(prompts), batch):
-        text = torch.stack([emb[p] for p in prompts[i:i + batch]]).to(device)
-        video, first, seconds = generate(model, text, uncond, cfg, num_frames, args.seed + i, device, args.teacher,
-                                         not args.no_cache)
-        videos.append(video.cpu())
+        part = prompts[i:i + batch]
+        text = torch.stack([emb[p] for p in part]).to(device)
+        if switches:  # one text per chunk: the latest switch at or before it, else the video's prompt
+            per_chunk = []
+            for c in range(num_frames // K):
+                last = max([s for s in switches if s <= c], default=None)
+                per_chunk.append(text if last is None else emb[switches[last]].expand_as(text).to(device))
+            text = per_chunk
+        context = video = None
+        if image is not None:  # Sec. 5.3: the image, repeated to a chunk, is the first (cached) chunk
+            context = cv.to_model_space(image).expand(len(part), K, -1, -1, -1).to(device)
+        if inputs is not None:
+            rows = torch.arange(i, i + len(part)) // args.samples_per_prompt % inputs.shape[0]
+            video = cv.to_model_space(inputs[rows, :num_frames]).to(device)
+        sample, first, seconds = generate(model, text, uncond, cfg, num_frames, args.seed + i, device, args.teacher,
+                                          not args.no_cache, context, video, start, window)
+        if context is not None:
+            sample = torch.cat([context.float(), sample], 1)  # the given chunk leads the video
+        videos.append(sample.cpu())
         firsts.append(first)
         total += seconds
     frames = cv.to_uint8(torch.cat(videos)).numpy()  # (N, F, H, W, 3)
@@ -91,7 +188,6 @@ def main(argv=None):
           f"{len(prompts) * num_frames / total:.1f} frames/s | {total:.1f} s in all")
 
     stem = os.path.join(out, args.name or "samples_" + os.path.splitext(os.path.basename(path))[0])
-    os.makedirs(out, exist_ok=True)
     tmp = f"{stem}.npz.tmp{os.getpid()}.npz"
     np.savez(tmp, frames=frames, prompts=np.array(prompts))
     os.replace(tmp, f"{stem}.npz")
@@ -99,10 +195,14 @@ def main(argv=None):
         cv.write_video(stem + ext, torch.from_numpy(frames))
     print(f"wrote {stem}.npz, {stem}.gif, {stem}.mp4")
 
-    if cfg.name == "tiny" and all(p in cv.PROMPTS for p in prompts) and num_frames == cfg.num_frames:
-        s = cv.score_toy(torch.from_numpy(frames), prompts)
-        print(f"toy-world score: best-fit PSNR {s['best_fit_psnr']:.2f} dB | prompt accuracy "
-              f"{100 * s['prompt_accuracy']:.1f}% | diversity {s['diversity']:.2f}")
+    if cfg.name == "tiny" and all(p in cv.PROMPTS for p in prompts) and not (switches or args.video or args.image):
+        s = cv.score_toy(torch.from_numpy(frames[:, :cfg.num_frames]), prompts)
+        diversity = f"{s['diversity']:.2f}" if args.samples_per_prompt > 1 else "n/a (one sample per prompt)"
+        print(f"toy-world score (first {cfg.num_frames} frames): best-fit PSNR {s['best_fit_psnr']:.2f} dB | "
+              f"prompt accuracy {100 * s['prompt_accuracy']:.1f}% | diversity {diversity}")
+        if num_frames > cfg.num_frames:
+            s["window_psnr"] = cv.window_psnr(torch.from_numpy(frames), prompts, cfg.num_frames)
+            print("per-window best-fit PSNR: " + " ".join(f"{v:.1f}" for v in s["window_psnr"].mean(0).tolist()))
         return s
 
 

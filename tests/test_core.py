@@ -160,6 +160,79 @@ def test_stream_generate_equals_recomputing_the_prefix():
         assert (a - b).abs().max() <= 1e-5
 
 
+def stream(model, noise, text, ts, **kw):
+    return torch.cat(list(cv.stream_generate(model, noise, text, ts, torch.Generator().manual_seed(7), **kw)), 1)
+
+
+TS = torch.tensor([1000.0, 750.0, 500.0])
+
+
+def test_several_chunks_written_into_a_cache_see_each_other_block_causally():
+    """fill_cache of two chunks at once (the re-encoding of a sliding window) + one streamed chunk
+    equals the masked forward of all three."""
+    cfg = small_config()
+    model = make_model(causal=True, cfg=cfg)
+    x, t, text = inputs(cfg, seed=4)
+    cache = cv.KVCache()
+    cv.fill_cache(model, cache, x[:, :4], text)
+    with torch.no_grad():
+        streamed = model(x[:, 4:], t[:, 4:], text, cache=cache)
+        full = model(x, torch.cat([torch.zeros_like(t[:, :4]), t[:, 4:]], 1), text)[:, 4:]
+    assert (streamed - full).abs().max() <= 1e-5 and streamed.abs().max() > 1e-2
+
+
+def test_stream_with_context_window_and_chunk_iterator_equals_recomputing():
+    """Every application runs through one loop; with the cache it must equal the no-cache baseline:
+    I2V context, a sliding window with re-encoding, chunks fed from an iterator. (With a prompt that
+    changes the two differ by design: cached frames keep the keys their own prompt gave them.)"""
+    cfg = small_config()
+    model = make_model(causal=True, cfg=cfg)
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(2, 14, 3, 8, 8, generator=g)  # 7 chunks of 2
+    context = torch.randn(2, 2, 3, 8, 8, generator=g)
+    texts = [torch.randn(2, 5, 16, generator=g)] * 7
+    kw = dict(context=context, window=6, keep=2)
+    cached = stream(model, iter(noise.split(2, 1)), texts, TS, **kw)
+    uncached = stream(model, noise, texts, TS, use_cache=False, **kw)
+    assert cached.shape == noise.shape and (cached - uncached).abs().max() <= 1e-5
+
+
+def test_dynamic_prompt_changes_only_what_follows():
+    cfg = small_config()
+    model = make_model(causal=True, cfg=cfg)
+    noise, _, text = inputs(cfg, seed=6)
+    other = torch.randn_like(text)
+    same = stream(model, noise, text, TS)
+    assert torch.equal(stream(model, noise, [text] * 3, TS), same)  # a per-chunk list of one prompt
+    switched = stream(model, noise, [text, other, other], TS)
+    assert torch.equal(switched[:, :2], same[:, :2])  # causal: the past never sees the new prompt
+    assert (switched[:, 2:] - same[:, 2:]).abs().max() > 1e-2
+
+
+def test_window_bounds_the_cache_and_the_positions(monkeypatch):
+    """120-frame-long and 24-frame-long streams hold caches of the same peak size, and no frame is
+    ever encoded at a position past the window."""
+    cfg = small_config(chunk_size=3, num_frames=12)
+    model = make_model(causal=True, cfg=cfg)
+    seen = []
+    real_append = cv.KVCache.append
+
+    def append(self, kvs, n):
+        real_append(self, kvs, n)
+        seen.append((self.num_frames, tuple(self.k[0].shape)))
+
+    monkeypatch.setattr(cv.KVCache, "append", append)
+    text = torch.randn(1, 5, 16)
+    peaks = {}
+    for frames in [24, 120]:
+        seen.clear()
+        out = stream(model, torch.randn(1, frames, 3, 8, 8), text, TS, window=12)
+        assert out.shape[1] == frames and torch.isfinite(out).all()
+        peaks[frames] = max(shape for _, shape in seen)
+        assert max(n for n, _ in seen) <= 12 - 3  # cache + the chunk being made fit in the window
+    assert peaks[24] == peaks[120] == (1, 9 * 4, 2, 24)  # 9 frames of 4 tokens, 2 heads of 24
+
+
 def test_cache_holds_post_rope_keys_at_their_positions():
     """A chunk streamed after c cached frames gets RoPE time positions c.. (not 0..)."""
     cfg = small_config()

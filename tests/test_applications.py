@@ -1,0 +1,92 @@
+"""Sec. 5.3-5.4 through sample.py: image-to-video, video-to-video, dynamic prompting, long videos
+(their quality is measured by evaluate.py on a trained model; here: that each mode does what it says)."""
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+
+import causvid as cv
+import sample
+
+P = "a green circle moving right"
+
+
+def run(run_dir, *extra):
+    return sample.main(["--tiny", "--out", str(run_dir), "--device", "cpu", "--name", "app", *extra])
+
+
+def frames_of(run_dir):
+    return np.load(run_dir / "app.npz")["frames"]
+
+
+def test_window_psnr_of_a_long_true_clip_is_perfect():
+    clip = cv.render(P, 7, 3, 48)[None]  # bounces off the right wall at frame 3, then moves left
+    w = cv.window_psnr(clip, [P])
+    assert w.shape == (1, 4) and (w > 50).all()
+    wrong_axis = cv.window_psnr(clip, ["a green circle moving up"])
+    assert (wrong_axis < 30).all()
+
+
+def test_image_to_video(run_dir, tmp_path, capsys):
+    image = cv.render(P, 2, 5, 1)[0].numpy()
+    imageio.imwrite(tmp_path / "first.png", np.kron(image, np.ones((2, 2, 1), dtype=np.uint8)))  # 32x32
+    run(run_dir, "--image", str(tmp_path / "first.png"), "--prompt", P, "--num-frames", "6")
+    assert "resized" in capsys.readouterr().out  # 32x32 -> 16x16, with a message
+    out = frames_of(run_dir)
+    assert out.shape == (1, 3 + 6, 16, 16, 3)  # the given chunk, then 6 generated frames
+    assert all(np.array_equal(out[0, f], image) for f in range(3))
+
+
+def test_image_with_the_wrong_channels_is_refused(run_dir, tmp_path):
+    imageio.imwrite(tmp_path / "grey.png", np.zeros((16, 16), dtype=np.uint8))
+    with pytest.raises(cv.CausVidError, match="has 1 channel.* give an RGB"):
+        run(run_dir, "--image", str(tmp_path / "grey.png"), "--prompt", P)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(cv.CausVidError, match="cannot read"):
+        run(run_dir, "--image", str(tmp_path / "bad.png"), "--prompt", P)
+
+
+def test_video_to_video_from_an_npz(run_dir, tmp_path, capsys):
+    clips = torch.stack([cv.render("a red square moving down", 4, 1, 12), cv.render("a red square moving left", 9, 2, 12)])
+    np.savez(tmp_path / "in.npz", frames=clips.numpy(), prompts=np.array(["x", "y"]))
+    run(run_dir, "--video", str(tmp_path / "in.npz"), "--prompt", "a blue square moving down", "--strength", "0.8")
+    assert "video-to-video from t = 750" in capsys.readouterr().out  # the student step at or below 800
+    assert frames_of(run_dir).shape == (2, 12, 16, 16, 3)
+
+
+def test_video_to_video_strength_checks(run_dir, tmp_path):
+    np.savez(tmp_path / "in.npz", frames=cv.render(P, 0, 0, 6)[None].numpy())
+    with pytest.raises(cv.CausVidError, match="below the student's lowest step t = 500; use at least 0.500"):
+        run(run_dir, "--video", str(tmp_path / "in.npz"), "--prompt", P, "--strength", "0.3")
+    with pytest.raises(cv.CausVidError, match="fewer than --num-frames 12"):
+        run(run_dir, "--video", str(tmp_path / "in.npz"), "--prompt", P, "--num-frames", "12")
+
+
+def test_strength_one_ignores_the_input(run_dir, tmp_path):
+    """At t = 1000 the noised input is pure noise: the output is the text-to-video sample."""
+    np.savez(tmp_path / "in.npz", frames=cv.render(P, 0, 0, 6)[None].numpy())
+    run(run_dir, "--video", str(tmp_path / "in.npz"), "--prompt", P, "--strength", "1", "--seed", "4")
+    v2v = frames_of(run_dir)
+    run(run_dir, "--prompt", P, "--num-frames", "6", "--seed", "4")
+    assert np.abs(v2v.astype(int) - frames_of(run_dir).astype(int)).max() <= 1
+
+
+def test_dynamic_prompting(run_dir):
+    run(run_dir, "--prompt", P, "--num-frames", "12", "--seed", "2")
+    plain = frames_of(run_dir)
+    run(run_dir, "--prompt", P, "--num-frames", "12", "--seed", "2", "--switch", "2:a red square moving up")
+    switched = frames_of(run_dir)
+    assert np.array_equal(switched[:, :6], plain[:, :6])  # chunks before the switch are untouched
+    assert not np.array_equal(switched[:, 6:], plain[:, 6:])
+    for bad, msg in [("x", "is not CHUNK:TEXT"), ("0:a red square moving up", "switch at 1 or later"),
+                     ("9:a red square moving up", "chunks 0..3")]:
+        with pytest.raises(cv.CausVidError, match=msg):
+            run(run_dir, "--prompt", P, "--switch", bad)
+
+
+def test_long_video_reports_windows(run_dir):
+    s = run(run_dir, "--prompt", P, "--num-frames", "36", "--window", "12")
+    assert frames_of(run_dir).shape == (1, 36, 16, 16, 3) and s["window_psnr"].shape == (1, 3)
+    with pytest.raises(cv.CausVidError, match="--window 4 must be a multiple of the chunk size 3"):
+        run(run_dir, "--prompt", P, "--window", "4")
