@@ -592,7 +592,8 @@ def fill_cache(model: DiT, cache: KVCache, x0: torch.Tensor, text: torch.Tensor)
 @torch.no_grad()
 def stream_generate(model: DiT, noise, text, timesteps: torch.Tensor, generator: torch.Generator | None = None,
                     use_cache: bool = True, context: torch.Tensor | None = None, window: int | None = None,
-                    keep: int | None = None) -> Iterator[torch.Tensor]:
+                    keep: int | None = None, stochastic: bool = True, uncond: torch.Tensor | None = None,
+                    guidance: float = 1.0) -> Iterator[torch.Tensor]:
     """Alg. 2: generate chunk after chunk, each with the few student steps, yielding each clean chunk
     (B, K, C, H, W) as soon as it is done. One loop serves every application of Sec. 5.3-5.4:
 
@@ -610,7 +611,12 @@ def stream_generate(model: DiT, noise, text, timesteps: torch.Tensor, generator:
                (default: window - 2 K), re-encoded at positions from 0 -- the official long-video
                scheme -- so RoPE never sees a position beyond the window and memory stays bounded.
     use_cache  False is the baseline without Alg. 2's cache: every step re-runs the clean prefix
-               (at t = 0) with the block-causal mask -- the same result, at a cost growing with it."""
+               (at t = 0) with the block-causal mask -- the same result, at a cost growing with it.
+    stochastic line 8 re-noises with fresh noise (Alg. 2). False re-noises with the noise the
+               estimate implies, eps = (x_t - (1 - s) x0) / s, which makes each step exactly an Euler
+               step of the flow ODE: with the teacher's many-step schedule, uncond and guidance (CFG,
+               with a second cache for the unconditional branch) this samples a many-step *causal
+               diffusion* model -- the baseline of Table 4 and Fig. 8."""
     K = model.cfg.chunk_size
     if isinstance(noise, torch.Tensor):
         if noise.shape[1] % K:
@@ -623,26 +629,34 @@ def stream_generate(model: DiT, noise, text, timesteps: torch.Tensor, generator:
     if context is not None and context.shape[1] % K:
         raise ValueError(f"the context's {context.shape[1]} frames are not a whole number of chunks of {K}")
     prefix = [] if context is None else list(context.split(K, dim=1))  # clean frames in the window
-    cache, cached = KVCache(), 0  # line 2; `cached`: how many of prefix's chunks the cache holds
+    guided = uncond is not None and guidance != 1.0
+    caches, cached = [KVCache(), KVCache()], 0  # line 2 (the second: CFG's unconditional branch)
     for c, x in enumerate(noise):  # lines 3-4
         B = x.shape[0]
         txt = text if isinstance(text, torch.Tensor) else text[c]
+        texts = [txt, uncond.expand_as(txt)] if guided else [txt]
         if window is not None and (len(prefix) + 1) * K > window:  # slide: fresh cache, positions from 0
-            prefix, cache, cached = prefix[-(keep // K):], KVCache(), 0
+            prefix, caches, cached = prefix[-(keep // K):], [KVCache(), KVCache()], 0
         if use_cache and cached < len(prefix):  # lines 10-12 for the chunks finished since (or context)
-            fill_cache(model, cache, torch.cat(prefix[cached:], 1), txt)
+            for cache, tx in zip(caches, texts):
+                fill_cache(model, cache, torch.cat(prefix[cached:], 1), tx)
             cached = len(prefix)
             if window is None:  # nothing will be re-encoded: the cache alone holds the past
                 prefix, cached = [], 0
         for j, t in enumerate(timesteps):  # line 6
             tt = torch.full((B, K), float(t), device=x.device)
-            if use_cache:
-                x0 = predict_x0(model, x, tt, txt, cache=cache)  # line 7
+            if use_cache:  # line 7
+                x0s = [predict_x0(model, x, tt, tx, cache=cache) for cache, tx in zip(caches, texts)]
             else:
                 past = torch.zeros(B, len(prefix) * K, device=x.device)
-                x0 = predict_x0(model, torch.cat(prefix + [x], 1), torch.cat([past, tt], 1), txt)[:, -K:]
+                x0s = [predict_x0(model, torch.cat(prefix + [x], 1), torch.cat([past, tt], 1), tx)[:, -K:]
+                       for tx in texts]
+            x0 = x0s[1] + guidance * (x0s[0] - x0s[1]) if guided else x0s[0]  # CFG (x0 is affine in v)
             if j + 1 < len(timesteps):  # line 8: re-noise the estimate to the next, lower step
-                eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                if stochastic:
+                    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                else:
+                    eps = (x - (1 - _s(tt, x)) * x0) / _s(tt, x)
                 x = add_noise(x0, eps, torch.full((B, K), float(timesteps[j + 1]), device=x.device))
         prefix.append(x0)
         yield x0

@@ -28,7 +28,8 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)))
     p.add_argument("--steps", type=int, help="DMD iterations, each a critic update; the generator is updated "
                                              "every critic_updates_per_generator-th (default: the preset's)")
-    p.add_argument("--ode", help="stage-1 student checkpoint (default: <out>/ode.safetensors)")
+    p.add_argument("--ode", help="the generator's initialisation: the stage-1 student (default: "
+                                 "<out>/ode.safetensors); a teacher checkpoint here is 'DMD without ODE init'")
     p.add_argument("--teacher", help="bidirectional teacher checkpoint (default: <out>/teacher.safetensors)")
     p.add_argument("--ode-steps", type=int, help="stage-1 steps, if stage 1 runs first (default: the preset's)")
     p.add_argument("--teacher-steps", type=int, help="toy teacher pre-training steps, if it runs first")
@@ -69,9 +70,11 @@ def main(argv=None):
             stage1 += [flag, str(value)] if value is not None else []
         train_ode.main(stage1)
 
-    print(f"generator: {ode_path} | teacher and critic init: {teacher_path}")
+    print(f"generator init: {ode_path} | teacher and critic init: {teacher_path}")
     generator = cv.load_model(ode_path, causal=True, device=device, expect=cfg).train()
-    teacher = cv.load_model(teacher_path, causal=False, device=device, expect=cfg).eval().requires_grad_(False)
+    # the real score keeps the role it was trained in: bidirectional (CausVid), or a causal diffusion
+    # model (the "causal teacher" ablation of Table 4); the critic starts as a copy of it
+    teacher = cv.load_model(teacher_path, device=device, expect=cfg).eval().requires_grad_(False)
     critic = copy.deepcopy(teacher).train().requires_grad_(True)  # Alg. 1 line 2: s_gen starts as s_data
     text_encoder = cv.load_text_encoder(teacher_path).to(device)
     emb = cv.embed_prompts(text_encoder, cv.PROMPTS + [cfg.negative_prompt])

@@ -90,3 +90,23 @@ def test_long_video_reports_windows(run_dir):
     assert frames_of(run_dir).shape == (1, 36, 16, 16, 3) and s["window_psnr"].shape == (1, 3)
     with pytest.raises(cv.CausVidError, match="--window 4 must be a multiple of the chunk size 3"):
         run(run_dir, "--prompt", P, "--window", "4")
+
+
+def test_the_study_runs_end_to_end(run_dir, tmp_path):
+    """evaluate.py trains its baselines and prints every table (tiny step counts, 4 prompts)."""
+    import shutil
+
+    import evaluate
+
+    for name in ["teacher", "ode", "dmd"]:
+        shutil.copy(run_dir / f"{name}.safetensors", tmp_path / f"{name}.safetensors")
+    text = evaluate.main(["--tiny", "--out", str(tmp_path), "--device", "cpu", "--seeds", "2", "--num-prompts", "8",
+                          "--causal-steps", "2", "--dmd-steps", "2", "--long-frames", "24", "--batch-size", "2"])
+    for name in ["causal_diffusion.safetensors", "dmd_no_ode/dmd.safetensors", "dmd_causal_teacher/dmd.safetensors",
+                 "study/results.md", "study/teacher_vs_causvid.gif"]:
+        assert (tmp_path / name).exists(), name
+    for heading in ["Table 4", "Fig. 8", "Table 3", "Image-to-video", "Video-to-video", "Dynamic prompting",
+                    "Long video"]:
+        assert heading in text
+    assert text.count("CausVid** (ODE init") == 2  # a row of Table 4 and of Fig. 8
+    assert 1.0 < evaluate.predicted_cache_speedup(cv.get_config("tiny"), 48) < 20

@@ -197,6 +197,21 @@ def test_stream_with_context_window_and_chunk_iterator_equals_recomputing():
     assert cached.shape == noise.shape and (cached - uncached).abs().max() <= 1e-5
 
 
+def test_deterministic_guided_stream_is_the_euler_cfg_sampler():
+    """stochastic=False + the teacher's schedule + CFG = sample_ode, chunk by chunk: on a one-chunk
+    clip the two are the same computation, and with the cache it equals recomputing the prefix."""
+    cfg = small_config()
+    model = make_model(causal=True, cfg=cfg)
+    noise, _, text = inputs(cfg, seed=8)
+    uncond = torch.randn(1, 5, 16)
+    ts = cv.sampling_schedule(6, 3.0).float()
+    kw = dict(stochastic=False, uncond=uncond, guidance=2.5)
+    one_chunk = stream(model, noise[:, :2], text, ts, **kw)
+    euler = cv.sample_ode(model, noise[:, :2], text, uncond, 2.5, steps=6, shift=3.0)[0]
+    assert (one_chunk - euler).abs().max() <= 1e-4 and euler.abs().max() > 1e-2
+    assert (stream(model, noise, text, ts, **kw) - stream(model, noise, text, ts, use_cache=False, **kw)).abs().max() <= 1e-4
+
+
 def test_dynamic_prompt_changes_only_what_follows():
     cfg = small_config()
     model = make_model(causal=True, cfg=cfg)
