@@ -71,6 +71,9 @@ class Config:
     # Text encoder: "tiny" = a small random UMT5 over ByT5 bytes (needs no files); otherwise a local
     # directory holding a transformers UMT5 encoder and its tokenizer.
     text_encoder: str = "tiny"
+    # VAE: "" = none (the toy world works in pixels); otherwise a local diffusers AutoencoderKLWan
+    # directory (Wan2.1-T2V-1.3B-Diffusers/vae).
+    vae: str = ""
     negative_prompt: str = ""  # the "unconditional" prompt of classifier-free guidance
     # Flow matching and sampling (Sec. 3.1)
     # Timestep shift s' = shift s / (1 + (shift - 1) s), for training and sampling alike. Where the
@@ -122,7 +125,8 @@ PRESETS: dict[str, Config] = {
         freq_dim=256,
         text_dim=4096,  # UMT5-XXL
         text_len=512,
-        text_encoder="text_encoder",  # resolved against --model-dir by the scripts
+        text_encoder="",  # set from --model-dir (<dir>/text_encoder) or --text-encoder
+        vae="",  # set from --model-dir (<dir>/vae) or --vae
         shift=8.0,  # Wan2.1 T2V sampling shift; CausVid uses the same
         teacher_steps=50,  # ODE pairs: 50 Euler steps of the teacher
         teacher_guidance=6.0,  # ODE pairs: CFG 6 with the negative prompt
@@ -1008,7 +1012,10 @@ def check_preset(cfg: Config, expected: Config | None, path: str):
 
 def load_model(path: str, causal: bool | None = None, device="cpu", expect: Config | None = None) -> DiT:
     """Rebuild a DiT from a checkpoint alone; causal=None keeps the role it was saved with.
-    expect: the preset the caller runs under; a checkpoint of another preset is refused."""
+    A directory is an official Wan2.1 release (either layout, see load_wan): the bidirectional
+    teacher. expect: the preset the caller runs under; a checkpoint of another preset is refused."""
+    if os.path.isdir(path):
+        return load_wan(path, expect or get_config("wan2.1-t2v-1.3b"), bool(causal)).to(device)
     tensors, cfg, meta = load_checkpoint(path, keep=lambda k: not k.startswith("text_encoder."))
     check_preset(cfg, expect, path)
     model = DiT(cfg, causal=meta.get("causal", False) if causal is None else causal)
@@ -1018,12 +1025,121 @@ def load_model(path: str, causal: bool | None = None, device="cpu", expect: Conf
 
 def load_text_encoder(path: str) -> TextEncoder:
     """The text encoder that belongs to a checkpoint: the stored tiny UMT5, or UMT5 from the config's
-    path. Reads only the text encoder's tensors, not the DiT's."""
+    path (for a Wan directory: its text_encoder/). Reads only the text encoder's tensors, not the DiT's."""
+    if os.path.isdir(path):
+        return load_umt5(os.path.join(path, "text_encoder"), get_config("wan2.1-t2v-1.3b").text_len)
     tensors, cfg, _ = load_checkpoint(path, keep=lambda k: k.startswith("text_encoder."))
     te = {k[len("text_encoder."):]: v for k, v in tensors.items()}
     if cfg.text_encoder == "tiny" and not te:
         raise CausVidError(f"{path!r} uses the tiny text encoder but does not contain its weights")
     return build_text_encoder(cfg, te or None)
+
+
+def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory: its one .safetensors file, or the shards its index lists."""
+    from safetensors.torch import load_file
+
+    names = os.listdir(path)
+    index = [n for n in names if n.endswith(".safetensors.index.json")]
+    if index:
+        with open(os.path.join(path, index[0])) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(n for n in names if n.endswith(".safetensors"))
+    if not files:
+        raise CausVidError(f"no .safetensors weights in {path!r}")
+    state = {}
+    for name in files:
+        if not os.path.isfile(os.path.join(path, name)):
+            raise CausVidError(f"{path!r}: shard {name!r} listed in {index[0]!r} is missing; download it again")
+        state.update(load_file(os.path.join(path, name)))
+    return state
+
+
+def wan_config(model_dir: str, base: Config) -> tuple[Config, str, str]:
+    """-> (config, the DiT's directory, its layout). The DiT's shapes come from the directory's
+    config.json, the rest (training, sampling) from `base`; text encoder and VAE paths are set to the
+    diffusers layout's text_encoder/ and vae/ where they exist.
+      original  (Wan2.1-T2V-1.3B):           config.json + diffusion_pytorch_model*.safetensors, Wan names
+      diffusers (Wan2.1-T2V-1.3B-Diffusers): transformer/{config.json, *.safetensors[, index]}, text_encoder/,
+                                             tokenizer/, vae/"""
+    sub = os.path.join(model_dir, "transformer")
+    layout, dit_dir = ("diffusers", sub) if os.path.isdir(sub) else ("original", model_dir)
+    try:
+        with open(os.path.join(dit_dir, "config.json")) as f:
+            c = json.load(f)
+    except OSError:
+        raise CausVidError(f"{model_dir!r} is not a Wan2.1 directory: no config.json in it or in transformer/") from None
+    if layout == "diffusers":
+        shapes = dict(dim=c["num_attention_heads"] * c["attention_head_dim"], num_heads=c["num_attention_heads"],
+                      channels=c["in_channels"], patch_size=tuple(c["patch_size"]), ffn_dim=c["ffn_dim"],
+                      num_layers=c["num_layers"], text_dim=c["text_dim"], freq_dim=c["freq_dim"], eps=c["eps"])
+    else:
+        shapes = dict(dim=c["dim"], num_heads=c["num_heads"], channels=c["in_dim"], ffn_dim=c["ffn_dim"],
+                      num_layers=c["num_layers"], text_dim=c.get("text_dim", 4096), freq_dim=c["freq_dim"],
+                      patch_size=tuple(c.get("patch_size", (1, 2, 2))), eps=c["eps"])
+    parts = {k: os.path.abspath(os.path.join(model_dir, k)) for k in ("text_encoder", "vae")
+             if os.path.isdir(os.path.join(model_dir, k))}
+    return Config(**{**asdict(base), **shapes, **parts}), dit_dir, layout
+
+
+def load_wan(model_dir: str, base: Config, causal: bool = False) -> DiT:
+    """An official Wan2.1 DiT from a local directory (either layout, see wan_config), strictly: a
+    missing or unexpected key is an error that lists them."""
+    cfg, dit_dir, layout = wan_config(model_dir, base)
+    model = DiT(cfg, causal)
+    state = read_safetensors_dir(dit_dir)
+    if layout == "diffusers":
+        return from_diffusers_state_dict(model, state)
+    load_state_dict_strict(model, state, model_dir)
+    return model
+
+
+class WanVAE:
+    """diffusers' AutoencoderKLWan with Wan's per-channel latent normalisation, video in (B, F, C, H, W)
+    layout. 4x temporal compression (1 + 4k frames <-> 1 + k latents), 8x spatial, 16 channels.
+    decode_stream decodes latent chunks as they arrive, keeping the causal decoder's cache between
+    chunks, so the result equals decoding the whole video at once (this reuses diffusers' internal
+    per-frame decode loop, AutoencoderKLWan._decode, with its cache kept)."""
+
+    def __init__(self, path: str, device="cpu", dtype=torch.float32):
+        from diffusers import AutoencoderKLWan
+
+        if not os.path.isdir(path):
+            raise CausVidError(f"VAE directory {path!r} not found; pass Wan2.1-T2V-1.3B-Diffusers/vae (--vae or --model-dir)")
+        self.vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype).to(device).eval().requires_grad_(False)
+        c = self.vae.config
+        self.mean = torch.tensor(c.latents_mean, device=device, dtype=dtype).view(1, 1, -1, 1, 1)
+        self.std = torch.tensor(c.latents_std, device=device, dtype=dtype).view(1, 1, -1, 1, 1)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """pixels in [-1, 1] (B, 1 + 4k, 3, H, W) -> normalised latents (B, 1 + k, C, H / 8, W / 8)."""
+        mu = self.vae.encode(rearrange(video, "b f c h w -> b c f h w")).latent_dist.mode()
+        return (rearrange(mu, "b c f h w -> b f c h w") - self.mean) / self.std
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """normalised latents (B, 1 + k, C, h, w) -> pixels in [-1, 1] (B, 1 + 4k, 3, 8 h, 8 w)."""
+        x = self.vae.decode(rearrange(z * self.std + self.mean, "b f c h w -> b c f h w")).sample
+        return rearrange(x, "b c f h w -> b f c h w")
+
+    @torch.no_grad()
+    def decode_stream(self, chunks) -> Iterator[torch.Tensor]:
+        """Latent chunks (B, K, C, h, w) -> their pixels, chunk by chunk (the first latent frame gives one
+        pixel frame, every later one four)."""
+        vae, first = self.vae, True
+        vae.clear_cache()
+        for z in chunks:
+            x = vae.post_quant_conv(rearrange(z * self.std + self.mean, "b f c h w -> b c f h w"))
+            out = []
+            for i in range(x.shape[2]):
+                vae._conv_idx = [0]
+                kw = {"first_chunk": True} if first else {}
+                out.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, **kw))
+                first = False
+            yield rearrange(torch.cat(out, 2).clamp(-1, 1), "b c f h w -> b f c h w")
+        vae.clear_cache()
 
 
 # ------------------------------------------------------------------------------------------------
