@@ -29,7 +29,7 @@ import re
 import signal
 import sys
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Iterator
 
 import torch
@@ -126,6 +126,10 @@ PRESETS: dict[str, Config] = {
         text_dim=4096,  # UMT5-XXL
         text_len=512,
         text_encoder="",  # set from --model-dir (<dir>/text_encoder) or --text-encoder
+        # Wan2.1's default negative prompt (its sample_neg_prompt): CFG's "unconditional" branch
+        negative_prompt="色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                        "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
+                        "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走",
         vae="",  # set from --model-dir (<dir>/vae) or --vae
         shift=8.0,  # Wan2.1 T2V sampling shift; CausVid uses the same
         teacher_steps=50,  # ODE pairs: 50 Euler steps of the teacher
@@ -612,7 +616,7 @@ def stream_generate(model: DiT, noise, text, timesteps: torch.Tensor, generator:
                the image repeated to fill a chunk). They enter the cache and are not yielded.
     window     the most frames one chunk attends over, itself included (default: unbounded). When the
                next chunk would not fit, a fresh cache is started holding the last `keep` clean frames
-               (default: window - 2 K), re-encoded at positions from 0 -- the official long-video
+               (default: window - 2 K, at least K), re-encoded at positions from 0 -- the official long-video
                scheme -- so RoPE never sees a position beyond the window and memory stays bounded.
     use_cache  False is the baseline without Alg. 2's cache: every step re-runs the clean prefix
                (at t = 0) with the block-causal mask -- the same result, at a cost growing with it.
@@ -626,7 +630,7 @@ def stream_generate(model: DiT, noise, text, timesteps: torch.Tensor, generator:
         if noise.shape[1] % K:
             raise ValueError(f"{noise.shape[1]} frames are not a whole number of chunks of {K}")
         noise = noise.split(K, dim=1)
-    keep = window - 2 * K if window is not None and keep is None else keep
+    keep = max(K, window - 2 * K) if window is not None and keep is None else keep
     if window is not None and not (window % K == 0 and window >= 2 * K and 0 < keep <= window - K and keep % K == 0):
         raise ValueError(f"window {window} and keep {keep} must be whole chunks of {K}, window >= 2 chunks, "
                          "0 < keep <= window - one chunk")
@@ -1035,6 +1039,32 @@ def load_text_encoder(path: str) -> TextEncoder:
     return build_text_encoder(cfg, te or None)
 
 
+def text_encoder_for(path: str, cfg: Config) -> TextEncoder:
+    """The text encoder of a run: the tiny one stored in checkpoint `path`, or UMT5 from cfg.text_encoder."""
+    if cfg.text_encoder == "tiny":
+        return load_text_encoder(path)
+    if not cfg.text_encoder:
+        raise CausVidError("no text encoder: pass --model-dir with a text_encoder/ inside (the diffusers layout), or "
+                           "--text-encoder DIR (the original release's UMT5 .pth is in another format: use "
+                           "Wan2.1-T2V-1.3B-Diffusers/text_encoder)")
+    return load_umt5(cfg.text_encoder, cfg.text_len)
+
+
+def read_prompts(path: str | None, cfg: Config) -> list[str]:
+    """Training prompts: the toy world's 48, or one per line of a text file (required for Wan)."""
+    if path is None:
+        if cfg.name == "tiny":
+            return list(PROMPTS)
+        raise CausVidError("pass --prompts FILE (one prompt per line) to train on Wan")
+    if not os.path.isfile(path):
+        raise CausVidError(f"prompt file {path!r} not found")
+    with open(path) as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise CausVidError(f"prompt file {path!r} holds no prompts; write one per line")
+    return prompts
+
+
 def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
     """Every tensor of a model directory: its one .safetensors file, or the shards its index lists."""
     from safetensors.torch import load_file
@@ -1387,7 +1417,31 @@ def add_common_args(p):
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, help="batch size (default: the preset's)")
+    p.add_argument("--model-dir", help="Wan: the official Wan2.1-T2V-1.3B directory, either layout (DiT shapes, "
+                                       "text_encoder/ and vae/ are taken from it)")
+    p.add_argument("--text-encoder", help="Wan: a transformers UMT5 directory (tokenizer/ beside it), if not "
+                                          "<model-dir>/text_encoder")
+    p.add_argument("--vae", help="Wan: a diffusers AutoencoderKLWan directory, if not <model-dir>/vae")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set num_frames=9 --set student_step_indices=0,36,44")
     return p
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """["num_frames=9", "student_step_indices=0,36,44"] -> typed Config overrides."""
+    types = {f.name: type(getattr(Config(), f.name)) for f in fields(Config)}
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or key not in types:
+            raise CausVidError(f"--set {item!r}: expected KEY=VALUE with KEY one of the Config fields "
+                               f"({', '.join(sorted(types))})")
+        try:
+            kind = types[key]
+            out[key] = tuple(int(v) for v in value.split(",")) if kind is tuple else kind(value)
+        except ValueError:
+            raise CausVidError(f"--set {item!r}: {value!r} is not a valid {types[key].__name__}") from None
+    return out
 
 
 def add_training_args(p):
@@ -1415,7 +1469,13 @@ def resolve_common(args) -> tuple[Config, torch.device, str]:
     name = "tiny" if args.tiny else args.config
     if name is None:
         raise CausVidError("choose a preset: --tiny (toy world, CPU) or --config wan2.1-t2v-1.3b")
-    cfg = get_config(name, **({"batch_size": args.batch_size} if args.batch_size else {}))
+    overrides = {**({"batch_size": args.batch_size} if args.batch_size else {}), **parse_overrides(args.set)}
+    cfg = get_config(name, **overrides)
+    if args.model_dir:
+        cfg = replace(wan_config(args.model_dir, cfg)[0], **overrides)
+    if args.text_encoder or args.vae:
+        cfg = replace(cfg, **({"text_encoder": os.path.abspath(args.text_encoder)} if args.text_encoder else {}),
+                      **({"vae": os.path.abspath(args.vae)} if args.vae else {}))
     out = args.out or os.path.join("runs", name)
     device = pick_device(args.device)
     try:  # fail now, not after an hour of training

@@ -22,6 +22,7 @@ once); --no-cache recomputes the whole prefix at every step instead of using the
 import argparse
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -81,8 +82,9 @@ def student_start(cfg: cv.Config, strength: float) -> int:
 
 @torch.no_grad()
 def generate(model, text, uncond, cfg: cv.Config, num_frames: int, seed: int, device, teacher=False,
-             use_cache=True, context=None, video=None, start=0, window=None):
-    """-> (video (B, F, C, H, W), seconds to the first chunk, seconds in all).
+             use_cache=True, context=None, video=None, start=0, window=None, vae=None):
+    """-> (video (B, F, C, H, W), seconds to the first chunk, seconds in all); pixels through `vae`
+    (decoded chunk by chunk as the DiT streams them) if given.
 
     text: (B, L, D_text) or one such tensor per chunk; context: clean frames before the video (I2V);
     video: input frames (V2V), noised chunk by chunk to student step `start` as the loop asks for them."""
@@ -94,6 +96,7 @@ def generate(model, text, uncond, cfg: cv.Config, num_frames: int, seed: int, de
     with cv.autocast(device):
         if teacher:  # the bidirectional model must generate the whole clip before showing any of it
             video = cv.sample_ode(model, noise, text, uncond, cfg.teacher_guidance, cfg.teacher_steps, cfg.shift)[0]
+            video = video if vae is None else vae.decode(video.float())
             first = time.perf_counter() - t0
         else:
             chunks = noise.split(cfg.chunk_size, 1)
@@ -101,7 +104,8 @@ def generate(model, text, uncond, cfg: cv.Config, num_frames: int, seed: int, de
                 chunks = (cv.add_noise(v, n, torch.full(v.shape[:2], float(timesteps[0]), device=device))
                           for v, n in zip(video.split(cfg.chunk_size, 1), chunks))
             out = []
-            for chunk in cv.stream_generate(model, chunks, text, timesteps, g, use_cache, context, window):
+            stream = cv.stream_generate(model, chunks, text, timesteps, g, use_cache, context, window)
+            for chunk in (stream if vae is None else vae.decode_stream(c.float() for c in stream)):
                 out.append(chunk)
                 if len(out) == 1:
                     first = time.perf_counter() - t0
@@ -144,15 +148,17 @@ def main(argv=None):
     image = cv.read_frames(args.image, cfg.height, cfg.width)[0, :1] if args.image else None  # (1, H, W, 3)
 
     model = cv.load_model(path, causal=not args.teacher, device=device, expect=cfg).eval()
-    cfg = model.cfg
-    text_encoder = cv.load_text_encoder(path).to(device)
+    cfg = model.cfg if cfg.name == "tiny" else replace(model.cfg, text_encoder=cfg.text_encoder or model.cfg.text_encoder,
+                                                       vae=cfg.vae or model.cfg.vae)
+    text_encoder = cv.text_encoder_for(path, cfg).to(device)
+    vae = cv.WanVAE(cfg.vae, device) if cfg.vae else None  # latents -> pixels, chunk by chunk
     base = args.prompt or cv.PROMPTS
     if inputs is not None and inputs.shape[0] > 1 and len(base) not in (1, inputs.shape[0]):
         raise cv.CausVidError(f"--video holds {inputs.shape[0]} videos: give one --prompt, or one per video")
     if inputs is not None and inputs.shape[0] > 1 and len(base) == 1:
         base = base * inputs.shape[0]
     prompts = [p for p in base for _ in range(args.samples_per_prompt)]
-    batch = args.batch_size or 64
+    batch = args.batch_size or (64 if cfg.name == "tiny" else 1)
     mode = ("image-to-video" if args.image else f"video-to-video from t = {cv.student_timesteps(cfg)[start]:.0f}"
             if args.video else "text-to-video") + (f", prompt switches {switches}" if switches else "")
     print(f"model: {path} ({'bidirectional teacher' if args.teacher else 'causal student'}), {len(prompts)} "
@@ -177,15 +183,16 @@ def main(argv=None):
             rows = torch.arange(i, i + len(part)) // args.samples_per_prompt % inputs.shape[0]
             video = cv.to_model_space(inputs[rows, :num_frames]).to(device)
         sample, first, seconds = generate(model, text, uncond, cfg, num_frames, args.seed + i, device, args.teacher,
-                                          not args.no_cache, context, video, start, window)
+                                          not args.no_cache, context, video, start, window, vae)
         if context is not None:
             sample = torch.cat([context.float(), sample], 1)  # the given chunk leads the video
         videos.append(sample.cpu())
         firsts.append(first)
         total += seconds
     frames = cv.to_uint8(torch.cat(videos)).numpy()  # (N, F, H, W, 3)
+    shown = frames.shape[1] - (K if image is not None else 0)  # generated frames (pixels, after a VAE)
     print(f"time to first chunk {np.mean(firsts):.3f} s (batch of {min(batch, len(prompts))}) | "
-          f"{len(prompts) * num_frames / total:.1f} frames/s | {total:.1f} s in all")
+          f"{len(prompts) * shown / total:.1f} frames/s | {total:.1f} s in all")
 
     stem = os.path.join(out, args.name or "samples_" + os.path.splitext(os.path.basename(path))[0])
     tmp = f"{stem}.npz.tmp{os.getpid()}.npz"

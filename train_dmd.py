@@ -58,6 +58,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     ode_path = args.ode or os.path.join(out, "ode.safetensors")
     teacher_path = args.teacher or os.path.join(out, "teacher.safetensors")
+    if not args.teacher and not os.path.exists(teacher_path) and args.model_dir:
+        teacher_path = args.model_dir  # the official Wan2.1 weights are the teacher
     if not os.path.exists(ode_path):
         if args.ode or cfg.name != "tiny":
             raise cv.CausVidError(f"stage-1 checkpoint {ode_path!r} not found; run train_ode.py first")
@@ -70,27 +72,40 @@ def main(argv=None):
             stage1 += [flag, str(value)] if value is not None else []
         train_ode.main(stage1)
 
+    B = cfg.batch_size
     print(f"generator init: {ode_path} | teacher and critic init: {teacher_path}")
     generator = cv.load_model(ode_path, causal=True, device=device, expect=cfg).train()
     # the real score keeps the role it was trained in: bidirectional (CausVid), or a causal diffusion
     # model (the "causal teacher" ablation of Table 4); the critic starts as a copy of it
     teacher = cv.load_model(teacher_path, device=device, expect=cfg).eval().requires_grad_(False)
     critic = copy.deepcopy(teacher).train().requires_grad_(True)  # Alg. 1 line 2: s_gen starts as s_data
-    text_encoder = cv.load_text_encoder(teacher_path).to(device)
-    emb = cv.embed_prompts(text_encoder, cv.PROMPTS + [cfg.negative_prompt])
+    text_encoder = cv.text_encoder_for(teacher_path, cfg).to(device)
+    g = torch.Generator().manual_seed(args.seed + 2)
+    if cfg.name == "tiny":  # Alg. 1 line 4's data: the toy renderer
+        def data():
+            return cv.toy_batch(B, cfg.num_frames, g)
+        pool = cv.PROMPTS
+    else:  # Wan: the teacher's ODE end points (stage 1's pairs) stand in for a video dataset
+        pairs_path = os.path.join(out, "ode_pairs.safetensors")
+        tensors, _, meta = cv.load_checkpoint(pairs_path)
+        clips, pool = tensors["trajectories"][:, -1], meta["prompts"]
+
+        def data():
+            i = torch.randint(0, len(pool), (B,), generator=g)
+            return clips[i], [pool[j] for j in i]
+    emb = cv.embed_prompts(text_encoder, list(pool) + [cfg.negative_prompt])
     uncond = emb[cfg.negative_prompt][None].to(device)
 
     opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.lr_generator, betas=(0.9, 0.999), weight_decay=0.0)
     opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.lr_critic, betas=(0.9, 0.999), weight_decay=0.0)
     timesteps = cv.student_timesteps(cfg).to(device)
-    steps, ratio, B = args.steps or cfg.dmd_steps, cfg.critic_updates_per_generator, cfg.batch_size
-    g = torch.Generator().manual_seed(args.seed + 2)
+    steps, ratio = args.steps or cfg.dmd_steps, cfg.critic_updates_per_generator
     t0, logs = time.time(), {}
     state = {"generator": generator, "critic": critic, "opt_g": opt_g, "opt_c": opt_c, "data": g}
     with cv.TrainLoop(os.path.join(out, "dmd_state.safetensors"), cfg, steps, state, args.resume, args.save_every,
                       "DMD") as loop:
         for it in loop:
-            x_data, prompts = cv.toy_batch(B, cfg.num_frames, g)  # line 4
+            x_data, prompts = data()  # line 4
             text = torch.stack([emb[p] for p in prompts]).to(device)
             generator_turn = it % ratio == 0
             with cv.autocast(device), torch.set_grad_enabled(generator_turn):

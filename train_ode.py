@@ -27,6 +27,8 @@ def parse_args(argv=None):
                                      "pre-trained first on the toy world if it does not exist)")
     p.add_argument("--teacher-steps", type=int, help="toy teacher pre-training steps (default: the preset's)")
     p.add_argument("--pairs", type=int, help="number of ODE pairs (default: the preset's ode_pairs)")
+    p.add_argument("--prompts", help="prompt file, one per line, for the ODE pairs (default: the 48 toy "
+                                     "prompts; required for Wan)")
     p.add_argument("--log-every", type=int, default=100, help="steps between log lines (default: 100)")
     return p.parse_args(argv)
 
@@ -71,11 +73,12 @@ def pretrain_teacher(cfg: cv.Config, steps: int, device, seed: int, log_every: i
 
 
 @torch.no_grad()
-def make_ode_pairs(teacher, text_encoder, cfg: cv.Config, n: int, device, seed: int, batch: int = 64):
+def make_ode_pairs(teacher, text_encoder, cfg: cv.Config, n: int, device, seed: int, pool: list[str], batch: int = 64):
     """Sec. 4.3: teacher trajectories from noise (Euler, CFG with the negative prompt), recorded at
-    the student's timesteps. Returns (trajectories (n, Q+1, F, C, H, W), prompts)."""
+    the student's timesteps, for prompts drawn from `pool`. Returns (trajectories (n, Q+1, F, C, H, W), prompts)."""
     g = torch.Generator().manual_seed(seed)
-    prompts = [cv.PROMPTS[i] for i in torch.randint(0, len(cv.PROMPTS), (n,), generator=g)]
+    prompts = [pool[i] for i in torch.randint(0, len(pool), (n,), generator=g)]
+    batch = min(batch, cfg.batch_size) if cfg.name != "tiny" else batch
     emb = cv.embed_prompts(text_encoder, prompts + [cfg.negative_prompt])
     uncond = emb[cfg.negative_prompt][None].to(device)
     trajs = []
@@ -123,12 +126,14 @@ def main(argv=None):
     resumable = dict(resume=args.resume, save_every=args.save_every)
 
     teacher_path = args.teacher or os.path.join(out, "teacher.safetensors")
+    if not args.teacher and not os.path.exists(teacher_path) and args.model_dir:
+        teacher_path = args.model_dir  # the official Wan2.1 weights are the teacher
     if os.path.exists(teacher_path):
         print(f"teacher: {teacher_path}")
         teacher = cv.load_model(teacher_path, causal=False, device=device, expect=cfg).eval()
-        text_encoder = cv.load_text_encoder(teacher_path).to(device)
+        text_encoder = cv.text_encoder_for(teacher_path, cfg).to(device)
     elif args.teacher or cfg.name != "tiny":
-        raise cv.CausVidError(f"teacher checkpoint {teacher_path!r} not found; pass --teacher PATH")
+        raise cv.CausVidError(f"teacher checkpoint {teacher_path!r} not found; pass --teacher PATH or --model-dir DIR")
     else:
         steps = args.teacher_steps or cfg.teacher_train_steps
         print(f"no teacher at {teacher_path}: pre-training the toy teacher for {steps} steps "
@@ -146,7 +151,8 @@ def main(argv=None):
         pairs, prompts = stored[0]["trajectories"][:n], stored[2]["prompts"][:n]
         print(f"ODE pairs: {pairs_path} ({n})")
     else:
-        pairs, prompts = make_ode_pairs(teacher, text_encoder, cfg, n, device, args.seed)
+        pairs, prompts = make_ode_pairs(teacher, text_encoder, cfg, n, device, args.seed,
+                                        cv.read_prompts(args.prompts, cfg))
         cv.save_checkpoint(pairs_path, {"trajectories": pairs}, cfg, prompts=prompts,
                            timesteps=cv.student_timesteps(cfg).tolist())
         print(f"wrote {pairs_path}: {n} trajectories at t = {cv.student_timesteps(cfg).tolist()} and 0")

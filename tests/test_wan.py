@@ -138,3 +138,29 @@ def test_the_vae_wrapper_matches_diffusers_and_streams(wan_dir):
     with torch.no_grad():
         mu = ref.encode(rearrange(pixels, "b f c h w -> b c f h w")).latent_dist.mode()
     assert (latents - (rearrange(mu, "b c f h w -> b f c h w") - mean.view(1, 1, 4, 1, 1)) / std.view(1, 1, 4, 1, 1)).abs().max() <= 1e-4
+
+
+def test_the_three_scripts_run_on_a_wan_layout_directory(wan_dir, tmp_path):
+    """train_ode.py (teacher = the Wan directory itself), train_dmd.py, sample.py (decoding through the
+    VAE into an mp4), with small frame sizes set by --set."""
+    import imageio.v2 as imageio
+    import numpy as np
+
+    import sample
+    import train_dmd
+    import train_ode
+
+    (tmp_path / "prompts.txt").write_text("a cat walking\na dog running\n\n")
+    common = ["--config", "wan2.1-t2v-1.3b", "--model-dir", str(wan_dir), "--out", str(tmp_path / "run"),
+              "--device", "cpu", "--set", "height=4", "--set", "width=6", "--set", "num_frames=6",
+              "--set", "text_len=12", "--set", "teacher_steps=6", "--set", "student_step_indices=0,3,5"]
+    train_ode.main(common + ["--prompts", str(tmp_path / "prompts.txt"), "--pairs", "2", "--steps", "2"])
+    train_dmd.main(common + ["--steps", "3"])
+    ode = cv.load_model(str(tmp_path / "run" / "ode.safetensors"))
+    assert ode.causal and ode.cfg.dim == 24 and ode.cfg.vae.endswith("vae")
+    sample.main(common + ["--prompt", "a cat walking", "--name", "wan"])
+    frames = np.load(tmp_path / "run" / "wan.npz")["frames"]
+    assert frames.shape == (1, 1 + 4 * 5, 32, 48, 3)  # 6 latent frames -> 21 pixel frames of 32x48
+    assert len(imageio.mimread(tmp_path / "run" / "wan.mp4")) == 21
+    with pytest.raises(cv.CausVidError, match="pass --prompts FILE"):
+        train_ode.main(common + ["--out", str(tmp_path / "other")])
