@@ -92,6 +92,7 @@ class Config:
     # Optimisation (AdamW everywhere)
     batch_size: int = 32
     grad_clip: float = 1.0
+    gradient_checkpointing: bool = False  # recompute each block in backward: activations of one block only
     # toy teacher pre-training: stands in for a pretrained model (toy world only)
     teacher_train_steps: int = 4000
     lr_teacher: float = 1e-3  # peak; linear warm-up, cosine decay
@@ -141,6 +142,7 @@ PRESETS: dict[str, Config] = {
         dmd_t_max=980.0,
         critic_updates_per_generator=5,
         batch_size=1,
+        gradient_checkpointing=True,  # three 1.3B models on one 80 GB GPU (README memory table)
         ode_pairs=1000,  # paper: 1000 ODE pairs, 3000 iterations
         ode_steps=3000,
         dmd_steps=6000,  # paper: 6000 DMD iterations
@@ -288,7 +290,7 @@ def tiny_umt5_config(cfg: Config):
                       num_heads=cfg.text_dim // 16, relative_attention_num_buckets=32, dropout_rate=0.0)
 
 
-def load_umt5(path: str, text_len: int) -> TextEncoder:
+def load_umt5(path: str, text_len: int, dtype=torch.float32) -> TextEncoder:
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     if not os.path.isdir(path):
@@ -296,7 +298,7 @@ def load_umt5(path: str, text_len: int) -> TextEncoder:
                                 "a transformers UMT5 encoder (e.g. Wan2.1-T2V-1.3B-Diffusers/text_encoder)")
     tok_path = os.path.join(os.path.dirname(path.rstrip("/")), "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(tok_path if os.path.isdir(tok_path) else path)
-    return TextEncoder(tokenizer, UMT5EncoderModel.from_pretrained(path), text_len)
+    return TextEncoder(tokenizer, UMT5EncoderModel.from_pretrained(path, dtype=dtype), text_len)
 
 
 def build_text_encoder(cfg: Config, state_dict: dict | None = None, seed: int = 0) -> TextEncoder:
@@ -383,6 +385,41 @@ def block_causal_mask(num_frames: int, chunk_size: int, tokens_per_frame: int = 
     return mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
+# Which kernel applies the block mask: "auto" = FlexAttention on CUDA (it skips the masked-out
+# blocks instead of computing them), SDPA with the dense mask elsewhere; or force "flex" / "sdpa".
+ATTENTION = "auto"
+_FLEX: dict = {}
+
+
+def flex_block_mask(q_frames: int, kv_frames: int, chunk_size: int, tokens_per_frame: int, device):
+    """Eq. 5 as a FlexAttention BlockMask for q_frames new frames after kv_frames - q_frames cached
+    ones (which every new token sees). Built once per shape."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (q_frames, kv_frames, chunk_size, tokens_per_frame, str(device))
+    if key not in _FLEX:
+        cached, span = (kv_frames - q_frames) * tokens_per_frame, chunk_size * tokens_per_frame
+
+        def mask_mod(b, h, q, kv):
+            return (kv < cached) | ((kv - cached) // span <= q // span)
+
+        _FLEX[key] = create_block_mask(mask_mod, None, None, q_frames * tokens_per_frame,
+                                       kv_frames * tokens_per_frame, device=device)
+    return _FLEX[key]
+
+
+def attend(q, k, v, mask):
+    """(B, heads, S, d) attention under a dense boolean mask, a FlexAttention BlockMask, or none."""
+    if mask is None or isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.is_cuda:  # compiled, FlexAttention runs as one fused kernel
+        _FLEX.setdefault("kernel", torch.compile(flex_attention, dynamic=False))
+        return _FLEX["kernel"](q, k, v, block_mask=mask)
+    return flex_attention(q, k, v, block_mask=mask)  # eager (slow, exact): for tests on CPU
+
+
 # ------------------------------------------------------------------------------------------------
 # 6. KV cache (Sec. 4.4, Alg. 2)
 # ------------------------------------------------------------------------------------------------
@@ -429,15 +466,15 @@ class SelfAttention(nn.Module):
         self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=eps), nn.RMSNorm(dim, eps=eps)
 
     def forward(self, x, rotation, mask=None, context=None):
-        """x (B, S, D), rotation (S, head_dim/2) RoPE, mask (S, S) or None, context: cached (k, v) or None.
+        """x (B, S, D), rotation (S, head_dim/2) RoPE, mask: (S, S_all) bool, a FlexAttention BlockMask or
+        None; context: cached (k, v) or None.
         Returns the output (B, S, D) and this call's (k, v), (B, S, heads, head_dim), for the cache."""
         split = lambda y: rearrange(y, "b s (n d) -> b s n d", n=self.num_heads)
         q = apply_rope(split(self.norm_q(self.q(x))), rotation)
         k = apply_rope(split(self.norm_k(self.k(x))), rotation)
         v = split(self.v(x))
         k_all, v_all = (k, v) if context is None else (torch.cat([context[0], k], 1), torch.cat([context[1], v], 1))
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
-                                             attn_mask=mask)
+        out = attend(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), mask)
         return self.o(rearrange(out, "b n s d -> b s (n d)")), (k, v)
 
 
@@ -508,6 +545,7 @@ class DiT(nn.Module):
         if cfg.dim % cfg.num_heads:
             raise ValueError(f"dim {cfg.dim} is not divisible by num_heads {cfg.num_heads}")
         self.cfg, self.causal = cfg, causal
+        self.gradient_checkpointing = False  # the scripts turn it on for Wan-sized models
         D = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.channels, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
@@ -566,13 +604,20 @@ class DiT(nn.Module):
         if self.causal and (cache is None or Fr > cfg.chunk_size):  # one chunk after a cache needs no mask
             if Fr % cfg.chunk_size:
                 raise ValueError(f"{Fr} frames are not a whole number of chunks of {cfg.chunk_size}")
-            mask = block_causal_mask(Fr, cfg.chunk_size, N, device=x.device)
-            if offset:  # the new frames also see every cached frame
-                mask = torch.cat([torch.ones(Fr * N, offset * N, dtype=torch.bool, device=x.device), mask], 1)
+            if ATTENTION == "flex" or (ATTENTION == "auto" and x.is_cuda):
+                mask = flex_block_mask(Fr, offset + Fr, cfg.chunk_size, N, x.device)
+            else:
+                mask = block_causal_mask(Fr, cfg.chunk_size, N, device=x.device)
+                if offset:  # the new frames also see every cached frame
+                    mask = torch.cat([torch.ones(Fr * N, offset * N, dtype=torch.bool, device=x.device), mask], 1)
 
         kvs = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, e, text, rotation, mask, cache.context(i) if cache is not None else None)
+            args = (x, e, text, rotation, mask, cache.context(i) if cache is not None else None)
+            if self.gradient_checkpointing and torch.is_grad_enabled():  # keep only each block's input
+                x, kv = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+            else:
+                x, kv = block(*args)
             kvs.append(kv)
         if write_cache:
             cache.append(kvs, Fr)
@@ -1039,15 +1084,16 @@ def load_text_encoder(path: str) -> TextEncoder:
     return build_text_encoder(cfg, te or None)
 
 
-def text_encoder_for(path: str, cfg: Config) -> TextEncoder:
-    """The text encoder of a run: the tiny one stored in checkpoint `path`, or UMT5 from cfg.text_encoder."""
+def text_encoder_for(path: str, cfg: Config, dtype=torch.float32) -> TextEncoder:
+    """The text encoder of a run: the tiny one stored in checkpoint `path`, or UMT5 from cfg.text_encoder
+    (in `dtype`: bf16 on a GPU, as Wan ships UMT5-XXL)."""
     if cfg.text_encoder == "tiny":
         return load_text_encoder(path)
     if not cfg.text_encoder:
         raise CausVidError("no text encoder: pass --model-dir with a text_encoder/ inside (the diffusers layout), or "
                            "--text-encoder DIR (the original release's UMT5 .pth is in another format: use "
                            "Wan2.1-T2V-1.3B-Diffusers/text_encoder)")
-    return load_umt5(cfg.text_encoder, cfg.text_len)
+    return load_umt5(cfg.text_encoder, cfg.text_len, dtype)
 
 
 def read_prompts(path: str | None, cfg: Config) -> list[str]:
@@ -1183,6 +1229,11 @@ def pick_device(name: str | None) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CausVidError(f"--device {name} was given but torch sees no CUDA GPU; use --device cpu")
     return torch.device(name)
+
+
+def text_dtype(device: torch.device) -> torch.dtype:
+    """UMT5 runs in bf16 on a GPU (as Wan ships it), fp32 on a CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def autocast(device: torch.device):
@@ -1438,7 +1489,10 @@ def parse_overrides(items: list[str]) -> dict:
                                f"({', '.join(sorted(types))})")
         try:
             kind = types[key]
-            out[key] = tuple(int(v) for v in value.split(",")) if kind is tuple else kind(value)
+            if kind is bool and value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            out[key] = (tuple(int(v) for v in value.split(",")) if kind is tuple
+                        else value.lower() in ("true", "1") if kind is bool else kind(value))
         except ValueError:
             raise CausVidError(f"--set {item!r}: {value!r} is not a valid {types[key].__name__}") from None
     return out
@@ -1493,5 +1547,5 @@ def embed_prompts(text_encoder: TextEncoder, prompts: list[str], batch: int = 64
     unique = list(dict.fromkeys(prompts))
     out = {}
     for i in range(0, len(unique), batch):
-        out.update(zip(unique[i:i + batch], text_encoder(unique[i:i + batch])))
+        out.update(zip(unique[i:i + batch], text_encoder(unique[i:i + batch]).float().cpu()))
     return out

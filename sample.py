@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--window", type=int, help="frames one chunk attends over at most (default: the "
                                               "training length; 0: unbounded)")
     p.add_argument("--name", default=None, help="output file name stem (default: samples_<model>)")
+    p.add_argument("--bench", action="store_true",
+                   help="benchmark instead: random weights at the preset's shapes, first-chunk latency and FPS "
+                        "of the DiT (eager and torch.compile) and of the VAE, and the training memory table")
     return p.parse_args(argv)
 
 
@@ -113,9 +116,85 @@ def generate(model, text, uncond, cfg: cv.Config, num_frames: int, seed: int, de
     return video.float(), first, time.perf_counter() - t0
 
 
+def memory_table(cfg: cv.Config) -> str:
+    """Training memory of the two stages (batch 1), computed: fp32 master weights, grads and AdamW
+    state for trained models, bf16 weights for the frozen teacher; activations with gradient
+    checkpointing = each block's fp32 input + one block's bf16 internals (an estimate)."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in cv.DiT(cfg).parameters())
+    S = cfg.num_frames * (cfg.height // cfg.patch_size[1]) * (cfg.width // cfg.patch_size[2])
+    act = cfg.num_layers * S * cfg.dim * 4 + S * (10 * cfg.dim + 2 * cfg.ffn_dim) * 2
+    gb = lambda b: f"{b / 2**30:.1f}"
+    trained, frozen = 16 * n, 2 * n  # 4 weights + 4 grads + 8 AdamW moments; bf16 weights
+    rows = [("ODE regression (student trained)", trained, 0, act),
+            ("DMD (generator + critic trained, teacher frozen)", 2 * trained, frozen, act)]
+    lines = [f"DiT parameters: {n / 1e9:.3f} B; {S} tokens per clip ({cfg.num_frames} latent frames)",
+             "| stage | weights+grads+AdamW (GB) | frozen teacher (GB) | activations, checkpointed (GB) | total (GB) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {name} | {gb(t)} | {gb(f)} | {gb(a)} | {gb(t + f + a)} |" for name, t, f, a in rows]
+    return "\n".join(lines)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def bench(cfg: cv.Config, device, num_frames: int, repeats: int = 3):
+    """Random weights at the preset's shapes: the DiT's streaming latency/FPS (eager, then compiled)
+    and the VAE's decode, separately."""
+    print(memory_table(cfg))
+    model = cv.DiT(cfg, causal=True).to(device).eval()
+    text = torch.randn(1, cfg.text_len, cfg.text_dim, device=device)
+    ts = cv.student_timesteps(cfg).to(device)
+    pixels = 1 + 4 * (num_frames - 1) if cfg.vae or cfg.name != "tiny" else num_frames  # Wan VAE: 4x in time
+    for label in ["eager", "torch.compile"]:
+        if label == "torch.compile":
+            for block in model.blocks:
+                block.compile()
+        times = []
+        for r in range(repeats + 1):  # the first run warms up (and compiles)
+            noise = torch.randn(1, num_frames, cfg.channels, cfg.height, cfg.width, device=device)
+            sync(device)
+            t0, first = time.perf_counter(), None
+            with cv.autocast(device):
+                for chunk in cv.stream_generate(model, noise, text, ts):
+                    sync(device)
+                    first = first or time.perf_counter() - t0
+            sync(device)
+            times.append((first, time.perf_counter() - t0))
+        first, total = np.median([t[0] for t in times[1:]]), np.median([t[1] for t in times[1:]])
+        print(f"DiT {label}: first chunk {first:.3f} s | {pixels / total:.1f} frames/s "
+              f"({num_frames} latent frames, {total:.2f} s)")
+    if cfg.name == "tiny":
+        return
+    from diffusers import AutoencoderKLWan  # Wan's default config is the real VAE's
+
+    vae = cv.WanVAE(cfg.vae, device) if cfg.vae else None
+    if vae is None:
+        vae = cv.WanVAE.__new__(cv.WanVAE)
+        vae.vae = AutoencoderKLWan().to(device).eval()
+        vae.mean = vae.std = torch.ones(1, 1, cfg.channels, 1, 1, device=device)
+    z = torch.randn(1, num_frames, cfg.channels, cfg.height, cfg.width, device=device)
+    times = []
+    for r in range(repeats + 1):
+        sync(device)
+        t0, first = time.perf_counter(), None
+        with cv.autocast(device):
+            for _ in vae.decode_stream(z.split(cfg.chunk_size, 1)):
+                sync(device)
+                first = first or time.perf_counter() - t0
+        times.append((first, time.perf_counter() - t0))
+    first, total = np.median([t[0] for t in times[1:]]), np.median([t[1] for t in times[1:]])
+    print(f"VAE decode: first chunk {first:.3f} s | {pixels / total:.1f} frames/s")
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg, device, out = cv.resolve_common(args)
+    if args.bench:
+        return bench(cfg, device, args.num_frames or cfg.num_frames)
     path = args.ckpt or os.path.join(out, "teacher.safetensors" if args.teacher else "dmd.safetensors")
     K = cfg.chunk_size
     blank = [p for p in args.prompt or [] if not p.strip()]
@@ -150,7 +229,7 @@ def main(argv=None):
     model = cv.load_model(path, causal=not args.teacher, device=device, expect=cfg).eval()
     cfg = model.cfg if cfg.name == "tiny" else replace(model.cfg, text_encoder=cfg.text_encoder or model.cfg.text_encoder,
                                                        vae=cfg.vae or model.cfg.vae)
-    text_encoder = cv.text_encoder_for(path, cfg).to(device)
+    text_encoder = cv.text_encoder_for(path, cfg, cv.text_dtype(device)).to(device)
     vae = cv.WanVAE(cfg.vae, device) if cfg.vae else None  # latents -> pixels, chunk by chunk
     base = args.prompt or cv.PROMPTS
     if inputs is not None and inputs.shape[0] > 1 and len(base) not in (1, inputs.shape[0]):

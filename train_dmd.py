@@ -79,7 +79,9 @@ def main(argv=None):
     # model (the "causal teacher" ablation of Table 4); the critic starts as a copy of it
     teacher = cv.load_model(teacher_path, device=device, expect=cfg).eval().requires_grad_(False)
     critic = copy.deepcopy(teacher).train().requires_grad_(True)  # Alg. 1 line 2: s_gen starts as s_data
-    text_encoder = cv.text_encoder_for(teacher_path, cfg).to(device)
+    if device.type == "cuda" and cfg.name != "tiny":
+        teacher.to(torch.bfloat16)  # frozen: bf16 weights suffice, and no optimizer state
+    text_encoder = cv.text_encoder_for(teacher_path, cfg, cv.text_dtype(device)).to(device)
     g = torch.Generator().manual_seed(args.seed + 2)
     if cfg.name == "tiny":  # Alg. 1 line 4's data: the toy renderer
         def data():
@@ -93,8 +95,12 @@ def main(argv=None):
         def data():
             i = torch.randint(0, len(pool), (B,), generator=g)
             return clips[i], [pool[j] for j in i]
-    emb = cv.embed_prompts(text_encoder, list(pool) + [cfg.negative_prompt])
+    emb = cv.embed_prompts(text_encoder, list(pool) + [cfg.negative_prompt])  # encoded once, kept on the CPU
     uncond = emb[cfg.negative_prompt][None].to(device)
+    if cfg.name != "tiny":  # UMT5-XXL's GPU memory goes back before training starts
+        text_encoder = None
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    generator.gradient_checkpointing = critic.gradient_checkpointing = cfg.gradient_checkpointing
 
     opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.lr_generator, betas=(0.9, 0.999), weight_decay=0.0)
     opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.lr_critic, betas=(0.9, 0.999), weight_decay=0.0)

@@ -99,6 +99,7 @@ def regress_student(teacher, text_encoder, pairs, prompts, cfg: cv.Config, steps
     Saved to `path`."""
     student = cv.DiT(cfg, causal=True).to(device)
     student.load_state_dict(teacher.state_dict())
+    student.gradient_checkpointing = cfg.gradient_checkpointing
     emb = cv.embed_prompts(text_encoder, prompts)
     timesteps = cv.student_timesteps(cfg)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr_ode, weight_decay=0.0)
@@ -131,7 +132,7 @@ def main(argv=None):
     if os.path.exists(teacher_path):
         print(f"teacher: {teacher_path}")
         teacher = cv.load_model(teacher_path, causal=False, device=device, expect=cfg).eval()
-        text_encoder = cv.text_encoder_for(teacher_path, cfg).to(device)
+        text_encoder = cv.text_encoder_for(teacher_path, cfg, cv.text_dtype(device)).to(device)
     elif args.teacher or cfg.name != "tiny":
         raise cv.CausVidError(f"teacher checkpoint {teacher_path!r} not found; pass --teacher PATH or --model-dir DIR")
     else:

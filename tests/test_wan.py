@@ -164,3 +164,15 @@ def test_the_three_scripts_run_on_a_wan_layout_directory(wan_dir, tmp_path):
     assert len(imageio.mimread(tmp_path / "run" / "wan.mp4")) == 21
     with pytest.raises(cv.CausVidError, match="pass --prompts FILE"):
         train_ode.main(common + ["--out", str(tmp_path / "other")])
+
+
+def test_bench_mode_and_memory_table(capsys):
+    import sample
+
+    sample.main(["--tiny", "--bench", "--device", "cpu", "--out", "/tmp/causvid-bench-test"])
+    out = capsys.readouterr().out
+    assert "DiT eager: first chunk" in out and "DiT torch.compile: first chunk" in out
+    table = sample.memory_table(cv.get_config("wan2.1-t2v-1.3b"))
+    assert "DiT parameters: 1.419 B" in table  # Wan2.1-T2V-1.3B's DiT, counted from our module
+    dmd_total = float(table.splitlines()[-1].split("|")[-2])
+    assert 40 < dmd_total < 80  # fits one 80 GB GPU by this count
