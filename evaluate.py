@@ -69,9 +69,8 @@ def train_causal_diffusion(teacher_path, path, cfg, steps, device, seed, log_eve
 
 def train_missing(args, cfg, device, out):
     teacher, ode = os.path.join(out, "teacher.safetensors"), os.path.join(out, "ode.safetensors")
-    for path in [teacher, ode, os.path.join(out, "dmd.safetensors")]:
-        if not os.path.exists(path):
-            raise cv.CausVidError(f"{path!r} not found; run `python train_dmd.py --tiny --out {out}` first")
+    if not os.path.exists(teacher):
+        raise cv.CausVidError(f"{teacher!r} not found; run `python train_dmd.py --tiny --out {out}` first")
     causal = os.path.join(out, "causal_diffusion.safetensors")
     if not os.path.exists(causal):
         train_causal_diffusion(teacher, causal, cfg, args.causal_steps, device, args.seed, args.log_every,
@@ -80,6 +79,8 @@ def train_missing(args, cfg, device, out):
     common += ["--steps", str(args.dmd_steps)] if args.dmd_steps else []
     common += ["--device", args.device] if args.device else []
     for name, init, real in [("dmd_no_ode", teacher, teacher), ("dmd_causal_teacher", ode, causal)]:
+        if not os.path.exists(init):
+            raise cv.CausVidError(f"{init!r} not found; run `python train_dmd.py --tiny --out {out}` first")
         if not os.path.exists(os.path.join(out, name, "dmd.safetensors")):
             train_dmd.main(common + ["--out", os.path.join(out, name), "--ode", init, "--teacher", real])
 
@@ -298,6 +299,8 @@ def applications(out, cfg, device, seed, report, prompts):
     context = cv.to_model_space(truth[:, :1]).expand(-1, K, -1, -1, -1).to(device)
     gen = run(noise[:, :cfg.num_frames - K], text, context=context)
     i2v = cv.score_toy(torch.cat([truth[:, :1], gen], 1), prompts)  # given frame + 9 generated frames
+    gifs = os.path.join(out, "study")
+    cv.write_video(os.path.join(gifs, "i2v.gif"), torch.cat([truth[:8, :1].expand(-1, K, -1, -1, -1), gen[:8]], 1))
     t2v = cv.score_toy(run(noise, text)[:, :1 + cfg.num_frames - K], prompts)
     start_idx = starts[:, 1] * 11 + starts[:, 0]
     fit = cv.psnr_to_all(torch.cat([truth[:, :1], gen], 1))[torch.arange(len(prompts)), [cv.PROMPTS.index(p) for p in prompts]]
@@ -320,6 +323,8 @@ def applications(out, cfg, device, seed, report, prompts):
         tt = ts[start:]
         x = cv.add_noise(cv.to_model_space(truth).to(device), noise, torch.full(noise.shape[:2], float(tt[0]), device=device))
         out_frames = run(x, ttext, tt)
+        if strength == 0.75:  # top row: the inputs; bottom row: the outputs
+            cv.write_video(os.path.join(gifs, "v2v.gif"), torch.cat([truth[:8], out_frames[:8]]))
         cent, colour = lit_stats(out_frames)
         follows = (cent - cent_in).abs().max(-1).values <= 1.0
         recoloured = torch.tensor([[c == cv.parse_prompt(p)[0] for c in row] for p, row in zip(targets, colour)])
@@ -334,6 +339,7 @@ def applications(out, cfg, device, seed, report, prompts):
     long_noise = torch.randn(len(prompts), frames, cfg.channels, cfg.height, cfg.width, generator=g).to(device)
     per_chunk = [text if c < 2 else ttext for c in range(frames // K)]
     video = run(long_noise, per_chunk, window=cfg.num_frames)
+    cv.write_video(os.path.join(gifs, "switch.gif"), video[:8])
     cent, colour = lit_stats(video)
     chunk_rows = []
     for c in range(frames // K):
