@@ -28,6 +28,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Iterator
@@ -295,7 +296,7 @@ def load_umt5(path: str, text_len: int, dtype=torch.float32) -> TextEncoder:
 
     if not os.path.isdir(path):
         raise CausVidError(f"text encoder directory {path!r} not found; pass the directory that holds "
-                                "a transformers UMT5 encoder (e.g. Wan2.1-T2V-1.3B-Diffusers/text_encoder)")
+                           "a transformers UMT5 encoder (e.g. Wan2.1-T2V-1.3B-Diffusers/text_encoder)")
     tok_path = os.path.join(os.path.dirname(path.rstrip("/")), "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(tok_path if os.path.isdir(tok_path) else path)
     return TextEncoder(tokenizer, UMT5EncoderModel.from_pretrained(path, dtype=dtype), text_len)
@@ -375,13 +376,16 @@ def gate(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
-def block_causal_mask(num_frames: int, chunk_size: int, tokens_per_frame: int = 1, device=None) -> torch.Tensor:
+def block_causal_mask(num_frames: int, chunk_size: int, tokens_per_frame: int = 1, device=None,
+                      cached_frames: int = 0) -> torch.Tensor:
     """Eq. 5: frame i may attend to frame j iff floor(j / k) <= floor(i / k).
 
-    Bidirectional inside a chunk, causal across chunks. Returns a boolean (S, S) mask, True = attend,
-    rows are queries, with S = num_frames * tokens_per_frame."""
+    Bidirectional inside a chunk, causal across chunks. Returns a boolean (S, S_all) mask, True =
+    attend, rows are queries, with S = num_frames * tokens_per_frame; cached_frames earlier frames
+    (a KV cache) come first in the columns and are seen by every query."""
     chunk = torch.arange(num_frames, device=device) // chunk_size
     mask = chunk[None, :] <= chunk[:, None]  # [i, j]: chunk(j) <= chunk(i)
+    mask = torch.cat([torch.ones(num_frames, cached_frames, dtype=torch.bool, device=device), mask], 1)
     return mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
@@ -607,9 +611,7 @@ class DiT(nn.Module):
             if ATTENTION == "flex" or (ATTENTION == "auto" and x.is_cuda):
                 mask = flex_block_mask(Fr, offset + Fr, cfg.chunk_size, N, x.device)
             else:
-                mask = block_causal_mask(Fr, cfg.chunk_size, N, device=x.device)
-                if offset:  # the new frames also see every cached frame
-                    mask = torch.cat([torch.ones(Fr * N, offset * N, dtype=torch.bool, device=x.device), mask], 1)
+                mask = block_causal_mask(Fr, cfg.chunk_size, N, device=x.device, cached_frames=offset)
 
         kvs = []
         for i, block in enumerate(self.blocks):
@@ -1074,9 +1076,7 @@ def load_model(path: str, causal: bool | None = None, device="cpu", expect: Conf
 
 def load_text_encoder(path: str) -> TextEncoder:
     """The text encoder that belongs to a checkpoint: the stored tiny UMT5, or UMT5 from the config's
-    path (for a Wan directory: its text_encoder/). Reads only the text encoder's tensors, not the DiT's."""
-    if os.path.isdir(path):
-        return load_umt5(os.path.join(path, "text_encoder"), get_config("wan2.1-t2v-1.3b").text_len)
+    path. Reads only the text encoder's tensors, not the DiT's."""
     tensors, cfg, _ = load_checkpoint(path, keep=lambda k: k.startswith("text_encoder."))
     te = {k[len("text_encoder."):]: v for k, v in tensors.items()}
     if cfg.text_encoder == "tiny" and not te:
@@ -1178,12 +1178,17 @@ class WanVAE:
     chunks, so the result equals decoding the whole video at once (this reuses diffusers' internal
     per-frame decode loop, AutoencoderKLWan._decode, with its cache kept)."""
 
-    def __init__(self, path: str, device="cpu", dtype=torch.float32):
+    def __init__(self, path_or_vae, device="cpu", dtype=torch.float32):
+        """path_or_vae: a diffusers AutoencoderKLWan directory (loaded in `dtype`), or such a module
+        already built (kept in its own dtype)."""
         from diffusers import AutoencoderKLWan
 
-        if not os.path.isdir(path):
-            raise CausVidError(f"VAE directory {path!r} not found; pass Wan2.1-T2V-1.3B-Diffusers/vae (--vae or --model-dir)")
-        self.vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype).to(device).eval().requires_grad_(False)
+        vae = path_or_vae
+        if not isinstance(vae, nn.Module):
+            if not os.path.isdir(vae):
+                raise CausVidError(f"VAE directory {vae!r} not found; pass Wan2.1-T2V-1.3B-Diffusers/vae (--vae or --model-dir)")
+            vae = AutoencoderKLWan.from_pretrained(vae, torch_dtype=dtype)
+        self.vae = vae.to(device).eval().requires_grad_(False)
         c = self.vae.config
         self.mean = torch.tensor(c.latents_mean, device=device, dtype=dtype).view(1, 1, -1, 1, 1)
         self.std = torch.tensor(c.latents_std, device=device, dtype=dtype).view(1, 1, -1, 1, 1)
@@ -1374,8 +1379,6 @@ class TrainLoop:
                 raise KeyboardInterrupt
             self._stop = True
             tqdm.write(f"Ctrl-C: stopping after step {self.step + 1}, saving {self.path} (Ctrl-C again to quit now)")
-
-        import threading
 
         self._old = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
         return self

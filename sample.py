@@ -171,11 +171,7 @@ def bench(cfg: cv.Config, device, num_frames: int, repeats: int = 3):
         return
     from diffusers import AutoencoderKLWan  # Wan's default config is the real VAE's
 
-    vae = cv.WanVAE(cfg.vae, device) if cfg.vae else None
-    if vae is None:
-        vae = cv.WanVAE.__new__(cv.WanVAE)
-        vae.vae = AutoencoderKLWan().to(device).eval()
-        vae.mean = vae.std = torch.ones(1, 1, cfg.channels, 1, 1, device=device)
+    vae = cv.WanVAE(cfg.vae or AutoencoderKLWan(), device)  # without weights: random, at Wan's shapes
     z = torch.randn(1, num_frames, cfg.channels, cfg.height, cfg.width, device=device)
     times = []
     for r in range(repeats + 1):
