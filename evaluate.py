@@ -163,12 +163,13 @@ def table4(out, cfg, device, seeds, seed, report, base):
                                     cfg.num_frames, seed, device)
         s = cv.score_toy(frames, prompts)
         rows.append([label, f"{s['best_fit_psnr']:.2f}", f"{100 * s['prompt_accuracy']:.1f}%", f"{s['diversity']:.2f}",
-                     forward_passes(kind, cfg, cfg.num_frames), f"{seconds:.0f}"])
+                     f"{100 * s['steady_motion']:.1f}%", forward_passes(kind, cfg, cfg.num_frames), f"{seconds:.0f}"])
         grid[ckpt] = frames
-        print(table(["model", "best-fit PSNR (dB)", "prompt accuracy", "diversity", "forward passes", "CPU s"], rows[-1:]))
+        print(table(["model", "best-fit PSNR (dB)", "prompt accuracy", "diversity", "steady motion", "forward passes", "CPU s"],
+                    rows[-1:]))
     report.append(f"### Table 4 in miniature: {len(base)} prompts x {seeds} samples, {cfg.num_frames} frames\n")
-    report.append(table(["model", "best-fit PSNR (dB)", "prompt accuracy", "diversity", "forward passes",
-                         "CPU s (all samples)"], rows))
+    report.append(table(["model", "best-fit PSNR (dB)", "prompt accuracy", "diversity", "steady motion",
+                         "forward passes", "CPU s (all samples)"], rows))
     # a GIF grid: teacher vs CausVid, one sample each of 8 prompts (rows: teacher, student)
     pick = [prompts.index(p) for p in base[::6]]
     both = torch.cat([grid["teacher.safetensors"][pick], grid["dmd.safetensors"][pick]])

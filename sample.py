@@ -57,6 +57,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+ARCHITECTURE = ("channels", "patch_size", "dim", "ffn_dim", "num_heads", "num_layers", "freq_dim",
+                "text_dim", "text_len", "eps")  # Config fields a checkpoint fixes
+
+
 def parse_switches(switches: list[str], num_chunks: int) -> dict[int, str]:
     """["2:a blue square moving right", ...] -> {2: "a blue square moving right", ...}."""
     out = {}
@@ -94,7 +98,6 @@ def generate(model, text, uncond, cfg: cv.Config, num_frames: int, seed: int, de
     g = torch.Generator().manual_seed(seed)
     B = len(text if isinstance(text, torch.Tensor) else text[0])
     noise = torch.randn(B, num_frames, cfg.channels, cfg.height, cfg.width, generator=g).to(device)
-    timesteps = cv.student_timesteps(cfg).to(device)[start:]
     t0 = time.perf_counter()
     with cv.autocast(device):
         if teacher:  # the bidirectional model must generate the whole clip before showing any of it
@@ -102,6 +105,7 @@ def generate(model, text, uncond, cfg: cv.Config, num_frames: int, seed: int, de
             video = video if vae is None else vae.decode(video.float())
             first = time.perf_counter() - t0
         else:
+            timesteps = cv.student_timesteps(cfg).to(device)[start:]
             chunks = noise.split(cfg.chunk_size, 1)
             if video is not None:  # SDEdit, lazily: a chunk is noised only when the loop reaches it
                 chunks = (cv.add_noise(v, n, torch.full(v.shape[:2], float(timesteps[0]), device=device))
@@ -223,8 +227,15 @@ def main(argv=None):
     image = cv.read_frames(args.image, cfg.height, cfg.width)[0, :1] if args.image else None  # (1, H, W, 3)
 
     model = cv.load_model(path, causal=not args.teacher, device=device, expect=cfg).eval()
-    cfg = model.cfg if cfg.name == "tiny" else replace(model.cfg, text_encoder=cfg.text_encoder or model.cfg.text_encoder,
-                                                       vae=cfg.vae or model.cfg.vae)
+    # the network comes from the checkpoint; --set may change how it samples (steps, guidance, ...)
+    overrides = cv.parse_overrides(args.set)
+    shape = [k for k in ARCHITECTURE if k in overrides and overrides[k] != getattr(model.cfg, k)]
+    if shape:
+        raise cv.CausVidError(f"--set {shape[0]}: the network's shape comes from the checkpoint "
+                              f"({shape[0]}={getattr(model.cfg, shape[0])!r}); drop it")
+    paths = {} if cfg.name == "tiny" else dict(text_encoder=cfg.text_encoder or model.cfg.text_encoder,
+                                               vae=cfg.vae or model.cfg.vae)
+    cfg = replace(model.cfg, **{**paths, **overrides})
     text_encoder = cv.text_encoder_for(path, cfg, cv.text_dtype(device)).to(device)
     vae = cv.WanVAE(cfg.vae, device) if cfg.vae else None  # latents -> pixels, chunk by chunk
     base = args.prompt or cv.PROMPTS
@@ -281,7 +292,11 @@ def main(argv=None):
         s = cv.score_toy(torch.from_numpy(frames[:, :cfg.num_frames]), prompts)
         diversity = f"{s['diversity']:.2f}" if args.samples_per_prompt > 1 else "n/a (one sample per prompt)"
         print(f"toy-world score (first {cfg.num_frames} frames): best-fit PSNR {s['best_fit_psnr']:.2f} dB | "
-              f"prompt accuracy {100 * s['prompt_accuracy']:.1f}% | diversity {diversity}")
+              f"prompt accuracy {100 * s['prompt_accuracy']:.1f}% | diversity {diversity} | "
+              f"steady 1-px motion {100 * s['steady_motion']:.1f}% of frame steps")
+        if not all(s["per_sample_correct"]):
+            print(f"wrong prompt fits best for {int((~s['per_sample_correct']).sum())} of {len(prompts)}; they got wrong: "
+                  + ", ".join(f"{k} {v}" for k, v in s["errors"].items()))
         if num_frames > cfg.num_frames:
             s["window_psnr"] = cv.window_psnr(torch.from_numpy(frames), prompts, cfg.num_frames)
             print("per-window best-fit PSNR: " + " ".join(f"{v:.1f}" for v in s["window_psnr"].mean(0).tolist()))

@@ -59,7 +59,7 @@ def pretrain_teacher(cfg: cv.Config, steps: int, device, seed: int, log_every: i
             text = torch.stack([emb["" if d else p] for p, d in zip(prompts, drop)]).to(device)
             t = cv.shift_timesteps(torch.sigmoid(torch.randn(B, 1, generator=g)) * 1000, cfg.shift)
             t = t.expand(B, cfg.num_frames).to(device)
-            with cv.autocast(device):
+            with cv.autocast(device, training=True):
                 loss = cv.flow_matching_loss(model, x0.to(device), t, text)
             norm = cv.optimizer_step(loss, opt, model.parameters(), cfg.grad_clip,
                                      cv.lr_at(step, steps, cfg.lr_teacher, cfg.warmup))

@@ -78,6 +78,10 @@ def test_score_perfect_noisy_and_wrong():
     assert psnrs[0] > psnrs[1] > psnrs[2]
     wrong = cv.render("a blue square moving left", 4, 6, 12)[None]
     assert cv.score_toy(wrong, [p])["prompt_accuracy"] == 0.0
+    assert cv.score_toy(wrong, [p])["errors"] == {"colour": 1, "shape": 0, "axis": 0, "direction": 0}
+    backwards = cv.render("a green square moving right", 8, 6, 12)[None]  # no bounce for 2 frames: not "left"
+    assert cv.score_toy(backwards, [p])["errors"] == {"colour": 0, "shape": 0, "axis": 0, "direction": 1}
+    assert cv.score_toy(clip, [p])["errors"] == {"colour": 0, "shape": 0, "axis": 0, "direction": 0}
 
 
 def test_diversity():
@@ -88,6 +92,26 @@ def test_diversity():
     assert cv.score_toy(same, [p] * 8)["diversity"] == pytest.approx(1 / expected)
     assert cv.score_toy(spread, [p] * 8)["diversity"] == pytest.approx(8 / expected)
 
+
+
+def test_steady_motion():
+    """1 px per frame along the prompt's axis, bounces included, scores 1; a frozen clip, a 2-px
+    jump, the wrong axis or a missing object score 0 on the affected steps."""
+    for p, x, y in [("a red circle moving right", 8, 2), ("a cyan square moving up", 5, 1), ("a blue circle moving left", 0, 0)]:
+        assert cv.steady_motion(cv.render(p, x, y, 12)[None], [p]).item() == 1.0  # bounces at 10 / 0 included
+    p = "a red circle moving right"
+    clip = cv.render(p, 2, 3, 12)
+    frozen = clip[:1].repeat(12, 1, 1, 1)
+    jumps = cv.render(p, 0, 3, 24)[::2][:12]  # 2 px per frame
+    assert cv.steady_motion(torch.stack([frozen, jumps]), [p, p]).tolist() == [0.0, 0.0]
+    assert cv.steady_motion(clip[None], ["a red circle moving up"]).item() == 0.0  # moves across the axis
+    paused = clip.clone()
+    paused[6] = clip[5]  # frame 5 shown twice: steps 5->6 (0 px) and 6->7 (2 px) are wrong
+    assert cv.steady_motion(paused[None], [p]).item() == pytest.approx(9 / 11)
+    blank = clip.clone()
+    blank[0] = 0
+    assert cv.steady_motion(blank[None], [p]).item() == pytest.approx(10 / 11)
+    assert cv.score_toy(clip[None], [p])["steady_motion"] == 1.0
 
 # ---------------------------------------------------------------------------------------------
 # The scripts, end to end (tiny step counts)
@@ -132,6 +156,20 @@ def test_sample_cache_equals_no_cache_and_teacher_runs(run_dir):
     score = sample.main(common + ["--name", "teacher", "--teacher"])
     assert np.load(run_dir / "teacher.npz")["frames"].shape == (1, 12, 16, 16, 3)
     assert 0.0 <= score["prompt_accuracy"] <= 1.0
+
+
+def test_sample_set_changes_sampling_not_the_network(run_dir, monkeypatch):
+    """--set reaches the sampler (the checkpoint's config is the base), but cannot reshape the network."""
+    calls, ode = [], cv.sample_ode
+    monkeypatch.setattr(cv, "sample_ode", lambda *a, **kw: calls.append(a[4:7]) or ode(*a, **kw))
+    common = ["--tiny", "--out", str(run_dir), "--prompt", "a blue circle moving right", "--teacher", "--name", "t"]
+    sample.main(common)
+    sample.main(common + ["--set", "teacher_steps=30", "--set", "teacher_guidance=4.5"])
+    assert calls == [(3.0, 24, 3.0), (4.5, 30, 3.0)]  # (guidance, steps, shift)
+    with pytest.raises(cv.CausVidError, match="--set dim: the network's shape comes from the checkpoint"):
+        sample.main(common + ["--set", "dim=64"])
+    with pytest.raises(cv.CausVidError, match="must index the teacher's 3-step schedule"):  # the student's steps index it
+        sample.main(common[:5] + ["--set", "teacher_steps=3"])
 
 
 def test_sample_rejects_bad_frame_counts(run_dir):
