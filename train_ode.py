@@ -42,7 +42,8 @@ def pretrain_teacher(cfg: cv.Config, steps: int, device, seed: int, log_every: i
                      resume: bool = False, save_every: int = 500):
     """Stand-in for a pretrained video model (toy world only): a bidirectional DiT trained with flow
     matching (Eq. 2) on Moving Shapes; shifted logit-normal timesteps, one per clip; 10% empty prompts for
-    classifier-free guidance; warm-up + cosine learning rate; EMA weights are the result, saved to `path`."""
+    classifier-free guidance; warm-up + cosine learning rate; bf16 autocast where the device computes
+    bf16 natively (cv.autocast); EMA weights are the result, saved to `path`."""
     text_encoder = cv.build_text_encoder(cfg)
     emb = cv.embed_prompts(text_encoder, cv.PROMPTS + [""])
     model = cv.DiT(cfg).to(device)
