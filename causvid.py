@@ -96,7 +96,7 @@ class Config:
     gradient_checkpointing: bool = False  # recompute each block in backward: activations of one block only
     # toy teacher pre-training: stands in for a pretrained model (toy world only)
     teacher_train_steps: int = 6000
-    lr_teacher: float = 1e-3  # peak; linear warm-up, cosine decay
+    lr_teacher: float = 2e-3  # peak; linear warm-up, cosine decay (1e-3: 76.6% prompt accuracy, 2e-3: 92.2%; README)
     warmup: int = 200
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1  # share of empty prompts, so classifier-free guidance works
