@@ -899,6 +899,11 @@ def psnr_to_all(frames: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(255.0**2 / (mse / x.shape[1]).clamp_min(1e-10))
 
 
+def axis_of(direction: str) -> int:
+    """0 for a horizontal direction (left, right), 1 for a vertical one (up, down)."""
+    return 0 if DIRECTIONS[direction][0] else 1
+
+
 def steady_motion(frames: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """Per clip, the share of consecutive frame pairs in which the object (pixels with a channel at
     >= 128) moves exactly as the world does: its centroid steps 1 px (+-0.25) along the prompt's
@@ -908,7 +913,7 @@ def steady_motion(frames: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     pos = torch.arange(FRAME, dtype=torch.float64)
     c = torch.stack([(w.sum(-2) * pos).sum(-1), (w.sum(-1) * pos).sum(-1)], -1) / mass.clamp_min(1)[..., None]
     d = (c[:, 1:] - c[:, :-1]).abs()  # (N, F-1, 2): |dx|, |dy|
-    axis = torch.tensor([0 if parse_prompt(p)[2] in ("left", "right") else 1 for p in prompts])
+    axis = torch.tensor([axis_of(parse_prompt(p)[2]) for p in prompts])
     along, across = d.gather(2, axis[:, None, None].expand(-1, d.shape[1], 1))[..., 0], d.sum(-1)
     across = across - along
     seen = (mass[:, 1:] > 0) & (mass[:, :-1] > 0)
@@ -933,7 +938,7 @@ def score_toy(frames: torch.Tensor, prompts: list[str]) -> dict:
         errors["colour"] += c != c2
         errors["shape"] += sh != sh2
         if d != d2:  # along the right axis but the other way, or along the other axis
-            errors["direction" if {d, d2} in ({"left", "right"}, {"up", "down"}) else "axis"] += 1
+            errors["direction" if axis_of(d) == axis_of(d2) else "axis"] += 1
     diversity = []
     for p in set(prompts):
         rows = [i for i, q in enumerate(prompts) if q == p]
