@@ -904,29 +904,46 @@ def axis_of(direction: str) -> int:
     return 0 if DIRECTIONS[direction][0] else 1
 
 
+def object_positions(frames: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per frame, the top-left corner at which the prompt's object (its colour and shape, alone on
+    black) fits the frame best, and whether it fits better than an empty frame (the object is there).
+    frames uint8 (N, F, 16, 16, 3) -> corners long (N, F, 2) as (x, y), seen bool (N, F)."""
+    corners = torch.tensor([(x, y) for y in range(MAX_POS + 1) for x in range(MAX_POS + 1)])
+    pos, seen = [], []
+    for clip, p in zip(frames.flatten(2).double(), prompts):
+        refs = all_clips(1)[PROMPTS.index(p), :, 0].flatten(1).double()  # (121, P): the object at every corner
+        mse = torch.cdist(clip, refs) ** 2  # (F, 121)
+        pos.append(corners[mse.argmin(1)])
+        seen.append(mse.amin(1) < (clip**2).sum(1))
+    return torch.stack(pos), torch.stack(seen)
+
+
+def motion_steps(frames: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Per frame step, how many px the object moves along the prompt's axis (object_positions), or -1
+    where the step is not along the axis: it moves across it too, or the object is missing.
+    The world's clips step exactly 1 px every frame, bounces included. -> long (N, F-1)."""
+    pos, seen = object_positions(frames, prompts)
+    d = (pos[:, 1:] - pos[:, :-1]).abs()  # (N, F-1, 2)
+    horizontal = torch.tensor([axis_of(parse_prompt(p)[2]) == 0 for p in prompts])[:, None]
+    along, across = d[..., 0].where(horizontal, d[..., 1]), d[..., 1].where(horizontal, d[..., 0])
+    return along.where((across == 0) & seen[:, 1:] & seen[:, :-1], -1)
+
+
 def steady_motion(frames: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """Per clip, the share of consecutive frame pairs in which the object (pixels with a channel at
-    >= 128) moves exactly as the world does: its centroid steps 1 px (+-0.25) along the prompt's
-    axis and stays within 0.25 px across it (bounces keep the 1-px step). frames uint8 (N, F, 16, 16, 3) -> (N,)."""
-    w = (frames.amax(-1) >= 128).double()  # (N, F, H, W)
-    mass = w.sum((-1, -2))
-    pos = torch.arange(FRAME, dtype=torch.float64)
-    c = torch.stack([(w.sum(-2) * pos).sum(-1), (w.sum(-1) * pos).sum(-1)], -1) / mass.clamp_min(1)[..., None]
-    d = (c[:, 1:] - c[:, :-1]).abs()  # (N, F-1, 2): |dx|, |dy|
-    axis = torch.tensor([axis_of(parse_prompt(p)[2]) for p in prompts])
-    along, across = d.gather(2, axis[:, None, None].expand(-1, d.shape[1], 1))[..., 0], d.sum(-1)
-    across = across - along
-    seen = (mass[:, 1:] > 0) & (mass[:, :-1] > 0)
-    return ((along - 1).abs().le(0.25) & across.le(0.25) & seen).double().mean(1)
+    """Per clip, the share of frame steps that move the object exactly as the world does: 1 px along
+    the prompt's axis and none across it. frames uint8 (N, F, 16, 16, 3) -> (N,)."""
+    return (motion_steps(frames, prompts) == 1).double().mean(1)
 
 
 def score_toy(frames: torch.Tensor, prompts: list[str]) -> dict:
     """toy_world.md "Scoring": best-fit PSNR against the clips the prompt admits, prompt accuracy
     (is the prompt's best fit at least as good as every other prompt's?), and diversity (distinct
     best-fit starts per prompt relative to as many uniform draws from the 121 starts); plus
-    steady motion, the share of frame steps that move the object 1 px along the prompt's axis, and
+    steady motion, the share of frame steps that move the object 1 px along the prompt's axis (and
+    motion_steps: the shares that pause, move 1 px, jump 2+ px, or leave the axis), and
     the kinds of error of the wrongly fitted samples (colour, shape, motion axis, direction on the axis)."""
     psnr = psnr_to_all(frames)  # (N, 48, 121)
+    steps = motion_steps(frames, prompts)
     idx = torch.tensor([PROMPTS.index(p) for p in prompts])
     per_prompt = psnr.amax(2)  # (N, 48)
     best = per_prompt[torch.arange(len(prompts)), idx]
@@ -948,7 +965,10 @@ def score_toy(frames: torch.Tensor, prompts: list[str]) -> dict:
             diversity.append(len({int(start[i]) for i in rows}) / expected)
     return {"best_fit_psnr": best.mean().item(), "prompt_accuracy": correct.float().mean().item(),
             "diversity": sum(diversity) / len(diversity) if diversity else float("nan"),
-            "steady_motion": steady_motion(frames, prompts).mean().item(), "errors": errors,
+            "steady_motion": (steps == 1).double().mean().item(), "errors": errors,
+            "motion_steps": {"pause": (steps == 0).double().mean().item(), "1 px": (steps == 1).double().mean().item(),
+                             "2+ px": (steps >= 2).double().mean().item(),
+                             "off axis / missing": (steps < 0).double().mean().item()},
             "per_sample_psnr": best, "per_sample_correct": correct}
 
 

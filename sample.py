@@ -294,6 +294,7 @@ def main(argv=None):
         print(f"toy-world score (first {cfg.num_frames} frames): best-fit PSNR {s['best_fit_psnr']:.2f} dB | "
               f"prompt accuracy {100 * s['prompt_accuracy']:.1f}% | diversity {diversity} | "
               f"steady 1-px motion {100 * s['steady_motion']:.1f}% of frame steps")
+        print("frame steps along the prompt's axis: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["motion_steps"].items()))
         if not all(s["per_sample_correct"]):
             print(f"wrong prompt fits best for {int((~s['per_sample_correct']).sum())} of {len(prompts)}; they got wrong: "
                   + ", ".join(f"{k} {v}" for k, v in s["errors"].items()))

@@ -70,6 +70,7 @@ def main(argv=None):
                             ("--teacher-steps", args.teacher_steps), ("--pairs", args.pairs),
                             ("--batch-size", args.batch_size)]:
             stage1 += [flag, str(value)] if value is not None else []
+        stage1 += [arg for item in args.set for arg in ("--set", item)]  # e.g. the teacher's lr_teacher
         train_ode.main(stage1)
 
     B = cfg.batch_size
@@ -114,14 +115,14 @@ def main(argv=None):
             x_data, prompts = data()  # line 4
             text = torch.stack([emb[p] for p in prompts]).to(device)
             generator_turn = it % ratio == 0
-            with cv.autocast(device), torch.set_grad_enabled(generator_turn):
+            with cv.autocast(device, training=True), torch.set_grad_enabled(generator_turn):
                 x0 = cv.generator_x0(generator, x_data.to(device), text, timesteps, cfg.chunk_size)  # lines 5-7
             if generator_turn:  # lines 8-10
-                with cv.autocast(device):
+                with cv.autocast(device, training=True):
                     loss_g, info = cv.dmd_loss(x0, teacher, critic, text, uncond, cfg)
                 logs.update(dmd=loss_g.item(), gen_grad=cv.optimizer_step(loss_g, opt_g, generator.parameters(),
                                                                            cfg.grad_clip), **info)
-            with cv.autocast(device):  # lines 11-14
+            with cv.autocast(device, training=True):  # lines 11-14
                 loss_c = cv.critic_loss(critic, x0, text, cfg)
             logs.update(critic=loss_c.item(), critic_grad=cv.optimizer_step(loss_c, opt_c, critic.parameters(),
                                                                              cfg.grad_clip))

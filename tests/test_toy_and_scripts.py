@@ -112,6 +112,13 @@ def test_steady_motion():
     blank[0] = 0
     assert cv.steady_motion(blank[None], [p]).item() == pytest.approx(10 / 11)
     assert cv.score_toy(clip[None], [p])["steady_motion"] == 1.0
+    # where the object is, frame by frame, and how far each step moves it
+    pos, seen = cv.object_positions(clip[None], [p])
+    assert pos[0].tolist() == [list(c) for c in cv.trajectory(2, 3, "right", 12)] and seen.all()
+    assert cv.motion_steps(paused[None], [p])[0].tolist() == [1, 1, 1, 1, 1, 0, 2, 1, 1, 1, 1]
+    assert cv.motion_steps(blank[None], [p])[0].tolist() == [-1] + [1] * 10
+    shares = cv.score_toy(paused[None], [p])["motion_steps"]
+    assert shares == pytest.approx({"pause": 1 / 11, "1 px": 9 / 11, "2+ px": 1 / 11, "off axis / missing": 0})
 
 # ---------------------------------------------------------------------------------------------
 # The scripts, end to end (tiny step counts)
@@ -121,7 +128,7 @@ def test_steady_motion():
 def test_train_dmd_runs_everything(run_dir):
     for name in ["teacher", "ode", "dmd"]:
         model = cv.load_model(str(run_dir / f"{name}.safetensors"))  # the checkpoint alone rebuilds it
-        assert model.causal == (name != "teacher") and model.cfg == cv.get_config("tiny", batch_size=2)
+        assert model.causal == (name != "teacher") and model.cfg == cv.get_config("tiny", batch_size=2, warmup=1)
         enc = cv.load_text_encoder(str(run_dir / f"{name}.safetensors"))
         assert enc(["a red square moving up"]).shape == (1, 32, 64)
     tensors, _, meta = cv.load_checkpoint(str(run_dir / "ode_pairs.safetensors"))
