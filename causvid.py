@@ -85,6 +85,11 @@ class Config:
     # The student's few denoising steps, as indices into the teacher's sampling schedule, so that
     # the ODE pairs of Sec. 4.3 are recorded exactly at the student's timesteps.
     student_step_indices: tuple[int, ...] = (0, 6, 12, 18)  # s = 1, .75, .5, .25 shifted: t = 1000, 900, 750, 500
+    # Training draws each chunk's step from the student's steps *and t = 0* (a clean chunk), like the
+    # official release's trailing 0 in denoising_step_list: inference conditions every chunk on clean
+    # earlier chunks (Alg. 2 lines 10-12), so training must show the student clean context too
+    # (official issues #13, #57). False: the student's steps only -- context is then always noisy.
+    clean_context: bool = True
     # DMD (Sec. 3.2, 4.2, Alg. 1)
     real_guidance: float = 3.0  # CFG scale of the real score (teacher), uncond + g (cond - uncond)
     dmd_t_min: float = 20.0  # DMD's noising timestep is kept away from both ends
@@ -736,17 +741,21 @@ def chunkwise_step_indices(B: int, num_frames: int, chunk_size: int, num_steps: 
 
 
 def ode_regression_loss(student: Callable, trajectory: torch.Tensor, text: torch.Tensor,
-                        timesteps: torch.Tensor, chunk_size: int) -> torch.Tensor:
+                        timesteps: torch.Tensor, chunk_size: int, clean_context: bool = True) -> torch.Tensor:
     """Eq. 6: || G({x^i_{t_i}}, {t_i}) - {x^i_0} ||^2 with every chunk i at its own student step t_i.
 
     trajectory (B, Q+1, F, C, H, W): the teacher's ODE states at the Q student timesteps followed by
-    the ODE's end point x0 (sample_ode(..., keep=student_step_indices))."""
+    the ODE's end point x0 (sample_ode(..., keep=student_step_indices)). clean_context: a chunk may
+    also be drawn at the end point, t = 0 -- clean context for the chunks after it, as at inference;
+    such a chunk has nothing to regress (x0 = x_t at t = 0) and is left out of the loss."""
     B, Q1, Fr = trajectory.shape[:3]
-    idx = chunkwise_step_indices(B, Fr, chunk_size, Q1 - 1, device=trajectory.device)
+    idx = chunkwise_step_indices(B, Fr, chunk_size, Q1 if clean_context else Q1 - 1, device=trajectory.device)
     x_t = trajectory[torch.arange(B, device=idx.device)[:, None], idx, torch.arange(Fr, device=idx.device)]
-    t = timesteps.to(trajectory.device)[idx]  # (B, F)
+    t = torch.cat([timesteps.to(trajectory.device), timesteps.new_zeros(1).to(trajectory.device)])[idx]  # (B, F)
     x0 = predict_x0(student, x_t, t, text)
-    return F.mse_loss(x0.float(), trajectory[:, -1].float())
+    error = (x0.float() - trajectory[:, -1].float()).pow(2).flatten(2).mean(2)  # (B, F)
+    noisy = t > 0
+    return torch.where(noisy, error, 0.0).sum() / noisy.sum().clamp(min=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -755,12 +764,16 @@ def ode_regression_loss(student: Callable, trajectory: torch.Tensor, text: torch
 
 
 def generator_x0(generator: Callable, x0_data: torch.Tensor, text: torch.Tensor, timesteps: torch.Tensor,
-                 chunk_size: int) -> torch.Tensor:
+                 chunk_size: int, clean_context: bool = True) -> torch.Tensor:
     """Alg. 1 lines 4-7: noise each chunk of a data clip to its own random student step and let the
-    (block-causal) student predict the clean clip. Returns x0_hat (B, F, C, H, W), with grad."""
+    (block-causal) student predict the clean clip. Returns x0_hat (B, F, C, H, W), with grad.
+    clean_context: a chunk may also be drawn at t = 0, the data chunk itself (the official release's
+    trailing 0): clean context for the chunks after it, as at inference. Its x0_hat is the data, so
+    it passes no gradient to the generator."""
     B, Fr = x0_data.shape[:2]
-    idx = chunkwise_step_indices(B, Fr, chunk_size, len(timesteps), device=x0_data.device)
-    t = timesteps.to(x0_data.device)[idx]
+    ts = timesteps.to(x0_data.device)
+    ts = torch.cat([ts, ts.new_zeros(1)]) if clean_context else ts
+    t = ts[chunkwise_step_indices(B, Fr, chunk_size, len(ts), device=x0_data.device)]
     x_t = add_noise(x0_data, torch.randn_like(x0_data), t)
     return predict_x0(generator, x_t, t, text)
 

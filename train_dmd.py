@@ -4,7 +4,7 @@ The block-causal generator G (from stage 1) learns to make videos whose noised v
 bidirectional teacher (s_data, the "real" score, with CFG) and a critic trained online on G's own
 samples (s_gen, the "fake" score, initialised from the teacher) disagree about as little as
 possible. Generator inputs are data clips noised per chunk to random student steps (Alg. 1 lines
-4-7). The critic takes critic_updates_per_generator steps per generator step (DMD2's two time-scale
+4-7), a chunk also left clean (t = 0) at times, as context the way inference sees it (clean_context). The critic takes critic_updates_per_generator steps per generator step (DMD2's two time-scale
 update rule). With --tiny and no stage-1 checkpoint, stage 1 (train_ode.py) runs first, so this one
 command trains everything.
 
@@ -116,7 +116,8 @@ def main(argv=None):
             text = torch.stack([emb[p] for p in prompts]).to(device)
             generator_turn = it % ratio == 0
             with cv.autocast(device, training=True), torch.set_grad_enabled(generator_turn):
-                x0 = cv.generator_x0(generator, x_data.to(device), text, timesteps, cfg.chunk_size)  # lines 5-7
+                x0 = cv.generator_x0(generator, x_data.to(device), text, timesteps, cfg.chunk_size,  # lines 5-7
+                                     cfg.clean_context)
             if generator_turn:  # lines 8-10
                 with cv.autocast(device, training=True):
                     loss_g, info = cv.dmd_loss(x0, teacher, critic, text, uncond, cfg)

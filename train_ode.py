@@ -4,7 +4,8 @@
      only -- pre-trained here with flow matching, standing in for a pretrained video model;
   1. ODE pairs: the teacher's Euler + CFG trajectories from noise, kept at the student's timesteps;
   2. regression of the block-causal student (initialised from the teacher) onto the trajectories'
-     end points, every chunk at its own student timestep (Eq. 6).
+     end points, every chunk at its own student timestep (Eq. 6) -- or at the clean end point, t = 0,
+     as context for the chunks after it, the way inference sees it (clean_context).
 
 Writes <out>/teacher.safetensors (if pre-trained here), <out>/ode_pairs.safetensors, <out>/ode.safetensors.
 """
@@ -112,7 +113,8 @@ def regress_student(teacher, text_encoder, pairs, prompts, cfg: cv.Config, steps
             idx = torch.randint(0, len(pairs), (cfg.batch_size,), generator=g)
             text = torch.stack([emb[prompts[i]] for i in idx]).to(device)
             with cv.autocast(device):
-                loss = cv.ode_regression_loss(student, pairs[idx].to(device), text, timesteps, cfg.chunk_size)
+                loss = cv.ode_regression_loss(student, pairs[idx].to(device), text, timesteps, cfg.chunk_size,
+                                              cfg.clean_context)
             norm = cv.optimizer_step(loss, opt, student.parameters(), cfg.grad_clip)
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 log("ode", step + 1, steps, t0, loss=loss.item(), grad_norm=norm)

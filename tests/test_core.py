@@ -502,6 +502,57 @@ def test_ode_regression_loss_uses_per_chunk_steps():
     assert idx.shape == (3, Fr) and idx.max() < Q
 
 
+def test_clean_context_chunks_in_ode_regression():
+    """clean_context (the official trailing 0): some chunks are the trajectory's clean end point at
+    t = 0, as context; they are left out of the loss. Without it no chunk is ever at t = 0."""
+    torch.manual_seed(0)
+    B, Fr, K, Q = 64, 6, 2, 4
+    traj = torch.randn(B, Q + 1, Fr, 1, 2, 2)
+    ts = torch.tensor([1000.0, 750.0, 500.0, 250.0])
+    seen = []
+
+    def student(x_t, t, text):  # exact on noisy chunks, far off on clean ones (were they scored)
+        seen.append((x_t, t))
+        return cv.x0_to_velocity(x_t, traj[:, -1], t) + 100.0 * (t == 0).float()[..., None, None, None]
+
+    assert cv.ode_regression_loss(student, traj, None, ts, K, clean_context=True) < 1e-8
+    x_t, t = seen[-1]
+    clean = t == 0
+    assert 0.1 < clean.float().mean() < 0.3  # 1 in Q + 1 chunks
+    assert torch.equal(x_t[clean], traj[:, -1][clean])  # the clean end point itself
+    assert cv.ode_regression_loss(student, traj, None, ts, K, clean_context=False) < 1e-8
+    assert (seen[-1][1] > 0).all()
+    # a student wrong on the noisy chunks is caught, with or without clean context
+    assert cv.ode_regression_loss(lambda x, t, text: torch.zeros_like(x), traj, None, ts, K) > 0.1
+
+
+def test_clean_context_chunks_in_dmd_generator_input():
+    """Alg. 1 lines 4-7 with clean_context: a chunk drawn at t = 0 is the data chunk itself, and the
+    generator's x0 there is exactly the data (no gradient); the other chunks are noised."""
+    torch.manual_seed(0)
+    B, Fr, K = 64, 6, 2
+    data = torch.randn(B, Fr, 1, 2, 2)
+    ts = torch.tensor([1000.0, 750.0, 500.0, 250.0])
+    seen = []
+    weight = torch.zeros((), requires_grad=True)
+
+    def generator(x_t, t, text):
+        seen.append((x_t, t))
+        return weight * x_t
+
+    x0 = cv.generator_x0(generator, data, None, ts, K, clean_context=True)
+    x_t, t = seen[-1]
+    clean = t == 0
+    assert 0.1 < clean.float().mean() < 0.3
+    assert (t.view(B, Fr // K, K) == t.view(B, Fr // K, K)[..., :1]).all()  # per chunk
+    assert torch.equal(x_t[clean], data[clean]) and torch.equal(x0[clean], data[clean])
+    assert not torch.equal(x_t[~clean], data[~clean])
+    x0[clean].sum().backward()
+    assert weight.grad == 0  # clean chunks pass no gradient to the generator
+    cv.generator_x0(generator, data, None, ts, K, clean_context=False)
+    assert (seen[-1][1] > 0).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Text encoder and checkpoints
 # ---------------------------------------------------------------------------------------------
