@@ -90,6 +90,11 @@ class Config:
     # earlier chunks (Alg. 2 lines 10-12), so training must show the student clean context too
     # (official issues #13, #57). False: the student's steps only -- context is then always noisy.
     clean_context: bool = True
+    # DMD2 Sec. 4.5 backward simulation (the official release's `backward_simulation`, off in its Wan
+    # configs): DMD's generator inputs come from the student's own Alg. 2 rollout from noise -- its
+    # re-noised estimates and its own clean chunks as context, exactly what inference feeds it --
+    # instead of noised data clips. About twice the DMD time on the toy world.
+    backward_simulation: bool = False
     # DMD (Sec. 3.2, 4.2, Alg. 1)
     real_guidance: float = 3.0  # CFG scale of the real score (teacher), uncond + g (cond - uncond)
     dmd_t_min: float = 20.0  # DMD's noising timestep is kept away from both ends
@@ -658,7 +663,7 @@ def fill_cache(model: DiT, cache: KVCache, x0: torch.Tensor, text: torch.Tensor)
 def stream_generate(model: DiT, noise, text, timesteps: torch.Tensor, generator: torch.Generator | None = None,
                     use_cache: bool = True, context: torch.Tensor | None = None, window: int | None = None,
                     keep: int | None = None, stochastic: bool = True, uncond: torch.Tensor | None = None,
-                    guidance: float = 1.0) -> Iterator[torch.Tensor]:
+                    guidance: float = 1.0, record: list | None = None) -> Iterator[torch.Tensor]:
     """Alg. 2: generate chunk after chunk, each with the few student steps, yielding each clean chunk
     (B, K, C, H, W) as soon as it is done. One loop serves every application of Sec. 5.3-5.4:
 
@@ -681,7 +686,9 @@ def stream_generate(model: DiT, noise, text, timesteps: torch.Tensor, generator:
                estimate implies, eps = (x_t - (1 - s) x0) / s, which makes each step exactly an Euler
                step of the flow ODE: with the teacher's many-step schedule, uncond and guidance (CFG,
                with a second cache for the unconditional branch) this samples a many-step *causal
-               diffusion* model -- the baseline of Table 4 and Fig. 8."""
+               diffusion* model -- the baseline of Table 4 and Fig. 8.
+    record     a list that receives every step's input x (B, K, C, H, W), chunk after chunk
+               (backward_simulation)."""
     K = model.cfg.chunk_size
     if isinstance(noise, torch.Tensor):
         if noise.shape[1] % K:
@@ -710,6 +717,7 @@ def stream_generate(model: DiT, noise, text, timesteps: torch.Tensor, generator:
                 prefix, cached = [], 0
         for j, t in enumerate(timesteps):  # line 6
             tt = torch.full((B, K), float(t), device=x.device)
+            record.append(x) if record is not None else None
             if use_cache:  # line 7
                 x0s = [predict_x0(model, x, tt, tx, cache=cache) for cache, tx in zip(caches, texts)]
             else:
@@ -719,7 +727,8 @@ def stream_generate(model: DiT, noise, text, timesteps: torch.Tensor, generator:
             x0 = x0s[1] + guidance * (x0s[0] - x0s[1]) if guided else x0s[0]  # CFG (x0 is affine in v)
             if j + 1 < len(timesteps):  # line 8: re-noise the estimate to the next, lower step
                 if stochastic:
-                    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype,  # a CPU rng on a GPU too
+                                      device=generator.device if generator is not None else x0.device).to(x0.device)
                 else:
                     eps = (x - (1 - _s(tt, x)) * x0) / _s(tt, x)
                 x = add_noise(x0, eps, torch.full((B, K), float(timesteps[j + 1]), device=x.device))
@@ -740,6 +749,15 @@ def chunkwise_step_indices(B: int, num_frames: int, chunk_size: int, num_steps: 
     return idx.repeat_interleave(chunk_size, dim=1)
 
 
+def chunkwise_states(states: torch.Tensor, timesteps: torch.Tensor, chunk_size: int, clean_context: bool = True):
+    """states (B, Q+1, F, C, H, W): a clip at each of the Q student steps, then clean (t = 0). Draws
+    each chunk's step (the clean one too if clean_context) and returns (x_t (B, F, C, H, W), t (B, F))."""
+    B, Q1, Fr = states.shape[:3]
+    idx = chunkwise_step_indices(B, Fr, chunk_size, Q1 if clean_context else Q1 - 1, device=states.device)
+    x_t = states[torch.arange(B, device=idx.device)[:, None], idx, torch.arange(Fr, device=idx.device)]
+    return x_t, torch.cat([timesteps.to(states.device), timesteps.new_zeros(1).to(states.device)])[idx]
+
+
 def ode_regression_loss(student: Callable, trajectory: torch.Tensor, text: torch.Tensor,
                         timesteps: torch.Tensor, chunk_size: int, clean_context: bool = True) -> torch.Tensor:
     """Eq. 6: || G({x^i_{t_i}}, {t_i}) - {x^i_0} ||^2 with every chunk i at its own student step t_i.
@@ -748,10 +766,7 @@ def ode_regression_loss(student: Callable, trajectory: torch.Tensor, text: torch
     the ODE's end point x0 (sample_ode(..., keep=student_step_indices)). clean_context: a chunk may
     also be drawn at the end point, t = 0 -- clean context for the chunks after it, as at inference;
     such a chunk has nothing to regress (x0 = x_t at t = 0) and is left out of the loss."""
-    B, Q1, Fr = trajectory.shape[:3]
-    idx = chunkwise_step_indices(B, Fr, chunk_size, Q1 if clean_context else Q1 - 1, device=trajectory.device)
-    x_t = trajectory[torch.arange(B, device=idx.device)[:, None], idx, torch.arange(Fr, device=idx.device)]
-    t = torch.cat([timesteps.to(trajectory.device), timesteps.new_zeros(1).to(trajectory.device)])[idx]  # (B, F)
+    x_t, t = chunkwise_states(trajectory, timesteps, chunk_size, clean_context)
     x0 = predict_x0(student, x_t, t, text)
     error = (x0.float() - trajectory[:, -1].float()).pow(2).flatten(2).mean(2)  # (B, F)
     noisy = t > 0
@@ -776,6 +791,19 @@ def generator_x0(generator: Callable, x0_data: torch.Tensor, text: torch.Tensor,
     t = ts[chunkwise_step_indices(B, Fr, chunk_size, len(ts), device=x0_data.device)]
     x_t = add_noise(x0_data, torch.randn_like(x0_data), t)
     return predict_x0(generator, x_t, t, text)
+
+
+@torch.no_grad()
+def backward_simulation(generator: DiT, noise: torch.Tensor, text: torch.Tensor, timesteps: torch.Tensor,
+                        rng: torch.Generator | None = None) -> torch.Tensor:
+    """DMD2 Sec. 4.5 (Config.backward_simulation): roll the student out with Alg. 2 from `noise` and
+    keep what it met -- every chunk's input at each student step and its clean output, which the
+    chunks after it saw as context. Returns states (B, Q+1, F, C, H, W) for chunkwise_states."""
+    inputs = []
+    clean = torch.cat(list(stream_generate(generator, noise, text, timesteps, rng, record=inputs)), 1)
+    Q = len(timesteps)
+    steps = [torch.cat(inputs[j::Q], 1) for j in range(Q)]  # inputs: chunk-major, Q per chunk
+    return torch.stack(steps + [clean], 1)
 
 
 def dmd_timesteps(B: int, num_frames: int, cfg: Config, device=None) -> torch.Tensor:

@@ -116,8 +116,14 @@ def main(argv=None):
             text = torch.stack([emb[p] for p in prompts]).to(device)
             generator_turn = it % ratio == 0
             with cv.autocast(device, training=True), torch.set_grad_enabled(generator_turn):
-                x0 = cv.generator_x0(generator, x_data.to(device), text, timesteps, cfg.chunk_size,  # lines 5-7
-                                     cfg.clean_context)
+                if cfg.backward_simulation:  # DMD2 Sec. 4.5: the inputs come from the student's own rollout
+                    noise = torch.randn(x_data.shape, generator=g).to(device)
+                    states = cv.backward_simulation(generator, noise, text, timesteps, g)
+                    x_t, t = cv.chunkwise_states(states, timesteps, cfg.chunk_size, cfg.clean_context)
+                    x0 = cv.predict_x0(generator, x_t, t, text)
+                else:
+                    x0 = cv.generator_x0(generator, x_data.to(device), text, timesteps, cfg.chunk_size,  # lines 5-7
+                                         cfg.clean_context)
             if generator_turn:  # lines 8-10
                 with cv.autocast(device, training=True):
                     loss_g, info = cv.dmd_loss(x0, teacher, critic, text, uncond, cfg)

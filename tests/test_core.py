@@ -526,6 +526,30 @@ def test_clean_context_chunks_in_ode_regression():
     assert cv.ode_regression_loss(lambda x, t, text: torch.zeros_like(x), traj, None, ts, K) > 0.1
 
 
+def test_backward_simulation_records_the_rollout():
+    """DMD2 Sec. 4.5: the states are what Alg. 2 fed the student -- pure noise at the first step,
+    then its own re-noised estimates -- and, last, the clip it streamed; chunkwise_states draws
+    each chunk's step from them (and, with clean_context, the clean clip)."""
+    cfg = small_config()
+    model = make_model(causal=True, cfg=cfg)
+    _, _, text = inputs(cfg)
+    ts = torch.tensor([1000.0, 750.0, 500.0])
+    noise = torch.randn(2, cfg.num_frames, cfg.channels, cfg.height, cfg.width, generator=torch.Generator().manual_seed(5))
+    states = cv.backward_simulation(model, noise, text, ts, torch.Generator().manual_seed(7))
+    assert states.shape == (2, 4, *noise.shape[1:])
+    assert torch.equal(states[:, 0], noise)  # every chunk starts from its noise at t = 1000
+    streamed = torch.cat(list(cv.stream_generate(model, noise, text, ts, torch.Generator().manual_seed(7))), 1)
+    assert torch.equal(states[:, -1], streamed)  # the same rollout, ending in the streamed clip
+    # step 1 of chunk 0 is its step-0 estimate re-noised to t = 750: not noise, not the output
+    assert not torch.equal(states[:, 1], states[:, 0]) and not torch.equal(states[:, 1], states[:, -1])
+    torch.manual_seed(0)
+    many = states.repeat(16, 1, 1, 1, 1, 1)
+    x_t, t = cv.chunkwise_states(many, ts, cfg.chunk_size)
+    assert set(t.unique().tolist()) == {0.0, 500.0, 750.0, 1000.0}
+    for value, j in [(1000.0, 0), (750.0, 1), (500.0, 2), (0.0, 3)]:
+        assert torch.equal(x_t[t == value], many[:, j][t == value])
+
+
 def test_clean_context_chunks_in_dmd_generator_input():
     """Alg. 1 lines 4-7 with clean_context: a chunk drawn at t = 0 is the data chunk itself, and the
     generator's x0 there is exactly the data (no gradient); the other chunks are noised."""

@@ -140,6 +140,16 @@ def test_train_dmd_runs_everything(run_dir):
     assert "head.head.weight" in changed
 
 
+def test_train_dmd_with_backward_simulation(fresh_run, monkeypatch):
+    """--set backward_simulation=true: the generator's inputs come from its own rollout, not data."""
+    calls, simulate = [], cv.backward_simulation
+    monkeypatch.setattr(cv, "backward_simulation", lambda *a, **kw: calls.append(a[2].shape) or simulate(*a, **kw))
+    train_dmd.main(["--tiny", "--out", str(fresh_run), "--steps", "2", "--batch-size", "2", "--device", "cpu",
+                    "--set", "warmup=1", "--set", "backward_simulation=true", "--sample-every", "5"])
+    assert len(calls) == 2  # one rollout per iteration, shared by the generator and the critic
+    assert cv.load_model(str(fresh_run / "dmd.safetensors")).causal
+
+
 def test_sample_writes_npz_and_video(run_dir):
     prompts = ["a red square moving up", "a cyan circle moving left"]
     args = ["--tiny", "--out", str(run_dir), "--num-frames", "6", "--name", "s"]
