@@ -13,6 +13,7 @@ Writes <out>/dmd.safetensors and <out>/dmd_samples_<iteration>.gif every --sampl
 
 import argparse
 import copy
+import dataclasses
 import os
 import time
 
@@ -140,7 +141,8 @@ def main(argv=None):
                 write_samples(generator, emb, cfg, path, device)
                 tqdm.write(f"wrote {path}")
         path = os.path.join(out, "dmd.safetensors")
-        cv.save_model(path, generator.eval(), text_encoder, stage="dmd", steps=steps)
+        # the generator's config is stage 1's; the settings this run trained with go in as run_config
+        cv.save_model(path, generator.eval(), text_encoder, stage="dmd", steps=steps, run_config=dataclasses.asdict(cfg))
         print(f"wrote {path}")
 
 

@@ -148,6 +148,8 @@ def test_train_dmd_with_backward_simulation(fresh_run, monkeypatch):
                     "--set", "warmup=1", "--set", "backward_simulation=true", "--sample-every", "5"])
     assert len(calls) == 2  # one rollout per iteration, shared by the generator and the critic
     assert cv.load_model(str(fresh_run / "dmd.safetensors")).causal
+    meta = cv.load_checkpoint(str(fresh_run / "dmd.safetensors"), keep=lambda k: False)[2]
+    assert meta["run_config"]["backward_simulation"] is True  # the DMD run's own settings are on record
 
 
 def test_sample_writes_npz_and_video(run_dir):
