@@ -717,7 +717,8 @@ def stream_generate(model: DiT, noise, text, timesteps: torch.Tensor, generator:
                 prefix, cached = [], 0
         for j, t in enumerate(timesteps):  # line 6
             tt = torch.full((B, K), float(t), device=x.device)
-            record.append(x) if record is not None else None
+            if record is not None:
+                record.append(x)
             if use_cache:  # line 7
                 x0s = [predict_x0(model, x, tt, tx, cache=cache) for cache, tx in zip(caches, texts)]
             else:

@@ -4,8 +4,10 @@ The block-causal generator G (from stage 1) learns to make videos whose noised v
 bidirectional teacher (s_data, the "real" score, with CFG) and a critic trained online on G's own
 samples (s_gen, the "fake" score, initialised from the teacher) disagree about as little as
 possible. Generator inputs are data clips noised per chunk to random student steps (Alg. 1 lines
-4-7), a chunk also left clean (t = 0) at times, as context the way inference sees it (clean_context). The critic takes critic_updates_per_generator steps per generator step (DMD2's two time-scale
-update rule). With --tiny and no stage-1 checkpoint, stage 1 (train_ode.py) runs first, so this one
+4-7), a chunk also left clean (t = 0) at times, as context the way inference sees it (clean_context);
+or, with --set backward_simulation=true, the states of the student's own streamed rollout (DMD2
+Sec. 4.5). The critic takes critic_updates_per_generator steps per generator step (DMD2's two
+time-scale update rule). With --tiny and no stage-1 checkpoint, stage 1 (train_ode.py) runs first, so this one
 command trains everything.
 
 Writes <out>/dmd.safetensors and <out>/dmd_samples_<iteration>.gif every --sample-every iterations.
