@@ -750,13 +750,18 @@ def chunkwise_step_indices(B: int, num_frames: int, chunk_size: int, num_steps: 
     return idx.repeat_interleave(chunk_size, dim=1)
 
 
+def with_clean_step(timesteps: torch.Tensor) -> torch.Tensor:
+    """The student's steps followed by t = 0, a clean chunk (the official denoising_step_list's trailing 0)."""
+    return torch.cat([timesteps, timesteps.new_zeros(1)])
+
+
 def chunkwise_states(states: torch.Tensor, timesteps: torch.Tensor, chunk_size: int, clean_context: bool = True):
     """states (B, Q+1, F, C, H, W): a clip at each of the Q student steps, then clean (t = 0). Draws
     each chunk's step (the clean one too if clean_context) and returns (x_t (B, F, C, H, W), t (B, F))."""
     B, Q1, Fr = states.shape[:3]
     idx = chunkwise_step_indices(B, Fr, chunk_size, Q1 if clean_context else Q1 - 1, device=states.device)
     x_t = states[torch.arange(B, device=idx.device)[:, None], idx, torch.arange(Fr, device=idx.device)]
-    return x_t, torch.cat([timesteps.to(states.device), timesteps.new_zeros(1).to(states.device)])[idx]
+    return x_t, with_clean_step(timesteps.to(states.device))[idx]
 
 
 def ode_regression_loss(student: Callable, trajectory: torch.Tensor, text: torch.Tensor,
@@ -788,7 +793,7 @@ def generator_x0(generator: Callable, x0_data: torch.Tensor, text: torch.Tensor,
     it passes no gradient to the generator."""
     B, Fr = x0_data.shape[:2]
     ts = timesteps.to(x0_data.device)
-    ts = torch.cat([ts, ts.new_zeros(1)]) if clean_context else ts
+    ts = with_clean_step(ts) if clean_context else ts
     t = ts[chunkwise_step_indices(B, Fr, chunk_size, len(ts), device=x0_data.device)]
     x_t = add_noise(x0_data, torch.randn_like(x0_data), t)
     return predict_x0(generator, x_t, t, text)
@@ -953,10 +958,10 @@ def object_positions(frames: torch.Tensor, prompts: list[str]) -> tuple[torch.Te
     black) fits the frame best, and whether it fits better than an empty frame (the object is there).
     frames uint8 (N, F, 16, 16, 3) -> corners long (N, F, 2) as (x, y), seen bool (N, F)."""
     corners = torch.tensor([(x, y) for y in range(MAX_POS + 1) for x in range(MAX_POS + 1)])
+    refs = all_clips(1)[:, :, 0].flatten(2).double()  # (48, 121, P): each prompt's object at every corner
     pos, seen = [], []
     for clip, p in zip(frames.flatten(2).double(), prompts):
-        refs = all_clips(1)[PROMPTS.index(p), :, 0].flatten(1).double()  # (121, P): the object at every corner
-        mse = torch.cdist(clip, refs) ** 2  # (F, 121)
+        mse = torch.cdist(clip, refs[PROMPTS.index(p)]) ** 2  # (F, 121)
         pos.append(corners[mse.argmin(1)])
         seen.append(mse.amin(1) < (clip**2).sum(1))
     return torch.stack(pos), torch.stack(seen)

@@ -7,8 +7,8 @@ possible. Generator inputs are data clips noised per chunk to random student ste
 4-7), a chunk also left clean (t = 0) at times, as context the way inference sees it (clean_context);
 or, with --set backward_simulation=true, the states of the student's own streamed rollout (DMD2
 Sec. 4.5). The critic takes critic_updates_per_generator steps per generator step (DMD2's two
-time-scale update rule). With --tiny and no stage-1 checkpoint, stage 1 (train_ode.py) runs first, so this one
-command trains everything.
+time-scale update rule). With --tiny and no stage-1 checkpoint, stage 1 (train_ode.py) runs first,
+so this one command trains everything.
 
 Writes <out>/dmd.safetensors and <out>/dmd_samples_<iteration>.gif every --sample-every iterations.
 """
@@ -144,7 +144,8 @@ def main(argv=None):
                 tqdm.write(f"wrote {path}")
         path = os.path.join(out, "dmd.safetensors")
         # the generator's config is stage 1's; the settings this run trained with go in as run_config
-        cv.save_model(path, generator.eval(), text_encoder, stage="dmd", steps=steps, run_config=dataclasses.asdict(cfg))
+        cv.save_model(path, generator.eval(), text_encoder, stage="dmd", steps=steps,
+                      run_config=dataclasses.asdict(cfg))
         print(f"wrote {path}")
 
 
