@@ -95,6 +95,10 @@ class Config:
     # re-noised estimates and its own clean chunks as context, exactly what inference feeds it --
     # instead of noised data clips. About twice the DMD time on the toy world.
     backward_simulation: bool = False
+    # Toy world only, a diagnostic: the teacher's two roles -- the ODE pairs' trajectories and DMD's real
+    # score -- are played by the world's exact denoiser (ExactToyDenoiser), a teacher with no error; the
+    # trained toy teacher still initialises the student and the critic.
+    exact_teacher: bool = False
     # DMD (Sec. 3.2, 4.2, Alg. 1)
     real_guidance: float = 3.0  # CFG scale of the real score (teacher), uncond + g (cond - uncond)
     dmd_t_min: float = 20.0  # DMD's noising timestep is kept away from both ends
@@ -918,8 +922,10 @@ def all_clips(num_frames: int) -> torch.Tensor:
     """Every clip of the world: uint8 (48 prompts, 121 starts, F, 16, 16, 3), start index = y * 11 + x."""
     if num_frames not in _ALL_CLIPS:
         starts = [(x, y) for y in range(MAX_POS + 1) for x in range(MAX_POS + 1)]
-        _ALL_CLIPS[num_frames] = torch.stack([torch.stack([render(p, x, y, num_frames) for x, y in starts])
-                                              for p in PROMPTS])
+        lit = {(sh, d): torch.stack([render(f"a red {sh} moving {d}", x, y, num_frames)[..., :1] > 0 for x, y in starts])
+               for sh in SHAPES for d in DIRECTIONS}  # colour only paints: render each motion once
+        _ALL_CLIPS[num_frames] = torch.stack([lit[sh, d] * torch.tensor(COLORS[c], dtype=torch.uint8)
+                                              for c, sh, d in map(parse_prompt, PROMPTS)])
     return _ALL_CLIPS[num_frames]
 
 
@@ -1034,6 +1040,73 @@ def window_psnr(frames: torch.Tensor, prompts: list[str], window: int = 12) -> t
                             if axis_of(d) == axis_of(direction)))
         out.append(torch.stack(best))
     return torch.stack(out, 1)
+
+
+class ExactToyDenoiser(nn.Module):
+    """The toy world's ideal teacher: the velocity E[eps - x0 | x_t, prompt] that flow matching
+    (Eq. 2) converges to with unlimited capacity and training, in closed form -- the data is a finite
+    set, the 121 clips X_m of each prompt (all 5808 for the unconditional prompt). Per frame
+    x_t = (1 - s) X_m + s eps, so Bayes over the clips gives
+        w_m = softmax_m( -sum_f ||x_t,f - (1 - s_f) X_m,f||^2 / (2 s_f^2) ),  x0_hat = sum_m w_m X_m,
+    and v = (x_t - x0_hat) / s. Called like the DiT, model(x, t, text) -> velocity (t per frame); a
+    prompt is recognised by its embedding, a row of `emb` (prompt -> (L, D_text), the toy prompts and
+    the unconditional one). A diagnostic (Config.exact_teacher): with it as the teacher (ODE pairs,
+    real score), what the students reach is what the distillation can do, the toy teacher's error
+    taken out."""
+
+    def __init__(self, emb: dict[str, torch.Tensor], uncond_prompt: str = ""):
+        super().__init__()
+        names = [p for p in PROMPTS + [uncond_prompt] if p in emb]
+        if len(names) != len(PROMPTS) + 1:
+            raise CausVidError("the exact toy teacher needs the embeddings of all 48 toy prompts and the "
+                               f"unconditional prompt {uncond_prompt!r}")
+        self.table = torch.stack([emb[p].flatten() for p in names]).double()  # (49, L * D_text)
+        self._clips: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def clips(self, num_frames: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every clip of the world, frame-major (F, 48 * 121, P) float64, and its squared norms (F, 5808)."""
+        if num_frames not in self._clips:
+            X = to_model_space(all_clips(num_frames)).flatten(0, 1).flatten(2).double()  # (5808, F, P)
+            X = X.transpose(0, 1).contiguous().to(device)
+            self._clips[num_frames] = X, X.pow(2).sum(2)
+        return self._clips[num_frames]
+
+    def recognise(self, text: torch.Tensor) -> torch.Tensor:
+        """(B, L, D_text) -> (B,) prompt index into PROMPTS, len(PROMPTS) for the unconditional prompt."""
+        d = torch.cdist(text.flatten(1).double().cpu(), self.table)  # (B, 49)
+        best = d.min(1)
+        if (best.values > 1e-3 * (1 + self.table.norm(dim=1).max())).any():
+            raise CausVidError("the exact toy teacher was given a text embedding that is none of the toy prompts")
+        return best.indices
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, **_) -> torch.Tensor:
+        Fr, P, n = x.shape[1], len(PROMPTS), (MAX_POS + 1) ** 2  # n: clips per prompt
+        X, norms = self.clips(Fr, x.device)  # (F, P n, D), (F, P n), prompt after prompt
+        xf = x.double().flatten(2).transpose(0, 1)  # (F, B, D)
+        s = (t.double().T / 1000).clamp(min=1e-4)[..., None]  # (F, B, 1)
+        which = self.recognise(text).to(x.device)
+        x0 = torch.empty_like(xf)
+        for p in which.unique().tolist():  # the unconditional prompt: every clip of the world
+            rows = which == p
+            m = slice(None) if p == P else slice(p * n, (p + 1) * n)
+            xr, sr, Xm = xf[:, rows], s[:, rows], X[:, m]  # (F, b, D), (F, b, 1), (F, M, D)
+            d2 = xr.pow(2).sum(2, keepdim=True) - 2 * (1 - sr) * (xr @ Xm.transpose(1, 2)) \
+                + (1 - sr) ** 2 * norms[:, None, m]  # (F, b, M): ||x_f - (1 - s_f) X_m,f||^2
+            w = (-d2 / (2 * sr**2)).sum(0).softmax(1)  # (b, M)
+            x0[:, rows] = w @ Xm
+        v = (xf - x0) / s
+        return v.transpose(0, 1).reshape(x.shape).to(x.dtype)
+
+
+def teacher_role(teacher: nn.Module, text_encoder: "TextEncoder", cfg: Config) -> nn.Module:
+    """The model that plays the teacher in the ODE pairs and as DMD's real score: the bidirectional
+    teacher itself, or with cfg.exact_teacher (toy world) the world's exact denoiser."""
+    if not cfg.exact_teacher:
+        return teacher
+    if cfg.name != "tiny":
+        raise CausVidError("exact_teacher exists for the toy world only (--tiny); drop --set exact_teacher=true")
+    emb = embed_prompts(text_encoder, PROMPTS + [cfg.negative_prompt])
+    return ExactToyDenoiser(emb, cfg.negative_prompt).to(next(teacher.parameters()).device)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -237,6 +237,8 @@ def main(argv=None):
                                                vae=cfg.vae or model.cfg.vae)
     cfg = replace(model.cfg, **{**paths, **overrides})
     text_encoder = cv.text_encoder_for(path, cfg, cv.text_dtype(device)).to(device)
+    if args.teacher:  # --set exact_teacher=true: the toy world's exact denoiser instead (a clip of the world)
+        model = cv.teacher_role(model, text_encoder, cfg)
     vae = cv.WanVAE(cfg.vae, device) if cfg.vae else None  # latents -> pixels, chunk by chunk
     base = args.prompt or cv.PROMPTS
     if inputs is not None and inputs.shape[0] > 1 and len(base) not in (1, inputs.shape[0]):

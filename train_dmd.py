@@ -86,6 +86,7 @@ def main(argv=None):
     if device.type == "cuda" and cfg.name != "tiny":
         teacher.to(torch.bfloat16)  # frozen: bf16 weights suffice, and no optimizer state
     text_encoder = cv.text_encoder_for(teacher_path, cfg, cv.text_dtype(device)).to(device)
+    teacher = cv.teacher_role(teacher, text_encoder, cfg)  # the real score (exact_teacher: the toy world's own)
     g = torch.Generator().manual_seed(args.seed + 2)
     if cfg.name == "tiny":  # Alg. 1 line 4's data: the toy renderer
         def data():

@@ -49,6 +49,14 @@ def test_render_pixels():
     assert clip[0, 0, 0].tolist() == [0, 0, 0]
 
 
+def test_all_clips_are_the_renders():
+    clips = cv.all_clips(5)
+    assert clips.shape == (48, 121, 5, 16, 16, 3)
+    for i, p in enumerate(cv.PROMPTS):
+        for start in (0, 37, 120):  # index = y * 11 + x
+            assert torch.equal(clips[i, start], cv.render(p, start % 11, start // 11, 5))
+
+
 def test_prompts():
     assert len(cv.PROMPTS) == 48 == len(set(cv.PROMPTS))
     assert cv.parse_prompt("a red circle moving left") == ("red", "circle", "left")
@@ -203,3 +211,69 @@ def test_train_ode_reuses_teacher_and_pairs(run_dir, capsys):
     after = (pairs.stat().st_mtime_ns, (run_dir / "teacher.safetensors").stat().st_mtime_ns)
     assert before == after  # neither the teacher nor the pairs were made again
     assert f"ODE pairs: {pairs} (2)" in capsys.readouterr().out
+
+
+def toy_embeddings(dim=6):
+    g = torch.Generator().manual_seed(0)
+    return {p: torch.randn(3, dim, generator=g) for p in cv.PROMPTS + [""]}
+
+
+def test_exact_toy_denoiser_is_the_posterior_mean():
+    """Bayes over every clip, computed the slow way -- x_t = (1 - s) X + s eps per frame, each frame at
+    its own t -- for conditional and unconditional rows in one batch."""
+    emb, Fr = toy_embeddings(), 6
+    den = cv.ExactToyDenoiser(emb)
+    prompts = ["a red circle moving up", "", "a blue square moving left"]
+    g = torch.Generator().manual_seed(1)
+    x0 = cv.to_model_space(torch.stack([cv.render(prompts[0], 3, 4, Fr), cv.render("a cyan circle moving down", 0, 9, Fr),
+                                        cv.render(prompts[2], 10, 2, Fr)])).double()
+    t = torch.tensor([[900.0] * 3 + [400.0] * 3, [700.0] * Fr, [990.0] * 3 + [80.0] * 3])
+    x_t = cv.add_noise(x0, torch.randn(x0.shape, generator=g, dtype=torch.float64), t)
+    v = den(x_t, t, torch.stack([emb[p] for p in prompts]))
+    X = cv.to_model_space(cv.all_clips(Fr)).double()  # (48, 121, F, 3, 16, 16)
+    for b, p in enumerate(prompts):
+        cand = X.flatten(0, 1) if p == "" else X[cv.PROMPTS.index(p)]
+        s = (t[b] / 1000).double()[None, :, None, None, None]
+        logp = (-(x_t[b][None] - (1 - s) * cand).pow(2) / (2 * s**2)).flatten(2).sum(2).sum(1)
+        x0_hat = (logp.softmax(0)[:, None, None, None, None] * cand).sum(0)
+        torch.testing.assert_close(cv.velocity_to_x0(x_t[b:b + 1], v[b:b + 1], t[b:b + 1])[0], x0_hat)
+    # at low noise the posterior is the clip itself; the wrong prompt cannot reach it
+    t_low = torch.full((1, Fr), 50.0)
+    x_low = cv.add_noise(x0[:1], torch.randn(x0[:1].shape, generator=g, dtype=torch.float64), t_low)
+    torch.testing.assert_close(cv.velocity_to_x0(x_low, den(x_low, t_low, emb[prompts[0]][None]), t_low), x0[:1])
+    with pytest.raises(cv.CausVidError, match="none of the toy prompts"):
+        den(x_t[:1], t[:1], torch.randn(1, 3, 6))
+
+
+def test_exact_toy_denoiser_samples_the_world():
+    """Its ODE samples (24 Euler steps, with and without CFG) are clips of the world: the right prompt,
+    every frame step exactly 1 px."""
+    emb = toy_embeddings()
+    prompts = ["a green square moving right", "a yellow circle moving down", "a magenta circle moving left"]
+    text = torch.stack([emb[p] for p in prompts])
+    noise = torch.randn(3, 6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    for guidance in (1.0, 3.0):
+        x, _ = cv.sample_ode(cv.ExactToyDenoiser(emb), noise, text, emb[""][None], guidance, 24, 3.0)
+        score = cv.score_toy(cv.to_uint8(x), prompts)
+        assert score["best_fit_psnr"] > 50 and score["prompt_accuracy"] == 1.0 and score["steady_motion"] == 1.0
+
+
+def test_exact_teacher_runs_both_stages(fresh_run):
+    """--set exact_teacher=true: the ODE pairs are the exact denoiser's samples (clips of the world),
+    DMD's real score is the exact denoiser, and the trained teacher still initialises the models."""
+    args = ["--tiny", "--out", str(fresh_run), "--batch-size", "2", "--device", "cpu", "--set", "warmup=1"]
+    with pytest.raises(cv.CausVidError, match="exact_teacher=False"):  # pairs of the trained teacher are not reused
+        train_ode.main(args + ["--steps", "1", "--pairs", "2", "--set", "exact_teacher=true"])
+    (fresh_run / "ode_pairs.safetensors").unlink()
+    train_ode.main(args + ["--steps", "1", "--pairs", "2", "--set", "exact_teacher=true"])
+    tensors, cfg, meta = cv.load_checkpoint(str(fresh_run / "ode_pairs.safetensors"))
+    assert cfg.exact_teacher
+    score = cv.score_toy(cv.to_uint8(tensors["trajectories"][:, -1]), meta["prompts"])
+    assert score["best_fit_psnr"] > 50 and score["prompt_accuracy"] == 1.0
+    train_dmd.main(args + ["--steps", "2", "--sample-every", "5", "--set", "exact_teacher=true"])
+    meta = cv.load_checkpoint(str(fresh_run / "dmd.safetensors"), keep=lambda k: False)[2]
+    assert meta["run_config"]["exact_teacher"] is True
+    sample.main(["--tiny", "--out", str(fresh_run), "--teacher", "--set", "exact_teacher=true", "--num-frames", "6",
+                 "--prompt", "a red square moving up", "--name", "exact"])
+    data = np.load(fresh_run / "exact.npz")
+    assert cv.score_toy(torch.from_numpy(data["frames"]), list(data["prompts"]))["best_fit_psnr"] > 50
