@@ -922,7 +922,8 @@ def all_clips(num_frames: int) -> torch.Tensor:
     """Every clip of the world: uint8 (48 prompts, 121 starts, F, 16, 16, 3), start index = y * 11 + x."""
     if num_frames not in _ALL_CLIPS:
         starts = [(x, y) for y in range(MAX_POS + 1) for x in range(MAX_POS + 1)]
-        lit = {(sh, d): torch.stack([render(f"a red {sh} moving {d}", x, y, num_frames)[..., :1] > 0 for x, y in starts])
+        lit = {(sh, d): torch.stack([render(f"a red {sh} moving {d}", x, y, num_frames)[..., :1] > 0
+                                     for x, y in starts])
                for sh in SHAPES for d in DIRECTIONS}  # colour only paints: render each motion once
         _ALL_CLIPS[num_frames] = torch.stack([lit[sh, d] * torch.tensor(COLORS[c], dtype=torch.uint8)
                                               for c, sh, d in map(parse_prompt, PROMPTS)])
@@ -1064,7 +1065,8 @@ class ExactToyDenoiser(nn.Module):
         self._clips: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def clips(self, num_frames: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every clip of the world, frame-major (F, 48 * 121, P) float64, and its squared norms (F, 5808)."""
+        """Every clip of the world, frame-major (F, 48 * 121, D) float64 with D = 3 H W, and the squared
+        norms of its frames (F, 5808)."""
         if num_frames not in self._clips:
             X = to_model_space(all_clips(num_frames)).flatten(0, 1).flatten(2).double()  # (5808, F, P)
             X = X.transpose(0, 1).contiguous().to(device)
@@ -1086,9 +1088,9 @@ class ExactToyDenoiser(nn.Module):
         s = (t.double().T / 1000).clamp(min=1e-4)[..., None]  # (F, B, 1)
         which = self.recognise(text).to(x.device)
         x0 = torch.empty_like(xf)
-        for p in which.unique().tolist():  # the unconditional prompt: every clip of the world
+        for p in which.unique().tolist():
             rows = which == p
-            m = slice(None) if p == P else slice(p * n, (p + 1) * n)
+            m = slice(None) if p == P else slice(p * n, (p + 1) * n)  # unconditional: every clip of the world
             xr, sr, Xm = xf[:, rows], s[:, rows], X[:, m]  # (F, b, D), (F, b, 1), (F, M, D)
             d2 = xr.pow(2).sum(2, keepdim=True) - 2 * (1 - sr) * (xr @ Xm.transpose(1, 2)) \
                 + (1 - sr) ** 2 * norms[:, None, m]  # (F, b, M): ||x_f - (1 - s_f) X_m,f||^2
@@ -1098,7 +1100,7 @@ class ExactToyDenoiser(nn.Module):
         return v.transpose(0, 1).reshape(x.shape).to(x.dtype)
 
 
-def teacher_role(teacher: nn.Module, text_encoder: "TextEncoder", cfg: Config) -> nn.Module:
+def teacher_role(teacher: nn.Module, text_encoder: TextEncoder, cfg: Config) -> nn.Module:
     """The model that plays the teacher in the ODE pairs and as DMD's real score: the bidirectional
     teacher itself, or with cfg.exact_teacher (toy world) the world's exact denoiser."""
     if not cfg.exact_teacher:
@@ -1106,7 +1108,7 @@ def teacher_role(teacher: nn.Module, text_encoder: "TextEncoder", cfg: Config) -
     if cfg.name != "tiny":
         raise CausVidError("exact_teacher exists for the toy world only (--tiny); drop --set exact_teacher=true")
     emb = embed_prompts(text_encoder, PROMPTS + [cfg.negative_prompt])
-    return ExactToyDenoiser(emb, cfg.negative_prompt).to(next(teacher.parameters()).device)
+    return ExactToyDenoiser(emb, cfg.negative_prompt)  # its clips go to the device of the input
 
 
 # ------------------------------------------------------------------------------------------------

@@ -243,6 +243,8 @@ def test_exact_toy_denoiser_is_the_posterior_mean():
     torch.testing.assert_close(cv.velocity_to_x0(x_low, den(x_low, t_low, emb[prompts[0]][None]), t_low), x0[:1])
     with pytest.raises(cv.CausVidError, match="none of the toy prompts"):
         den(x_t[:1], t[:1], torch.randn(1, 3, 6))
+    with pytest.raises(cv.CausVidError, match="toy world only"):
+        cv.teacher_role(None, None, cv.get_config("wan2.1-t2v-1.3b", exact_teacher=True))
 
 
 def test_exact_toy_denoiser_samples_the_world():
