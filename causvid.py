@@ -1068,7 +1068,7 @@ class ExactToyDenoiser(nn.Module):
         """Every clip of the world, frame-major (F, 48 * 121, D) float64 with D = 3 H W, and the squared
         norms of its frames (F, 5808)."""
         if num_frames not in self._clips:
-            X = to_model_space(all_clips(num_frames)).flatten(0, 1).flatten(2).double()  # (5808, F, P)
+            X = to_model_space(all_clips(num_frames)).flatten(0, 1).flatten(2).double()  # (5808, F, D)
             X = X.transpose(0, 1).contiguous().to(device)
             self._clips[num_frames] = X, X.pow(2).sum(2)
         return self._clips[num_frames]

@@ -249,7 +249,8 @@ def main(argv=None):
     batch = args.batch_size or (64 if cfg.name == "tiny" else 1)
     mode = ("image-to-video" if args.image else f"video-to-video from t = {cv.student_timesteps(cfg)[start]:.0f}"
             if args.video else "text-to-video") + (f", prompt switches {switches}" if switches else "")
-    role = "causal student" if not args.teacher else "exact toy teacher" if cfg.exact_teacher else "bidirectional teacher"
+    role = ("causal student" if not args.teacher else "exact toy teacher" if cfg.exact_teacher
+            else "bidirectional teacher")
     print(f"model: {path} ({role}), {len(prompts)} "
           f"videos of {num_frames} frames, {mode}, window {window or 'unbounded'}, device {device}")
 

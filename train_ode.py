@@ -151,9 +151,9 @@ def main(argv=None):
     stored = cv.load_checkpoint(pairs_path) if os.path.exists(pairs_path) else None
     if stored is not None:
         cv.check_preset(stored[1], cfg, pairs_path)
-    if stored is not None and stored[1].exact_teacher != cfg.exact_teacher:
-        raise cv.CausVidError(f"{pairs_path!r} was made with exact_teacher={stored[1].exact_teacher}, this run has "
-                              f"{cfg.exact_teacher}; pass another --out, or delete the file")
+        if stored[1].exact_teacher != cfg.exact_teacher:
+            raise cv.CausVidError(f"{pairs_path!r} was made with exact_teacher={stored[1].exact_teacher}, this run has "
+                                  f"{cfg.exact_teacher}; pass another --out, or delete the file")
     if stored is not None and stored[0]["trajectories"].shape[0] >= n:
         pairs, prompts = stored[0]["trajectories"][:n], stored[2]["prompts"][:n]
         print(f"ODE pairs: {pairs_path} ({n})")
