@@ -1,5 +1,5 @@
 """Sec. 5.3-5.4 through sample.py: image-to-video, video-to-video, dynamic prompting, long videos
-(their quality is measured by evaluate.py on a trained model; here: that each mode does what it says)."""
+(their quality is measured by study.py on a trained model; here: that each mode does what it says)."""
 
 import imageio.v2 as imageio
 import numpy as np
@@ -8,12 +8,13 @@ import torch
 
 import causvid as cv
 import sample
+import toy_world as toy
 
 P = "a green circle moving right"
 
 
 def run(run_dir, *extra):
-    return sample.main(["--tiny", "--out", str(run_dir), "--device", "cpu", "--name", "app", *extra])
+    return sample.main(["--tiny", "--run", str(run_dir), "--device", "cpu", "--name", "app", *extra])
 
 
 def frames_of(run_dir):
@@ -21,15 +22,15 @@ def frames_of(run_dir):
 
 
 def test_window_psnr_of_a_long_true_clip_is_perfect():
-    clip = cv.render(P, 7, 3, 48)[None]  # bounces off the right wall at frame 3, then moves left
-    w = cv.window_psnr(clip, [P])
+    clip = toy.render(P, 7, 3, 48)[None]  # bounces off the right wall at frame 3, then moves left
+    w = toy.window_psnr(clip, [P])
     assert w.shape == (1, 4) and (w > 50).all()
-    wrong_axis = cv.window_psnr(clip, ["a green circle moving up"])
+    wrong_axis = toy.window_psnr(clip, ["a green circle moving up"])
     assert (wrong_axis < 30).all()
 
 
 def test_image_to_video(run_dir, tmp_path, capsys):
-    image = cv.render(P, 2, 5, 1)[0].numpy()
+    image = toy.render(P, 2, 5, 1)[0].numpy()
     imageio.imwrite(tmp_path / "first.png", np.kron(image, np.ones((2, 2, 1), dtype=np.uint8)))  # 32x32
     run(run_dir, "--image", str(tmp_path / "first.png"), "--prompt", P, "--num-frames", "6")
     assert "resized" in capsys.readouterr().out  # 32x32 -> 16x16, with a message
@@ -48,7 +49,7 @@ def test_image_with_the_wrong_channels_is_refused(run_dir, tmp_path):
 
 
 def test_video_to_video_from_an_npz(run_dir, tmp_path, capsys):
-    clips = torch.stack([cv.render("a red square moving down", 4, 1, 12), cv.render("a red square moving left", 9, 2, 12)])
+    clips = torch.stack([toy.render("a red square moving down", 4, 1, 12), toy.render("a red square moving left", 9, 2, 12)])
     np.savez(tmp_path / "in.npz", frames=clips.numpy(), prompts=np.array(["x", "y"]))
     run(run_dir, "--video", str(tmp_path / "in.npz"), "--prompt", "a blue square moving down", "--strength", "0.8")
     assert "video-to-video from t = 750" in capsys.readouterr().out  # the student step at or below 800
@@ -56,7 +57,7 @@ def test_video_to_video_from_an_npz(run_dir, tmp_path, capsys):
 
 
 def test_video_to_video_strength_checks(run_dir, tmp_path):
-    np.savez(tmp_path / "in.npz", frames=cv.render(P, 0, 0, 6)[None].numpy())
+    np.savez(tmp_path / "in.npz", frames=toy.render(P, 0, 0, 6)[None].numpy())
     with pytest.raises(cv.CausVidError, match="below the student's lowest step t = 500; use at least 0.500"):
         run(run_dir, "--video", str(tmp_path / "in.npz"), "--prompt", P, "--strength", "0.3")
     with pytest.raises(cv.CausVidError, match="fewer than --num-frames 12"):
@@ -65,7 +66,7 @@ def test_video_to_video_strength_checks(run_dir, tmp_path):
 
 def test_strength_one_ignores_the_input(run_dir, tmp_path):
     """At t = 1000 the noised input is pure noise: the output is the text-to-video sample."""
-    np.savez(tmp_path / "in.npz", frames=cv.render(P, 0, 0, 6)[None].numpy())
+    np.savez(tmp_path / "in.npz", frames=toy.render(P, 0, 0, 6)[None].numpy())
     run(run_dir, "--video", str(tmp_path / "in.npz"), "--prompt", P, "--strength", "1", "--seed", "4")
     v2v = frames_of(run_dir)
     run(run_dir, "--prompt", P, "--num-frames", "6", "--seed", "4")
@@ -93,14 +94,14 @@ def test_long_video_reports_windows(run_dir):
 
 
 def test_the_study_runs_end_to_end(run_dir, tmp_path):
-    """evaluate.py trains its baselines and prints every table (tiny step counts, 4 prompts)."""
+    """study.py trains its baselines and prints every table (tiny step counts, 4 prompts)."""
     import shutil
 
-    import evaluate
+    import study
 
     for name in ["teacher", "ode", "dmd"]:
         shutil.copy(run_dir / f"{name}.safetensors", tmp_path / f"{name}.safetensors")
-    text = evaluate.main(["--tiny", "--out", str(tmp_path), "--device", "cpu", "--seeds", "2", "--num-prompts", "8",
+    text = study.main(["--tiny", "--run", str(tmp_path), "--device", "cpu", "--seeds", "2", "--num-prompts", "8",
                           "--causal-steps", "2", "--dmd-steps", "2", "--long-frames", "24", "--batch-size", "2"])
     for name in ["causal_diffusion.safetensors", "dmd_no_ode/dmd.safetensors", "dmd_causal_teacher/dmd.safetensors",
                  "study/results.md", "study/teacher_vs_causvid.gif"]:
@@ -109,4 +110,4 @@ def test_the_study_runs_end_to_end(run_dir, tmp_path):
                     "Long video"]:
         assert heading in text
     assert text.count("CausVid** (ODE init") == 2  # a row of Table 4 and of Fig. 8
-    assert 1.0 < evaluate.predicted_cache_speedup(cv.get_config("tiny"), 48) < 20
+    assert 1.0 < study.predicted_cache_speedup(cv.get_config("tiny"), 48) < 20

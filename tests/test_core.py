@@ -7,6 +7,9 @@ import pytest
 import torch
 
 import causvid as cv
+import toy_world as toy
+import utils
+import wan
 
 
 def small_config(**kw) -> cv.Config:
@@ -181,8 +184,19 @@ def test_several_chunks_written_into_a_cache_see_each_other_block_causally():
     assert (streamed - full).abs().max() <= 1e-5 and streamed.abs().max() > 1e-2
 
 
+def windowed_without_cache(model, noise, texts, ts, g, context, window, keep):
+    """The official window scheme without a cache: each chunk recomputes the window's clean frames."""
+    K, past, out = model.cfg.chunk_size, list(context.split(model.cfg.chunk_size, 1)), []
+    for c, x in enumerate(noise.split(K, 1)):
+        if (len(past) + 1) * K > window:
+            past = past[-(keep // K):]
+        out.append(next(cv.recompute_generate(model, x, texts[c], ts, g, context=torch.cat(past, 1))))
+        past.append(out[-1])
+    return torch.cat(out, 1)
+
+
 def test_stream_with_context_window_and_chunk_iterator_equals_recomputing():
-    """Every application runs through one loop; with the cache it must equal the no-cache baseline:
+    """Every application runs through one loop; with the cache it must equal recomputing the past:
     I2V context, a sliding window with re-encoding, chunks fed from an iterator. (With a prompt that
     changes the two differ by design: cached frames keep the keys their own prompt gave them.)"""
     cfg = small_config()
@@ -191,25 +205,40 @@ def test_stream_with_context_window_and_chunk_iterator_equals_recomputing():
     noise = torch.randn(2, 14, 3, 8, 8, generator=g)  # 7 chunks of 2
     context = torch.randn(2, 2, 3, 8, 8, generator=g)
     texts = [torch.randn(2, 5, 16, generator=g)] * 7
-    kw = dict(context=context, window=6, keep=2)
-    cached = stream(model, iter(noise.split(2, 1)), texts, TS, **kw)
-    uncached = stream(model, noise, texts, TS, use_cache=False, **kw)
+    cached = stream(model, iter(noise.split(2, 1)), texts, TS, context=context, window=6, keep=2)
+    uncached = windowed_without_cache(model, noise, texts, TS, torch.Generator().manual_seed(7), context, 6, 2)
     assert cached.shape == noise.shape and (cached - uncached).abs().max() <= 1e-5
+    # without a window, recompute_generate is the whole baseline (Table 3), context included
+    plain = torch.cat(list(cv.recompute_generate(model, noise, texts[0], TS, torch.Generator().manual_seed(7), context)), 1)
+    assert (stream(model, noise, texts[0], TS, context=context) - plain).abs().max() <= 1e-5
 
 
-def test_deterministic_guided_stream_is_the_euler_cfg_sampler():
-    """stochastic=False + the teacher's schedule + CFG = sample_ode, chunk by chunk: on a one-chunk
-    clip the two are the same computation, and with the cache it equals recomputing the prefix."""
+def with_past(model, past):
+    """model over [past clean frames at t = 0, x], returning x's velocity (CFG's doubled batch too)."""
+    def f(x, t, text):
+        p = torch.cat([past] * (len(x) // len(past)))
+        return model(torch.cat([p, x], 1), torch.cat([t.new_zeros(len(t), p.shape[1]), t], 1), text)[:, p.shape[1]:]
+    return f
+
+
+def test_causal_sampler_is_the_euler_cfg_sampler_chunk_by_chunk():
+    """sample_ode_causal (Table 4's causal diffusion baseline) = sample_ode with CFG run chunk after
+    chunk, each over the clean chunks before it: with the cache it equals recomputing the past, and its
+    kept states are the chunks' ODE trajectories (the pairs of a causal teacher)."""
     cfg = small_config()
     model = make_model(causal=True, cfg=cfg)
     noise, _, text = inputs(cfg, seed=8)
     uncond = torch.randn(1, 5, 16)
-    ts = cv.sampling_schedule(6, 3.0).float()
-    kw = dict(stochastic=False, uncond=uncond, guidance=2.5)
-    one_chunk = stream(model, noise[:, :2], text, ts, **kw)
-    euler = cv.sample_ode(model, noise[:, :2], text, uncond, 2.5, steps=6, shift=3.0)[0]
-    assert (one_chunk - euler).abs().max() <= 1e-4 and euler.abs().max() > 1e-2
-    assert (stream(model, noise, text, ts, **kw) - stream(model, noise, text, ts, use_cache=False, **kw)).abs().max() <= 1e-4
+    x0, kept = cv.sample_ode_causal(model, noise, text, uncond, 2.5, steps=6, shift=3.0, keep=(0, 3))
+    done, states = [], []
+    for x in noise.split(2, 1):
+        past = torch.cat(done, 1) if done else x[:, :0]
+        ref, traj = cv.sample_ode(with_past(model, past), x, text, uncond, 2.5, steps=6, shift=3.0, keep=(0, 3))
+        done.append(ref)
+        states.append(traj)
+    assert (x0 - torch.cat(done, 1)).abs().max() <= 1e-4 and x0.abs().max() > 1e-2
+    assert kept.shape == (2, 3, *noise.shape[1:]) and (kept - torch.cat(states, 2)).abs().max() <= 1e-4
+    assert torch.equal(kept[:, 0], noise) and torch.equal(kept[:, -1], x0)
 
 
 def test_dynamic_prompt_changes_only_what_follows():
@@ -225,27 +254,29 @@ def test_dynamic_prompt_changes_only_what_follows():
 
 
 def test_window_bounds_the_cache_and_the_positions(monkeypatch):
-    """120-frame-long and 24-frame-long streams hold caches of the same peak size, and no frame is
-    ever encoded at a position past the window."""
+    """120-frame-long and 24-frame-long streams hold caches of the same peak size, a chunk never
+    attends over more than the window, and no frame is ever encoded at a position past the window."""
     cfg = small_config(chunk_size=3, num_frames=12)
     model = make_model(causal=True, cfg=cfg)
     seen = []
-    real_append = cv.KVCache.append
+    real = cv.KVCache.attend_to
 
-    def append(self, kvs, n):
-        real_append(self, kvs, n)
-        seen.append((self.num_frames, tuple(self.k[0].shape)))
+    def attend_to(self, layer, k, v, write):
+        k_all, v_all = real(self, layer, k, v, write)
+        seen.append((self.num_frames + k.shape[1] // 4, k_all.shape[1], tuple(self.k[layer].shape) if write else ()))
+        return k_all, v_all
 
-    monkeypatch.setattr(cv.KVCache, "append", append)
+    monkeypatch.setattr(cv.KVCache, "attend_to", attend_to)
     text = torch.randn(1, 5, 16)
     peaks = {}
     for frames in [24, 120]:
         seen.clear()
         out = stream(model, torch.randn(1, frames, 3, 8, 8), text, TS, window=12)
         assert out.shape[1] == frames and torch.isfinite(out).all()
-        peaks[frames] = max(shape for _, shape in seen)
-        assert max(n for n, _ in seen) <= 12 - 3  # cache + the chunk being made fit in the window
-    assert peaks[24] == peaks[120] == (1, 9 * 4, 2, 24)  # 9 frames of 4 tokens, 2 heads of 24
+        peaks[frames] = max(stored for _, _, stored in seen)
+        assert max(last for last, _, _ in seen) <= 12  # RoPE positions stay inside the window
+        assert max(n for _, n, _ in seen) <= 12 * 4  # a chunk attends over at most the window
+    assert peaks[24] == peaks[120] == (1, 9 * 4, 2, 24)  # the cache: 9 frames of 4 tokens, 2 heads of 24
 
 
 def test_cache_holds_post_rope_keys_at_their_positions():
@@ -271,7 +302,7 @@ def diffusers_pair(seed=0):
         ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         eps=cfg.eps)
     randomize(ref, seed)
-    ours = cv.from_diffusers_state_dict(cv.DiT(cfg), ref.state_dict()).eval()
+    ours = wan.from_diffusers_state_dict(cv.DiT(cfg), ref.state_dict()).eval()
     return cfg, ref, ours
 
 
@@ -308,9 +339,9 @@ def test_our_names_are_wans_original_names():
 
     ours = cv.DiT(small_config()).state_dict()
     converted = convert_wan_transformer_to_diffusers(dict(ours))
-    assert set(converted) == {cv._diffusers_key(k) for k in ours}
+    assert set(converted) == {wan.diffusers_key(k) for k in ours}
     for k, v in ours.items():
-        assert converted[cv._diffusers_key(k)] is v
+        assert converted[wan.diffusers_key(k)] is v
 
 
 def test_diffusers_loading_is_strict():
@@ -319,10 +350,10 @@ def test_diffusers_loading_is_strict():
     state.pop("blocks.0.attn1.to_q.weight")
     state["blocks.0.extra.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match="blocks.0.extra.weight"):
-        cv.from_diffusers_state_dict(cv.DiT(cfg), state)
+        wan.from_diffusers_state_dict(cv.DiT(cfg), state)
     del state["blocks.0.extra.weight"]
     with pytest.raises(ValueError, match=r"missing \['blocks.0.self_attn.q.weight'\]"):
-        cv.from_diffusers_state_dict(cv.DiT(cfg), state)
+        wan.from_diffusers_state_dict(cv.DiT(cfg), state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,11 +461,17 @@ def dmd_gaussian_setup():
     return cfg, mu, a, teacher, gen, critic
 
 
+def dmd(x0, teacher, critic, cfg):
+    """The generator's DMD loss at Alg. 1 line 8's random t, no text, no CFG."""
+    t = cv.dmd_timesteps(len(x0), x0.shape[1], cfg.shift, cfg.dmd_t_min, cfg.dmd_t_max)
+    return cv.dmd_loss(x0, t, teacher, critic, None)
+
+
 def test_dmd_gradient_points_toward_the_teacher():
     torch.manual_seed(0)
     cfg, mu, a, teacher, gen, critic = dmd_gaussian_setup()
     z = torch.randn(4096, 1, 2, 1, 1)
-    loss, _ = cv.dmd_loss(gen(z), teacher, critic, None, None, cfg)
+    loss, _ = dmd(gen(z), teacher, critic, cfg)
     loss.backward()
     # gradient descent must move b towards mu (-1 -> 1 up, 2 -> -0.5 down) and c towards a (0.2 up, 1.5 down)
     assert gen.b.grad[0] < 0 and gen.b.grad[1] > 0
@@ -448,7 +485,7 @@ def test_dmd_steps_shrink_the_gap():
     start = gap()
     opt = torch.optim.SGD(gen.parameters(), lr=0.5)
     for _ in range(200):
-        loss, _ = cv.dmd_loss(gen(torch.randn(256, 1, 2, 1, 1)), teacher, critic, None, None, cfg)
+        loss, _ = dmd(gen(torch.randn(256, 1, 2, 1, 1)), teacher, critic, cfg)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -461,7 +498,7 @@ def test_dmd_loss_value_and_gradient_form():
     x0 = torch.randn(2, 3, 1, 2, 2, requires_grad=True)
     fake = lambda x, t, text: torch.zeros_like(x)
     real = lambda x, t, text: torch.ones_like(x)
-    loss, _ = cv.dmd_loss(x0, real, fake, None, None, cfg)
+    loss, _ = dmd(x0, real, fake, cfg)
     loss.backward()
     g = x0.grad * x0.numel()  # the gradient is g / n; scale it back
     assert torch.allclose(loss, 0.5 * (g.double() ** 2).mean(), rtol=1e-5)
@@ -474,7 +511,7 @@ def test_critic_loss_trains_only_the_critic():
     critic = make_model(causal=False, cfg=cfg)
     x, _, text = inputs(cfg)
     x_gen = x.clone().requires_grad_(True)
-    loss = cv.critic_loss(critic, x_gen, text, cfg)
+    loss = cv.critic_loss(critic, x_gen, torch.full((2, cfg.num_frames), 500.0), text)
     loss.backward()
     assert x_gen.grad is None
     assert all(p.grad is not None for p in critic.parameters())
@@ -584,13 +621,13 @@ def test_clean_context_chunks_in_dmd_generator_input():
 
 def test_tiny_text_encoder():
     cfg = cv.get_config("tiny")
-    enc = cv.build_text_encoder(cfg)
+    enc = toy.tiny_text_encoder(cfg)
     out = enc(["a red circle moving left", ""])
     assert out.shape == (2, cfg.text_len, cfg.text_dim)
     n = len("a red circle moving left") + 1  # bytes + </s>
     assert out[0, n:].abs().max() == 0 and out[0, :n].abs().min() > 0  # zero padding after the prompt
     assert out[1, 1:].abs().max() == 0  # "" is </s> alone
-    again = cv.build_text_encoder(cfg)(["a red circle moving left"])  # seeded: the same encoder every time
+    again = toy.tiny_text_encoder(cfg)(["a red circle moving left"])  # seeded: the same encoder every time
     assert torch.equal(again[0], out[0])
     assert not any(p.requires_grad for p in enc.parameters())
 
@@ -599,13 +636,13 @@ def test_checkpoint_round_trip(tmp_path):
     cfg = small_config()
     model = make_model(causal=True, cfg=cfg)
     path = str(tmp_path / "m.safetensors")
-    cv.save_model(path, model, step=3)
-    loaded = cv.load_model(path)
+    utils.save_model(path, model, step=3)
+    loaded = utils.load_model(path)
     assert loaded.causal and loaded.cfg == cfg
     x, t, text = inputs(cfg)
     with torch.no_grad():
         assert torch.equal(model(x, t, text), loaded(x, t, text))
-    assert cv.load_checkpoint(path)[2]["step"] == 3
+    assert utils.load_checkpoint(path)[2]["step"] == 3
 
 
 def test_fresh_model_predicts_zero_velocity():
@@ -620,7 +657,7 @@ def test_fresh_model_predicts_zero_velocity():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_flex_attention_block_mask_equals_the_dense_mask(monkeypatch):
+def test_flex_attention_block_mask_equals_the_dense_mask():
     """What runs on CUDA (FlexAttention with a BlockMask built from Eq. 5), checked on CPU in eager
     mode against SDPA with the dense mask: a whole clip, and two chunks written after a cache."""
     import warnings
@@ -633,7 +670,7 @@ def test_flex_attention_block_mask_equals_the_dense_mask(monkeypatch):
         cache = cv.KVCache()
         cv.fill_cache(model, cache, x[:, :2], text)
         dense_cached = model(x[:, 2:], t[:, 2:], text, cache=cache)
-        monkeypatch.setattr(cv, "ATTENTION", "flex")
+        model.attention = "flex"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # eager FlexAttention warns that it is unfused
             flex = model(x, t, text)

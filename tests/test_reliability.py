@@ -16,6 +16,7 @@ import causvid as cv
 import sample
 import train_dmd
 import train_ode
+import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "a red square moving up"
@@ -27,7 +28,7 @@ PROMPT = "a red square moving up"
 
 
 def sample_args(run_dir, *extra):
-    return ["--tiny", "--out", str(run_dir), "--device", "cpu", "--prompt", PROMPT, *extra]
+    return ["--tiny", "--run", str(run_dir), "--device", "cpu", "--prompt", PROMPT, *extra]
 
 
 def test_missing_checkpoint(run_dir, tmp_path):
@@ -49,12 +50,12 @@ def test_not_a_checkpoint_and_truncated(run_dir, tmp_path):
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(cv.CausVidError, match="not a CausVid checkpoint"):
-        cv.load_model(str(tmp_path / "foreign.safetensors"))
+        utils.load_model(str(tmp_path / "foreign.safetensors"))
 
 
 def test_checkpoint_of_another_preset(run_dir):
     with pytest.raises(cv.CausVidError, match="holds a 'tiny' model but the preset asked for is 'wan2.1-t2v-1.3b'"):
-        sample.main(["--config", "wan2.1-t2v-1.3b", "--out", str(run_dir), "--device", "cpu",
+        sample.main(["--config", "wan2.1-t2v-1.3b", "--run", str(run_dir), "--device", "cpu",
                      "--ckpt", str(run_dir / "dmd.safetensors"), "--prompt", PROMPT])
 
 
@@ -66,15 +67,15 @@ def test_bad_frame_counts(run_dir, frames):
 
 def test_bad_prompts(run_dir):
     with pytest.raises(cv.CausVidError, match="is empty; give a text prompt"):
-        sample.main(["--tiny", "--out", str(run_dir), "--prompt", "  "])
-    enc = cv.load_text_encoder(str(run_dir / "teacher.safetensors"))
+        sample.main(["--tiny", "--run", str(run_dir), "--prompt", "  "])
+    enc = utils.load_text_encoder(str(run_dir / "teacher.safetensors"))
     for bad in [[], "a red square moving up", [PROMPT, 3], None]:
         with pytest.raises(cv.CausVidError, match="prompts must be a non-empty list of strings"):
             enc(bad)
 
 
 def test_long_prompt_is_truncated_with_a_warning(run_dir):
-    enc = cv.load_text_encoder(str(run_dir / "teacher.safetensors"))
+    enc = utils.load_text_encoder(str(run_dir / "teacher.safetensors"))
     long = "a red square moving up " * 4  # 92 bytes > text_len 32
     with pytest.warns(UserWarning, match="longer than the text length 32; only its first 32 tokens are used"):
         out = enc([long])
@@ -87,14 +88,14 @@ def test_long_prompt_is_truncated_with_a_warning(run_dir):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda(run_dir):
     with pytest.raises(cv.CausVidError, match="torch sees no CUDA GPU; use --device cpu"):
-        sample.main(["--tiny", "--out", str(run_dir), "--device", "cuda"])
+        sample.main(["--tiny", "--run", str(run_dir), "--device", "cuda"])
 
 
 def test_unwritable_out(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a directory")
-    with pytest.raises(cv.CausVidError, match="cannot write to --out .* pass a directory you can write to"):
-        train_ode.main(["--tiny", "--out", str(blocker / "run")])
+    with pytest.raises(cv.CausVidError, match="cannot write to --run .* pass a directory you can write to"):
+        train_ode.main(["--tiny", "--run", str(blocker / "run")])
 
 
 def test_contradicting_presets():
@@ -106,7 +107,7 @@ def test_contradicting_presets():
 
 def test_the_scripts_print_one_line_and_exit_2(tmp_path):
     for script in ["sample.py", "train_dmd.py"]:
-        r = subprocess.run([sys.executable, script, "--tiny", "--out", str(tmp_path), "--device", "cpu",
+        r = subprocess.run([sys.executable, script, "--tiny", "--run", str(tmp_path), "--device", "cpu",
                             "--ckpt" if script == "sample.py" else "--ode", str(tmp_path / "missing.safetensors")],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2
@@ -122,8 +123,8 @@ def test_the_scripts_print_one_line_and_exit_2(tmp_path):
 
 def test_a_save_that_dies_midway_leaves_the_previous_checkpoint(run_dir, tmp_path, monkeypatch):
     path = str(tmp_path / "model.safetensors")
-    model = cv.load_model(str(run_dir / "ode.safetensors"))
-    cv.save_model(path, model, stage="first")
+    model = utils.load_model(str(run_dir / "ode.safetensors"))
+    utils.save_model(path, model, stage="first")
     import safetensors.torch
 
     real_save = safetensors.torch.save_file
@@ -136,16 +137,17 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint(run_dir, tmp_pat
 
     monkeypatch.setattr(safetensors.torch, "save_file", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        cv.save_model(path, cv.DiT(model.cfg, causal=True), stage="second")
+        utils.save_model(path, cv.DiT(model.cfg, causal=True), stage="second")
     monkeypatch.undo()
-    tensors, _, meta = cv.load_checkpoint(path)
+    tensors, _, meta = utils.load_checkpoint(path)
     assert meta["stage"] == "first"
     assert all(torch.equal(v, tensors[k]) for k, v in model.state_dict().items())
     assert os.listdir(tmp_path) == ["model.safetensors"]  # no temporary file left behind
 
 
 def test_nothing_is_unpickled():
-    for name in ["causvid.py", "train_ode.py", "train_dmd.py", "sample.py"]:
+    for name in ["causvid.py", "toy_world.py", "wan.py", "utils.py", "train_ode.py", "train_dmd.py", "sample.py",
+                 "study.py", "bench.py"]:
         source = open(os.path.join(ROOT, name)).read()
         assert not re.search(r"import pickle|pickle\.loads?\(|allow_pickle=True", source)
         calls = re.findall(r"torch\.load\([^)]*\)", source)
@@ -158,15 +160,15 @@ def test_nothing_is_unpickled():
 
 
 def record_logs(monkeypatch):
-    """Every value train_ode.log prints (both scripts log through it), keyed by (stage, step)."""
+    """Every value utils.log prints (both scripts log through it), keyed by (stage, step)."""
     seen = {}
-    real = train_ode.log
+    real = utils.log
 
     def log(stage, step, total, t0, **values):
         seen[(stage, step)] = values
         real(stage, step, total, t0, **values)
 
-    monkeypatch.setattr(train_ode, "log", log)
+    monkeypatch.setattr(utils, "log", log)
     return seen
 
 
@@ -191,23 +193,23 @@ def test_ode_resume_gives_the_same_losses(fresh_run, tmp_path_factory, monkeypat
     common = ["--tiny", "--device", "cpu", "--steps", "6", "--batch-size", "2", "--log-every", "1", "--pairs", "3"]
 
     straight = record_logs(monkeypatch)
-    train_ode.main(common + ["--out", str(fresh_run)])
+    train_ode.main(common + ["--run", str(fresh_run)])
     monkeypatch.undo()
 
     resumed = record_logs(monkeypatch)
     interrupt_at_call(monkeypatch, cv, "ode_regression_loss", 4)
     with pytest.raises(SystemExit) as stop:
-        train_ode.main(common + ["--out", str(other)])
+        train_ode.main(common + ["--run", str(other)])
     assert stop.value.code == 130 and (other / "ode_state.safetensors").exists()
     assert not (other / "ode.safetensors").exists() and max(s for _, s in resumed) == 4
     monkeypatch.undo()
     resumed = record_logs(monkeypatch)
-    train_ode.main(common + ["--out", str(other), "--resume"])
+    train_ode.main(common + ["--run", str(other), "--resume"])
     assert sorted(resumed) == [("ode", 5), ("ode", 6)]
     for key in resumed:
         assert resumed[key] == straight[key]  # bit-identical losses and gradient norms
     assert not (other / "ode_state.safetensors").exists()  # done: the checkpoint replaces the state
-    a, b = cv.load_model(str(fresh_run / "ode.safetensors")), cv.load_model(str(other / "ode.safetensors"))
+    a, b = utils.load_model(str(fresh_run / "ode.safetensors")), utils.load_model(str(other / "ode.safetensors"))
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
 
@@ -218,15 +220,15 @@ def test_dmd_resume_gives_the_same_losses(fresh_run, tmp_path_factory, monkeypat
     common = ["--tiny", "--device", "cpu", "--steps", "7", "--batch-size", "2", "--log-every", "1",
               "--sample-every", "1000"]
     straight = record_logs(monkeypatch)
-    train_dmd.main(common + ["--out", str(fresh_run)])
+    train_dmd.main(common + ["--run", str(fresh_run)])
     monkeypatch.undo()
 
     interrupt_at_call(monkeypatch, cv, "critic_loss", 3)
     with pytest.raises(SystemExit):
-        train_dmd.main(common + ["--out", str(other)])
+        train_dmd.main(common + ["--run", str(other)])
     monkeypatch.undo()
     resumed = record_logs(monkeypatch)
-    train_dmd.main(common + ["--out", str(other), "--resume"])
+    train_dmd.main(common + ["--run", str(other), "--resume"])
     assert sorted(s for _, s in resumed) == [4, 5, 6, 7]  # step 6 is a generator step (ratio 5)
     for key, values in resumed.items():  # (the straight run's lines also repeat step 1's generator values)
         assert values == {k: straight[key][k] for k in values}
@@ -237,10 +239,10 @@ def test_resume_refuses_another_config(fresh_run, monkeypatch):
     os.remove(fresh_run / "ode.safetensors")
     interrupt_at_call(monkeypatch, cv, "ode_regression_loss", 1)
     with pytest.raises(SystemExit):
-        train_ode.main(["--tiny", "--out", str(fresh_run), "--steps", "4", "--batch-size", "2", "--pairs", "3"])
+        train_ode.main(["--tiny", "--run", str(fresh_run), "--steps", "4", "--batch-size", "2", "--pairs", "3"])
     monkeypatch.undo()
     with pytest.raises(cv.CausVidError, match="saved with another config .*batch_size.*resume with the same flags"):
-        train_ode.main(["--tiny", "--out", str(fresh_run), "--steps", "4", "--batch-size", "3", "--pairs", "3", "--resume"])
+        train_ode.main(["--tiny", "--run", str(fresh_run), "--steps", "4", "--batch-size", "3", "--pairs", "3", "--resume"])
 
 
 def test_nan_stops_training_naming_the_step(fresh_run, monkeypatch):
@@ -253,10 +255,10 @@ def test_nan_stops_training_naming_the_step(fresh_run, monkeypatch):
         return loss * float("nan") if calls[0] == 3 else loss
 
     monkeypatch.setattr(cv, "ode_regression_loss", poisoned)
-    with pytest.raises(cv.NonFiniteError, match=r"ODE regression stopped at step 3: the loss is nan; .*"
+    with pytest.raises(utils.NonFiniteError, match=r"ODE regression stopped at step 3: the loss is nan; .*"
                                                 r"last good state \(after step 2\) is in .*ode_state"):
-        train_ode.main(["--tiny", "--out", str(fresh_run), "--steps", "5", "--batch-size", "2", "--pairs", "3"])
-    tensors, _, meta = cv.load_checkpoint(str(fresh_run / "ode_state.safetensors"))
+        train_ode.main(["--tiny", "--run", str(fresh_run), "--steps", "5", "--batch-size", "2", "--pairs", "3"])
+    tensors, _, meta = utils.load_checkpoint(str(fresh_run / "ode_state.safetensors"))
     assert meta["step"] == 2 and all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
     assert not (fresh_run / "ode.safetensors").exists()
 
@@ -265,8 +267,8 @@ def test_nan_gradient_is_not_applied():
     p = torch.nn.Parameter(torch.zeros(3))
     opt = torch.optim.AdamW([p], lr=0.1)
     loss = p.sqrt().sum()  # finite (0) loss, infinite gradient 1 / (2 sqrt(0))
-    with pytest.raises(cv.NonFiniteError, match="gradient norm is inf"):
-        cv.optimizer_step(loss, opt, [p], clip=1.0)
+    with pytest.raises(utils.NonFiniteError, match="gradient norm is inf"):
+        utils.optimizer_step(loss, opt, [p], clip=1.0)
     assert torch.equal(p.detach(), torch.zeros(3)) and not opt.state  # nothing was applied
 
 

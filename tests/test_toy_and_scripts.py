@@ -8,8 +8,10 @@ import torch
 
 import causvid as cv
 import sample
+import toy_world as toy
 import train_dmd
 import train_ode
+import utils
 
 CIRCLE = """
 ..##..
@@ -23,82 +25,82 @@ CIRCLE = """
 
 def test_circle_mask_is_the_drawing():
     expect = torch.tensor([[c == "#" for c in row] for row in CIRCLE.split()])
-    assert torch.equal(cv.shape_mask("circle"), expect)
-    assert cv.shape_mask("circle").sum() == 24 and cv.shape_mask("square").sum() == 36
+    assert torch.equal(toy.shape_mask("circle"), expect)
+    assert toy.shape_mask("circle").sum() == 24 and toy.shape_mask("square").sum() == 36
 
 
 def test_bounce_at_the_walls():
-    xs = [x for x, _ in cv.trajectory(8, 4, "right", 6)]
+    xs = [x for x, _ in toy.trajectory(8, 4, "right", 6)]
     assert xs == [8, 9, 10, 9, 8, 7]
-    assert [x for x, _ in cv.trajectory(0, 4, "left", 4)] == [0, 1, 2, 3]  # starts at the wall
-    assert [y for _, y in cv.trajectory(3, 2, "up", 6)] == [2, 1, 0, 1, 2, 3]  # up is toward row 0
-    assert [y for _, y in cv.trajectory(3, 9, "down", 4)] == [9, 10, 9, 8]
-    assert all(x == 3 for x, _ in cv.trajectory(3, 2, "up", 6))  # the other axis never moves
-    assert len(cv.trajectory(5, 5, "left", 100)) == 100
+    assert [x for x, _ in toy.trajectory(0, 4, "left", 4)] == [0, 1, 2, 3]  # starts at the wall
+    assert [y for _, y in toy.trajectory(3, 2, "up", 6)] == [2, 1, 0, 1, 2, 3]  # up is toward row 0
+    assert [y for _, y in toy.trajectory(3, 9, "down", 4)] == [9, 10, 9, 8]
+    assert all(x == 3 for x, _ in toy.trajectory(3, 2, "up", 6))  # the other axis never moves
+    assert len(toy.trajectory(5, 5, "left", 100)) == 100
 
 
 def test_render_pixels():
-    clip = cv.render("a magenta circle moving down", 2, 7, 3)
+    clip = toy.render("a magenta circle moving down", 2, 7, 3)
     assert clip.shape == (3, 16, 16, 3) and clip.dtype == torch.uint8
     for f, (x, y) in enumerate([(2, 7), (2, 8), (2, 9)]):
         lit = (clip[f] > 0).any(-1)
         box = torch.zeros(16, 16, dtype=torch.bool)
-        box[y:y + 6, x:x + 6] = cv.shape_mask("circle")
+        box[y:y + 6, x:x + 6] = toy.shape_mask("circle")
         assert torch.equal(lit, box)
         assert (clip[f][lit] == torch.tensor([255, 0, 255], dtype=torch.uint8)).all()
     assert clip[0, 0, 0].tolist() == [0, 0, 0]
 
 
 def test_all_clips_are_the_renders():
-    clips = cv.all_clips(5)
+    clips = toy.all_clips(5)
     assert clips.shape == (48, 121, 5, 16, 16, 3)
-    for i, p in enumerate(cv.PROMPTS):
+    for i, p in enumerate(toy.PROMPTS):
         for start in (0, 37, 120):  # index = y * 11 + x
-            assert torch.equal(clips[i, start], cv.render(p, start % 11, start // 11, 5))
+            assert torch.equal(clips[i, start], toy.render(p, start % 11, start // 11, 5))
 
 
 def test_prompts():
-    assert len(cv.PROMPTS) == 48 == len(set(cv.PROMPTS))
-    assert cv.parse_prompt("a red circle moving left") == ("red", "circle", "left")
-    assert "a yellow square moving up" in cv.PROMPTS
+    assert len(toy.PROMPTS) == 48 == len(set(toy.PROMPTS))
+    assert toy.parse_prompt("a red circle moving left") == ("red", "circle", "left")
+    assert "a yellow square moving up" in toy.PROMPTS
     for bad in ["a red triangle moving left", "red circle moving left", "a red circle moving sideways", ""]:
         with pytest.raises(ValueError, match="not a toy prompt"):
-            cv.parse_prompt(bad)
+            toy.parse_prompt(bad)
 
 
 def test_dataset_batch():
-    x, prompts = cv.toy_batch(5, 12, torch.Generator().manual_seed(0))
+    x, prompts = toy.toy_batch(5, 12, torch.Generator().manual_seed(0))
     assert x.shape == (5, 12, 3, 16, 16) and len(prompts) == 5
     assert x.min() == -1 and x.max() == 1
-    assert torch.equal(cv.to_uint8(x), cv.to_uint8(cv.to_model_space(cv.to_uint8(x))))  # round trip
+    assert torch.equal(toy.to_uint8(x), toy.to_uint8(toy.to_model_space(toy.to_uint8(x))))  # round trip
 
 
 def test_score_perfect_noisy_and_wrong():
     p = "a green square moving left"
-    clip = cv.render(p, 4, 6, 12)[None]
-    s = cv.score_toy(clip, [p])
+    clip = toy.render(p, 4, 6, 12)[None]
+    s = toy.score_toy(clip, [p])
     assert s["best_fit_psnr"] > 50 and s["prompt_accuracy"] == 1.0
     g = torch.Generator().manual_seed(0)
     psnrs = []
     for sigma in [5, 20, 60]:
         noisy = (clip.float() + sigma * torch.randn(clip.shape, generator=g)).clamp(0, 255).round().to(torch.uint8)
-        psnrs.append(cv.score_toy(noisy, [p])["best_fit_psnr"])
+        psnrs.append(toy.score_toy(noisy, [p])["best_fit_psnr"])
     assert psnrs[0] > psnrs[1] > psnrs[2]
-    wrong = cv.render("a blue square moving left", 4, 6, 12)[None]
-    assert cv.score_toy(wrong, [p])["prompt_accuracy"] == 0.0
-    assert cv.score_toy(wrong, [p])["errors"] == {"colour": 1, "shape": 0, "axis": 0, "direction": 0}
-    backwards = cv.render("a green square moving right", 8, 6, 12)[None]  # no bounce for 2 frames: not "left"
-    assert cv.score_toy(backwards, [p])["errors"] == {"colour": 0, "shape": 0, "axis": 0, "direction": 1}
-    assert cv.score_toy(clip, [p])["errors"] == {"colour": 0, "shape": 0, "axis": 0, "direction": 0}
+    wrong = toy.render("a blue square moving left", 4, 6, 12)[None]
+    assert toy.score_toy(wrong, [p])["prompt_accuracy"] == 0.0
+    assert toy.score_toy(wrong, [p])["errors"] == {"colour": 1, "shape": 0, "axis": 0, "direction": 0}
+    backwards = toy.render("a green square moving right", 8, 6, 12)[None]  # no bounce for 2 frames: not "left"
+    assert toy.score_toy(backwards, [p])["errors"] == {"colour": 0, "shape": 0, "axis": 0, "direction": 1}
+    assert toy.score_toy(clip, [p])["errors"] == {"colour": 0, "shape": 0, "axis": 0, "direction": 0}
 
 
 def test_diversity():
     p = "a red square moving up"
-    same = cv.render(p, 3, 3, 12)[None].repeat(8, 1, 1, 1, 1)
-    spread = torch.stack([cv.render(p, x, 0, 12) for x in range(8)])
+    same = toy.render(p, 3, 3, 12)[None].repeat(8, 1, 1, 1, 1)
+    spread = torch.stack([toy.render(p, x, 0, 12) for x in range(8)])
     expected = 121 * (1 - (120 / 121) ** 8)
-    assert cv.score_toy(same, [p] * 8)["diversity"] == pytest.approx(1 / expected)
-    assert cv.score_toy(spread, [p] * 8)["diversity"] == pytest.approx(8 / expected)
+    assert toy.score_toy(same, [p] * 8)["diversity"] == pytest.approx(1 / expected)
+    assert toy.score_toy(spread, [p] * 8)["diversity"] == pytest.approx(8 / expected)
 
 
 
@@ -106,26 +108,26 @@ def test_steady_motion():
     """1 px per frame along the prompt's axis, bounces included, scores 1; a frozen clip, a 2-px
     jump, the wrong axis or a missing object score 0 on the affected steps."""
     for p, x, y in [("a red circle moving right", 8, 2), ("a cyan square moving up", 5, 1), ("a blue circle moving left", 0, 0)]:
-        assert cv.steady_motion(cv.render(p, x, y, 12)[None], [p]).item() == 1.0  # bounces at 10 / 0 included
+        assert toy.steady_motion(toy.render(p, x, y, 12)[None], [p]).item() == 1.0  # bounces at 10 / 0 included
     p = "a red circle moving right"
-    clip = cv.render(p, 2, 3, 12)
+    clip = toy.render(p, 2, 3, 12)
     frozen = clip[:1].repeat(12, 1, 1, 1)
-    jumps = cv.render(p, 0, 3, 24)[::2][:12]  # 2 px per frame
-    assert cv.steady_motion(torch.stack([frozen, jumps]), [p, p]).tolist() == [0.0, 0.0]
-    assert cv.steady_motion(clip[None], ["a red circle moving up"]).item() == 0.0  # moves across the axis
+    jumps = toy.render(p, 0, 3, 24)[::2][:12]  # 2 px per frame
+    assert toy.steady_motion(torch.stack([frozen, jumps]), [p, p]).tolist() == [0.0, 0.0]
+    assert toy.steady_motion(clip[None], ["a red circle moving up"]).item() == 0.0  # moves across the axis
     paused = clip.clone()
     paused[6] = clip[5]  # frame 5 shown twice: steps 5->6 (0 px) and 6->7 (2 px) are wrong
-    assert cv.steady_motion(paused[None], [p]).item() == pytest.approx(9 / 11)
+    assert toy.steady_motion(paused[None], [p]).item() == pytest.approx(9 / 11)
     blank = clip.clone()
     blank[0] = 0
-    assert cv.steady_motion(blank[None], [p]).item() == pytest.approx(10 / 11)
-    assert cv.score_toy(clip[None], [p])["steady_motion"] == 1.0
+    assert toy.steady_motion(blank[None], [p]).item() == pytest.approx(10 / 11)
+    assert toy.score_toy(clip[None], [p])["steady_motion"] == 1.0
     # where the object is, frame by frame, and how far each step moves it
-    pos, seen = cv.object_positions(clip[None], [p])
-    assert pos[0].tolist() == [list(c) for c in cv.trajectory(2, 3, "right", 12)] and seen.all()
-    assert cv.motion_steps(paused[None], [p])[0].tolist() == [1, 1, 1, 1, 1, 0, 2, 1, 1, 1, 1]
-    assert cv.motion_steps(blank[None], [p])[0].tolist() == [-1] + [1] * 10
-    shares = cv.score_toy(paused[None], [p])["motion_steps"]
+    pos, seen = toy.object_positions(clip[None], [p])
+    assert pos[0].tolist() == [list(c) for c in toy.trajectory(2, 3, "right", 12)] and seen.all()
+    assert toy.motion_steps(paused[None], [p])[0].tolist() == [1, 1, 1, 1, 1, 0, 2, 1, 1, 1, 1]
+    assert toy.motion_steps(blank[None], [p])[0].tolist() == [-1] + [1] * 10
+    shares = toy.score_toy(paused[None], [p])["motion_steps"]
     assert shares == pytest.approx({"pause": 1 / 11, "1 px": 9 / 11, "2+ px": 1 / 11, "off axis / missing": 0})
 
 # ---------------------------------------------------------------------------------------------
@@ -133,17 +135,20 @@ def test_steady_motion():
 # ---------------------------------------------------------------------------------------------
 
 
+RUN_CONFIG = cv.get_config("tiny", batch_size=2, warmup=1, teacher_train_steps=3, ode_pairs=3, ode_steps=2, dmd_steps=3)
+
+
 def test_train_dmd_runs_everything(run_dir):
     for name in ["teacher", "ode", "dmd"]:
-        model = cv.load_model(str(run_dir / f"{name}.safetensors"))  # the checkpoint alone rebuilds it
-        assert model.causal == (name != "teacher") and model.cfg == cv.get_config("tiny", batch_size=2, warmup=1)
-        enc = cv.load_text_encoder(str(run_dir / f"{name}.safetensors"))
+        model = utils.load_model(str(run_dir / f"{name}.safetensors"))  # the checkpoint alone rebuilds it
+        assert model.causal == (name != "teacher") and model.cfg == RUN_CONFIG
+        enc = utils.load_text_encoder(str(run_dir / f"{name}.safetensors"))
         assert enc(["a red square moving up"]).shape == (1, 32, 64)
-    tensors, _, meta = cv.load_checkpoint(str(run_dir / "ode_pairs.safetensors"))
+    tensors, _, meta = utils.load_checkpoint(str(run_dir / "ode_pairs.safetensors"))
     assert tensors["trajectories"].shape == (3, 5, 12, 3, 16, 16) and len(meta["prompts"]) == 3
     assert (run_dir / "dmd_samples_000002.gif").exists()
     # the students differ from the teacher they were initialised from: they were trained
-    t, o = cv.load_model(str(run_dir / "teacher.safetensors")), cv.load_model(str(run_dir / "ode.safetensors"))
+    t, o = utils.load_model(str(run_dir / "teacher.safetensors")), utils.load_model(str(run_dir / "ode.safetensors"))
     changed = [k for k, v in t.state_dict().items() if not torch.equal(v, o.state_dict()[k])]
     assert "head.head.weight" in changed
 
@@ -152,17 +157,17 @@ def test_train_dmd_with_backward_simulation(fresh_run, monkeypatch):
     """--set backward_simulation=true: the generator's inputs come from its own rollout, not data."""
     calls, simulate = [], cv.backward_simulation
     monkeypatch.setattr(cv, "backward_simulation", lambda *a, **kw: calls.append(a[2].shape) or simulate(*a, **kw))
-    train_dmd.main(["--tiny", "--out", str(fresh_run), "--steps", "2", "--batch-size", "2", "--device", "cpu",
+    train_dmd.main(["--tiny", "--run", str(fresh_run), "--steps", "2", "--batch-size", "2", "--device", "cpu",
                     "--set", "warmup=1", "--set", "backward_simulation=true", "--sample-every", "5"])
     assert len(calls) == 2  # one rollout per iteration, shared by the generator and the critic
-    assert cv.load_model(str(fresh_run / "dmd.safetensors")).causal
-    meta = cv.load_checkpoint(str(fresh_run / "dmd.safetensors"), keep=lambda k: False)[2]
+    assert utils.load_model(str(fresh_run / "dmd.safetensors")).causal
+    meta = utils.load_checkpoint(str(fresh_run / "dmd.safetensors"), keep=lambda k: False)[2]
     assert meta["run_config"]["backward_simulation"] is True  # the DMD run's own settings are on record
 
 
 def test_sample_writes_npz_and_video(run_dir):
     prompts = ["a red square moving up", "a cyan circle moving left"]
-    args = ["--tiny", "--out", str(run_dir), "--num-frames", "6", "--name", "s"]
+    args = ["--tiny", "--run", str(run_dir), "--num-frames", "6", "--name", "s"]
     for p in prompts:
         args += ["--prompt", p]
     sample.main(args)
@@ -175,7 +180,7 @@ def test_sample_writes_npz_and_video(run_dir):
 
 
 def test_sample_cache_equals_no_cache_and_teacher_runs(run_dir):
-    common = ["--tiny", "--out", str(run_dir), "--prompt", "a blue circle moving right", "--seed", "3"]
+    common = ["--tiny", "--run", str(run_dir), "--prompt", "a blue circle moving right", "--seed", "3"]
     sample.main(common + ["--name", "cached"])
     sample.main(common + ["--name", "uncached", "--no-cache"])
     a, b = np.load(run_dir / "cached.npz")["frames"], np.load(run_dir / "uncached.npz")["frames"]
@@ -189,7 +194,7 @@ def test_sample_set_changes_sampling_not_the_network(run_dir, monkeypatch):
     """--set reaches the sampler (the checkpoint's config is the base), but cannot reshape the network."""
     calls, ode = [], cv.sample_ode
     monkeypatch.setattr(cv, "sample_ode", lambda *a, **kw: calls.append(a[4:7]) or ode(*a, **kw))
-    common = ["--tiny", "--out", str(run_dir), "--prompt", "a blue circle moving right", "--teacher", "--name", "t"]
+    common = ["--tiny", "--run", str(run_dir), "--prompt", "a blue circle moving right", "--teacher", "--name", "t"]
     sample.main(common)
     sample.main(common + ["--set", "teacher_steps=30", "--set", "teacher_guidance=4.5"])
     assert calls == [(3.0, 24, 3.0), (4.5, 30, 3.0)]  # (guidance, steps, shift)
@@ -201,13 +206,13 @@ def test_sample_set_changes_sampling_not_the_network(run_dir, monkeypatch):
 
 def test_sample_rejects_bad_frame_counts(run_dir):
     with pytest.raises(cv.CausVidError, match="multiple of the chunk size"):
-        sample.main(["--tiny", "--out", str(run_dir), "--num-frames", "7", "--prompt", "a red square moving up"])
+        sample.main(["--tiny", "--run", str(run_dir), "--num-frames", "7", "--prompt", "a red square moving up"])
 
 
 def test_train_ode_reuses_teacher_and_pairs(run_dir, capsys):
     pairs = run_dir / "ode_pairs.safetensors"
     before = (pairs.stat().st_mtime_ns, (run_dir / "teacher.safetensors").stat().st_mtime_ns)
-    train_ode.main(["--tiny", "--out", str(run_dir), "--steps", "1", "--pairs", "2", "--batch-size", "2"])
+    train_ode.main(["--tiny", "--run", str(run_dir), "--steps", "1", "--pairs", "2", "--batch-size", "2"])
     after = (pairs.stat().st_mtime_ns, (run_dir / "teacher.safetensors").stat().st_mtime_ns)
     assert before == after  # neither the teacher nor the pairs were made again
     assert f"ODE pairs: {pairs} (2)" in capsys.readouterr().out
@@ -215,24 +220,24 @@ def test_train_ode_reuses_teacher_and_pairs(run_dir, capsys):
 
 def toy_embeddings(dim=6):
     g = torch.Generator().manual_seed(0)
-    return {p: torch.randn(3, dim, generator=g) for p in cv.PROMPTS + [""]}
+    return {p: torch.randn(3, dim, generator=g) for p in toy.PROMPTS + [""]}
 
 
 def test_exact_toy_denoiser_is_the_posterior_mean():
     """Bayes over every clip, computed the slow way -- x_t = (1 - s) X + s eps per frame, each frame at
     its own t -- for conditional and unconditional rows in one batch."""
     emb, Fr = toy_embeddings(), 6
-    den = cv.ExactToyDenoiser(emb)
+    den = toy.ExactToyDenoiser(emb)
     prompts = ["a red circle moving up", "", "a blue square moving left"]
     g = torch.Generator().manual_seed(1)
-    x0 = cv.to_model_space(torch.stack([cv.render(prompts[0], 3, 4, Fr), cv.render("a cyan circle moving down", 0, 9, Fr),
-                                        cv.render(prompts[2], 10, 2, Fr)])).double()
+    x0 = toy.to_model_space(torch.stack([toy.render(prompts[0], 3, 4, Fr), toy.render("a cyan circle moving down", 0, 9, Fr),
+                                        toy.render(prompts[2], 10, 2, Fr)])).double()
     t = torch.tensor([[900.0] * 3 + [400.0] * 3, [700.0] * Fr, [990.0] * 3 + [80.0] * 3])
     x_t = cv.add_noise(x0, torch.randn(x0.shape, generator=g, dtype=torch.float64), t)
     v = den(x_t, t, torch.stack([emb[p] for p in prompts]))
-    X = cv.to_model_space(cv.all_clips(Fr)).double()  # (48, 121, F, 3, 16, 16)
+    X = toy.to_model_space(toy.all_clips(Fr)).double()  # (48, 121, F, 3, 16, 16)
     for b, p in enumerate(prompts):
-        cand = X.flatten(0, 1) if p == "" else X[cv.PROMPTS.index(p)]
+        cand = X.flatten(0, 1) if p == "" else X[toy.PROMPTS.index(p)]
         s = (t[b] / 1000).double()[None, :, None, None, None]
         logp = (-(x_t[b][None] - (1 - s) * cand).pow(2) / (2 * s**2)).flatten(2).sum(2).sum(1)
         x0_hat = (logp.softmax(0)[:, None, None, None, None] * cand).sum(0)
@@ -244,7 +249,7 @@ def test_exact_toy_denoiser_is_the_posterior_mean():
     with pytest.raises(cv.CausVidError, match="none of the toy prompts"):
         den(x_t[:1], t[:1], torch.randn(1, 3, 6))
     with pytest.raises(cv.CausVidError, match="toy world only"):
-        cv.teacher_role(None, None, cv.get_config("wan2.1-t2v-1.3b", exact_teacher=True))
+        utils.real_score(None, None, cv.get_config("wan2.1-t2v-1.3b"), exact=True)
 
 
 def test_exact_toy_denoiser_samples_the_world():
@@ -255,27 +260,27 @@ def test_exact_toy_denoiser_samples_the_world():
     text = torch.stack([emb[p] for p in prompts])
     noise = torch.randn(3, 6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     for guidance in (1.0, 3.0):
-        x, _ = cv.sample_ode(cv.ExactToyDenoiser(emb), noise, text, emb[""][None], guidance, 24, 3.0)
-        score = cv.score_toy(cv.to_uint8(x), prompts)
+        x, _ = cv.sample_ode(toy.ExactToyDenoiser(emb), noise, text, emb[""][None], guidance, 24, 3.0)
+        score = toy.score_toy(toy.to_uint8(x), prompts)
         assert score["best_fit_psnr"] > 50 and score["prompt_accuracy"] == 1.0 and score["steady_motion"] == 1.0
 
 
 def test_exact_teacher_runs_both_stages(fresh_run):
-    """--set exact_teacher=true: the ODE pairs are the exact denoiser's samples (clips of the world),
+    """--exact-teacher: the ODE pairs are the exact denoiser's samples (clips of the world),
     DMD's real score is the exact denoiser, and the trained teacher still initialises the models."""
-    args = ["--tiny", "--out", str(fresh_run), "--batch-size", "2", "--device", "cpu", "--set", "warmup=1"]
-    with pytest.raises(cv.CausVidError, match="exact_teacher=False"):  # pairs of the trained teacher are not reused
-        train_ode.main(args + ["--steps", "1", "--pairs", "2", "--set", "exact_teacher=true"])
+    args = ["--tiny", "--run", str(fresh_run), "--batch-size", "2", "--device", "cpu", "--set", "warmup=1"]
+    with pytest.raises(cv.CausVidError, match="pairs of the trained teacher"):  # they are not reused
+        train_ode.main(args + ["--steps", "1", "--pairs", "2", "--exact-teacher"])
     (fresh_run / "ode_pairs.safetensors").unlink()
-    train_ode.main(args + ["--steps", "1", "--pairs", "2", "--set", "exact_teacher=true"])
-    tensors, cfg, meta = cv.load_checkpoint(str(fresh_run / "ode_pairs.safetensors"))
-    assert cfg.exact_teacher
-    score = cv.score_toy(cv.to_uint8(tensors["trajectories"][:, -1]), meta["prompts"])
+    train_ode.main(args + ["--steps", "1", "--pairs", "2", "--exact-teacher"])
+    tensors, cfg, meta = utils.load_checkpoint(str(fresh_run / "ode_pairs.safetensors"))
+    assert meta["teacher"] == "exact"
+    score = toy.score_toy(toy.to_uint8(tensors["trajectories"][:, -1]), meta["prompts"])
     assert score["best_fit_psnr"] > 50 and score["prompt_accuracy"] == 1.0
-    train_dmd.main(args + ["--steps", "2", "--sample-every", "5", "--set", "exact_teacher=true"])
-    meta = cv.load_checkpoint(str(fresh_run / "dmd.safetensors"), keep=lambda k: False)[2]
-    assert meta["run_config"]["exact_teacher"] is True
-    sample.main(["--tiny", "--out", str(fresh_run), "--teacher", "--set", "exact_teacher=true", "--num-frames", "6",
+    train_dmd.main(args + ["--steps", "2", "--sample-every", "5", "--exact-teacher"])
+    meta = utils.load_checkpoint(str(fresh_run / "dmd.safetensors"), keep=lambda k: False)[2]
+    assert meta["exact_teacher"] is True
+    sample.main(["--tiny", "--run", str(fresh_run), "--teacher", "--exact-teacher", "--num-frames", "6",
                  "--prompt", "a red square moving up", "--name", "exact"])
     data = np.load(fresh_run / "exact.npz")
-    assert cv.score_toy(torch.from_numpy(data["frames"]), list(data["prompts"]))["best_fit_psnr"] > 50
+    assert toy.score_toy(torch.from_numpy(data["frames"]), list(data["prompts"]))["best_fit_psnr"] > 50

@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 import causvid as cv
+import utils
+import wan
 
 diffusers = pytest.importorskip("diffusers")
 from einops import rearrange  # noqa: E402
@@ -58,12 +60,12 @@ def small_base():
 
 def test_the_diffusers_layout_loads_and_matches_diffusers(wan_dir):
     assert len([n for n in os.listdir(wan_dir / "transformer") if n.endswith(".safetensors")]) > 1  # sharded
-    cfg, _, layout = cv.wan_config(str(wan_dir), small_base())
+    cfg, _, layout = wan.wan_config(str(wan_dir), small_base())
     assert layout == "diffusers" and (cfg.dim, cfg.num_layers, cfg.channels, cfg.text_dim) == (24, 2, 4, 16)
     assert cfg.text_encoder.endswith("text_encoder") and cfg.vae.endswith("vae")
-    ours = cv.load_model(str(wan_dir), causal=False, expect=small_base()).eval()
+    ours = utils.load_model(str(wan_dir), causal=False, expect=small_base()).eval()
     ref = diffusers.WanTransformer3DModel(**TINY_DIT).eval()
-    ref.load_state_dict(cv.read_safetensors_dir(str(wan_dir / "transformer")))
+    ref.load_state_dict(wan.read_safetensors_dir(str(wan_dir / "transformer")))
     g = torch.Generator().manual_seed(3)
     x, text = torch.randn(2, 6, 4, 4, 6, generator=g), torch.randn(2, 12, 16, generator=g)
     t = torch.tensor([700.0, 150.0])
@@ -75,14 +77,14 @@ def test_the_diffusers_layout_loads_and_matches_diffusers(wan_dir):
 
 def test_the_original_layout_loads_with_wan_names(tmp_path, wan_dir):
     """Original Wan2.1-T2V-1.3B: config.json with Wan's keys, weights under Wan's (= our) names."""
-    src = cv.load_model(str(wan_dir), expect=small_base())
+    src = utils.load_model(str(wan_dir), expect=small_base())
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "diffusion_pytorch_model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps(
         {"_class_name": "WanModel", "model_type": "t2v", "dim": 24, "ffn_dim": 40, "freq_dim": 32, "in_dim": 4,
          "out_dim": 4, "num_heads": 2, "num_layers": 2, "text_dim": 16, "patch_size": [1, 2, 2], "eps": 1e-6}))
-    cfg, _, layout = cv.wan_config(str(tmp_path), small_base())
+    cfg, _, layout = wan.wan_config(str(tmp_path), small_base())
     assert layout == "original"
-    loaded = cv.load_model(str(tmp_path), causal=True, expect=small_base())
+    loaded = utils.load_model(str(tmp_path), causal=True, expect=small_base())
     assert loaded.causal and all(torch.equal(v, loaded.state_dict()[k]) for k, v in src.state_dict().items())
 
 
@@ -95,18 +97,18 @@ def test_loading_is_strict(tmp_path, wan_dir):
     shard = sorted(set(index["weight_map"].values()))[0]
     os.remove(broken / "transformer" / shard)
     with pytest.raises(cv.CausVidError, match=f"shard '{shard}' listed in .* is missing"):
-        cv.load_model(str(broken), expect=small_base())
-    state = cv.read_safetensors_dir(str(wan_dir / "transformer"))
+        utils.load_model(str(broken), expect=small_base())
+    state = wan.read_safetensors_dir(str(wan_dir / "transformer"))
     state["blocks.0.extra.weight"] = torch.zeros(1)
     del state["proj_out.bias"]
     with pytest.raises(cv.CausVidError, match=r"does not fit.*missing \['head.head.bias'\]|keys our DiT does not: \['blocks.0.extra.weight'\]"):
-        cv.from_diffusers_state_dict(cv.DiT(cv.wan_config(str(wan_dir), small_base())[0]), state)
+        wan.from_diffusers_state_dict(cv.DiT(wan.wan_config(str(wan_dir), small_base())[0]), state)
     with pytest.raises(cv.CausVidError, match="not a Wan2.1 directory"):
-        cv.load_model(str(tmp_path), expect=small_base())
+        utils.load_model(str(tmp_path), expect=small_base())
 
 
 def test_the_text_encoder_wrapper_matches_transformers(wan_dir):
-    enc = cv.load_umt5(str(wan_dir / "text_encoder"), text_len=12)
+    enc = wan.load_umt5(str(wan_dir / "text_encoder"), text_len=12)
     prompts = ["a cat", "a dog runs"]  # shorter than text_len (truncation is tested elsewhere)
     out = enc(prompts)
     ref = UMT5EncoderModel.from_pretrained(wan_dir / "text_encoder").eval()
@@ -121,7 +123,7 @@ def test_the_text_encoder_wrapper_matches_transformers(wan_dir):
 
 
 def test_the_vae_wrapper_matches_diffusers_and_streams(wan_dir):
-    vae = cv.WanVAE(str(wan_dir / "vae"))
+    vae = wan.WanVAE(str(wan_dir / "vae"))
     ref = diffusers.AutoencoderKLWan.from_pretrained(wan_dir / "vae").eval()
     g = torch.Generator().manual_seed(4)
     z = torch.randn(1, 6, 4, 4, 6, generator=g)
@@ -151,28 +153,28 @@ def test_the_three_scripts_run_on_a_wan_layout_directory(wan_dir, tmp_path):
     import train_ode
 
     (tmp_path / "prompts.txt").write_text("a cat walking\na dog running\n\n")
-    common = ["--config", "wan2.1-t2v-1.3b", "--model-dir", str(wan_dir), "--out", str(tmp_path / "run"),
+    common = ["--config", "wan2.1-t2v-1.3b", "--model-dir", str(wan_dir), "--run", str(tmp_path / "run"),
               "--device", "cpu", "--set", "height=4", "--set", "width=6", "--set", "num_frames=6",
               "--set", "text_len=12", "--set", "teacher_steps=6", "--set", "student_step_indices=0,3,5"]
     train_ode.main(common + ["--prompts", str(tmp_path / "prompts.txt"), "--pairs", "2", "--steps", "2"])
     train_dmd.main(common + ["--steps", "3"])
-    ode = cv.load_model(str(tmp_path / "run" / "ode.safetensors"))
+    ode = utils.load_model(str(tmp_path / "run" / "ode.safetensors"))
     assert ode.causal and ode.cfg.dim == 24 and ode.cfg.vae.endswith("vae")
     sample.main(common + ["--prompt", "a cat walking", "--name", "wan"])
     frames = np.load(tmp_path / "run" / "wan.npz")["frames"]
     assert frames.shape == (1, 1 + 4 * 5, 32, 48, 3)  # 6 latent frames -> 21 pixel frames of 32x48
     assert len(imageio.mimread(tmp_path / "run" / "wan.mp4")) == 21
     with pytest.raises(cv.CausVidError, match="pass --prompts FILE"):
-        train_ode.main(common + ["--out", str(tmp_path / "other")])
+        train_ode.main(common + ["--run", str(tmp_path / "other")])
 
 
 def test_bench_mode_and_memory_table(capsys):
-    import sample
+    import bench
 
-    sample.main(["--tiny", "--bench", "--device", "cpu", "--out", "/tmp/causvid-bench-test"])
+    bench.main(["--tiny", "--device", "cpu", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "DiT eager: first chunk" in out and "DiT torch.compile: first chunk" in out
-    table = sample.memory_table(cv.get_config("wan2.1-t2v-1.3b"))
+    table = bench.memory_table(cv.get_config("wan2.1-t2v-1.3b"))
     assert "DiT parameters: 1.419 B" in table  # Wan2.1-T2V-1.3B's DiT, counted from our module
     dmd_total = float(table.splitlines()[-1].split("|")[-2])
     assert 40 < dmd_total < 80  # fits one 80 GB GPU by this count

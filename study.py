@@ -1,15 +1,15 @@
 """The evidence study: the paper's Table 4, Fig. 8 and Table 3 in miniature on the toy world, plus the
 applications of Sec. 5.3-5.4 (image-to-video, video-to-video, dynamic prompting), measured.
 
-    python evaluate.py --tiny --out runs/tiny      # after train_dmd.py --tiny
+    python study.py --tiny --run runs/tiny      # after train_dmd.py --tiny
 
-Trains the baselines that are missing from <out> (each is saved and reused):
+Trains the baselines that are missing from the run (each is saved and reused):
   causal_diffusion.safetensors  the teacher fine-tuned with the block-causal mask and an independent
                                 noise level per chunk (diffusion forcing, Sec. 4.2): a many-step
                                 causal diffusion model, sampled chunk by chunk with CFG
   dmd_no_ode/dmd.safetensors    DMD with the generator initialised from the teacher, not from stage 1
   dmd_causal_teacher/dmd.safetensors   DMD with the causal diffusion model as the real score
-then prints markdown tables and writes <out>/study/{results.md, fig8.png, *.gif}.
+then prints markdown tables and writes <run>/study/{results.md, fig8.png, *.gif}.
 """
 
 import argparse
@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 import causvid as cv
+import toy_world as toy
 import train_dmd
-import train_ode
+import utils
 
 
 def parse_args(argv=None):
-    p = cv.add_training_args(cv.add_common_args(argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)))
+    p = utils.add_common_args(argparse.ArgumentParser(description=__doc__,
+                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--seeds", type=int, default=4, help="samples per prompt for Table 4 (default: 4)")
     p.add_argument("--long-frames", type=int, default=48, help="frames of the Fig. 8 videos (default: 48)")
     p.add_argument("--causal-steps", type=int, default=600, help="diffusion-forcing fine-tuning steps (default: 600)")
@@ -34,55 +35,38 @@ def parse_args(argv=None):
     p.add_argument("--only", choices=["train", "table4", "fig8", "table3", "apps"], action="append",
                    help="run only these parts (repeatable; default: all)")
     p.add_argument("--num-prompts", type=int, default=48, help="use the first N toy prompts (default: all 48)")
+    p.add_argument("--resume", action="store_true", help="continue interrupted baseline training")
+    p.add_argument("--save-every", type=int, default=500, help="steps between saves of the resumable state")
     p.add_argument("--log-every", type=int, default=100, help="steps between log lines (default: 100)")
     return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------------------------
-# The many-step causal diffusion baseline (diffusion forcing)
+# The baselines
 # ---------------------------------------------------------------------------------------------
 
 
-def train_causal_diffusion(teacher_path, path, cfg, steps, device, seed, log_every, resume, save_every):
-    """Flow matching (Eq. 2) with the block-causal mask and one random t per chunk, from the teacher."""
-    model = cv.load_model(teacher_path, causal=True, device=device, expect=cfg).train()
-    text_encoder = cv.load_text_encoder(teacher_path).to(device)
-    emb = cv.embed_prompts(text_encoder, cv.PROMPTS + [""])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr_ode, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed + 3)
-    t0, B, K = time.time(), cfg.batch_size, cfg.chunk_size
-    with cv.TrainLoop(path.replace(".safetensors", "_state.safetensors"), cfg, steps,
-                      {"model": model, "opt": opt, "data": g}, resume, save_every, "diffusion forcing") as loop:
-        for step in loop:
-            x0, prompts = cv.toy_batch(B, cfg.num_frames, g)
-            drop = torch.rand(B, generator=g) < cfg.cfg_dropout
-            text = torch.stack([emb["" if d else p] for p, d in zip(prompts, drop)]).to(device)
-            t = cv.shift_timesteps(torch.sigmoid(torch.randn(B, cfg.num_frames // K, generator=g)) * 1000, cfg.shift)
-            with cv.autocast(device):
-                loss = cv.flow_matching_loss(model, x0.to(device), t.repeat_interleave(K, 1).to(device), text)
-            norm = cv.optimizer_step(loss, opt, model.parameters(), cfg.grad_clip)
-            if (step + 1) % log_every == 0 or step + 1 == steps:
-                train_ode.log("causal diffusion", step + 1, steps, t0, loss=loss.item(), grad_norm=norm)
-        cv.save_model(path, model.eval(), text_encoder, stage="causal_diffusion", steps=steps)
-    print(f"wrote {path}")
-
-
-def train_missing(args, cfg, device, out):
-    teacher, ode = os.path.join(out, "teacher.safetensors"), os.path.join(out, "ode.safetensors")
-    if not os.path.exists(teacher):
-        raise cv.CausVidError(f"{teacher!r} not found; run `python train_dmd.py --tiny --out {out}` first")
-    causal = os.path.join(out, "causal_diffusion.safetensors")
+def train_missing(args, cfg, device, run):
+    """The causal diffusion model (diffusion forcing: the teacher fine-tuned with the block mask and
+    one noise level per chunk, by the one flow-matching loop) and the two DMD ablations."""
+    teacher, ode = os.path.join(run, "teacher.safetensors"), os.path.join(run, "ode.safetensors")
+    for path in (teacher, ode):
+        if not os.path.exists(path):
+            raise cv.CausVidError(f"{path!r} not found; run `python train_dmd.py --tiny --run {run}` first")
+    causal = os.path.join(run, "causal_diffusion.safetensors")
     if not os.path.exists(causal):
-        train_causal_diffusion(teacher, causal, cfg, args.causal_steps, device, args.seed, args.log_every,
-                               args.resume, args.save_every)
+        torch.manual_seed(args.seed)
+        model = utils.load_model(teacher, causal=True, device=device, expect=cfg).train()
+        utils.train_flow_matching(model, utils.load_text_encoder(teacher), cfg, causal, args.causal_steps, cfg.lr_ode,
+                                  device, args.seed + 3, "causal diffusion", per_chunk=True, resume=args.resume,
+                                  save_every=args.save_every, log_every=args.log_every)
     common = ["--tiny", "--seed", str(args.seed), "--save-every", str(args.save_every)] + ["--resume"] * args.resume
     common += ["--steps", str(args.dmd_steps)] if args.dmd_steps else []
     common += ["--device", args.device] if args.device else []
+    common += ["--batch-size", str(args.batch_size)] if args.batch_size else []
     for name, init, real in [("dmd_no_ode", teacher, teacher), ("dmd_causal_teacher", ode, causal)]:
-        if not os.path.exists(init):
-            raise cv.CausVidError(f"{init!r} not found; run `python train_dmd.py --tiny --out {out}` first")
-        if not os.path.exists(os.path.join(out, name, "dmd.safetensors")):
-            train_dmd.main(common + ["--out", os.path.join(out, name), "--ode", init, "--teacher", real])
+        if not os.path.exists(os.path.join(run, name, "dmd.safetensors")):
+            train_dmd.main(common + ["--run", os.path.join(run, name), "--ode", init, "--teacher", real])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +74,7 @@ def train_missing(args, cfg, device, out):
 # ---------------------------------------------------------------------------------------------
 
 
-def models(out):
+def models():
     """(label, checkpoint, how it samples) for every row of Table 4."""
     return [("bidirectional teacher (Euler + CFG)", "teacher.safetensors", "teacher"),
             ("causal diffusion model (diffusion forcing, Euler + CFG)", "causal_diffusion.safetensors", "causal"),
@@ -100,30 +84,18 @@ def models(out):
             ("**CausVid** (ODE init + DMD, bidirectional teacher)", "dmd.safetensors", "student")]
 
 
-@torch.no_grad()
-def sample(model, kind, text, uncond, cfg, frames, seed, device, window=None, use_cache=True, batch=64):
-    """-> (uint8 frames (N, F, H, W, 3), seconds to the first chunk of the first batch, seconds in all)."""
-    videos, first, t0 = [], None, time.perf_counter()
-    for i in range(0, len(text), batch):
-        g = torch.Generator().manual_seed(seed + i)
-        noise = torch.randn(len(text[i:i + batch]), frames, cfg.channels, cfg.height, cfg.width, generator=g).to(device)
-        tb = text[i:i + batch].to(device)
-        if kind == "teacher":
-            video = cv.sample_ode(model, noise, tb, uncond, cfg.teacher_guidance, cfg.teacher_steps, cfg.shift)[0]
-            first = first or time.perf_counter() - t0
-        else:
-            if kind == "causal":
-                kw = dict(stochastic=False, uncond=uncond, guidance=cfg.teacher_guidance)
-                ts = cv.sampling_schedule(cfg.teacher_steps, cfg.shift).float().to(device)
-            else:
-                kw, ts = {}, cv.student_timesteps(cfg).to(device)
-            chunks = []
-            for chunk in cv.stream_generate(model, noise, tb, ts, g, use_cache, window=window, **kw):
-                chunks.append(chunk)
-                first = first or time.perf_counter() - t0
-            video = torch.cat(chunks, 1)
-        videos.append(cv.to_uint8(video))
-    return torch.cat(videos), first, time.perf_counter() - t0
+def load(run, ckpt, kind, device, prompts):
+    """-> (model, text (N, L, D_text), uncond (1, L, D_text)) for a row."""
+    path = os.path.join(run, ckpt)
+    model = utils.load_model(path, causal=kind != "teacher", device=device).eval()
+    emb = utils.embed_prompts(utils.load_text_encoder(path), prompts + [model.cfg.negative_prompt])
+    return model, utils.stack_text(emb, prompts, "cpu"), emb[model.cfg.negative_prompt][None].to(device)
+
+
+def sample(model, kind, text, uncond, cfg, frames, seed, device, **kw):
+    """-> (uint8 frames (N, F, H, W, 3), seconds to the first chunk, seconds in all)."""
+    video, first, seconds = utils.generate(model, kind, text, cfg, frames, seed, device, uncond, **kw)
+    return toy.to_uint8(video), first, seconds
 
 
 def forward_passes(kind, cfg, frames):
@@ -136,12 +108,6 @@ def forward_passes(kind, cfg, frames):
     return f"{Q * chunks} + {chunks - 1} cache x {cfg.chunk_size} frames"
 
 
-def load(out, ckpt, kind, device):
-    path = os.path.join(out, ckpt)
-    model = cv.load_model(path, causal=kind != "teacher", device=device).eval()
-    return model, cv.load_text_encoder(path).to(device)
-
-
 def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
@@ -152,44 +118,50 @@ def table(header, rows):
 # ---------------------------------------------------------------------------------------------
 
 
-def table4(out, cfg, device, seeds, seed, report, base):
+def table4(run, cfg, device, seeds, seed, report, base):
     prompts = [p for p in base for _ in range(seeds)]
     rows, grid = [], {}
-    for label, ckpt, kind in models(out):
-        model, enc = load(out, ckpt, kind, device)
-        emb = cv.embed_prompts(enc, prompts + [cfg.negative_prompt])
-        text = torch.stack([emb[p] for p in prompts])
-        frames, _, seconds = sample(model, kind, text, emb[cfg.negative_prompt][None].to(device), cfg,
-                                    cfg.num_frames, seed, device)
-        s = cv.score_toy(frames, prompts)
+    header = ["model", "best-fit PSNR (dB)", "prompt accuracy", "diversity", "steady motion", "forward passes", "CPU s"]
+    for label, ckpt, kind in models():
+        model, text, uncond = load(run, ckpt, kind, device, prompts)
+        frames, _, seconds = sample(model, kind, text, uncond, cfg, cfg.num_frames, seed, device)
+        s = toy.score_toy(frames, prompts)
         rows.append([label, f"{s['best_fit_psnr']:.2f}", f"{100 * s['prompt_accuracy']:.1f}%", f"{s['diversity']:.2f}",
                      f"{100 * s['steady_motion']:.1f}%", forward_passes(kind, cfg, cfg.num_frames), f"{seconds:.0f}"])
         grid[ckpt] = frames
-        print(table(["model", "best-fit PSNR (dB)", "prompt accuracy", "diversity", "steady motion", "forward passes", "CPU s"],
-                    rows[-1:]))
+        print(table(header, rows[-1:]))
     report.append(f"### Table 4 in miniature: {len(base)} prompts x {seeds} samples, {cfg.num_frames} frames\n")
-    report.append(table(["model", "best-fit PSNR (dB)", "prompt accuracy", "diversity", "steady motion",
-                         "forward passes", "CPU s (all samples)"], rows))
+    report.append(table(header[:-1] + ["CPU s (all samples)"], rows))
     # a GIF grid: teacher vs CausVid, one sample each of 8 prompts (rows: teacher, student)
     pick = [prompts.index(p) for p in base[::6]]
     both = torch.cat([grid["teacher.safetensors"][pick], grid["dmd.safetensors"][pick]])
-    cv.write_video(os.path.join(out, "study", "teacher_vs_causvid.gif"), both)
+    utils.write_video(os.path.join(run, "study", "teacher_vs_causvid.gif"), both)
 
 
-def fig8(out, cfg, device, frames, seed, report, prompts):
+def long_videos(model, kind, text, uncond, cfg, frames, seed, device):
+    """Fig. 8's long videos: the students stream with the sliding window of the training length; the
+    causal diffusion model generates each chunk after the last window - K frames, re-encoded."""
+    if kind != "causal":
+        return sample(model, kind, text, uncond, cfg, frames, seed, device, window=cfg.num_frames)[0]
+    K, context = cfg.chunk_size, cfg.num_frames - cfg.chunk_size
+    video = sample(model, kind, text, uncond, cfg, K, seed, device)[0]
+    for c in range(1, frames // K):
+        past = toy.to_model_space(video[:, -context:])
+        video = torch.cat([video, sample(model, kind, text, uncond, cfg, K, seed + c, device, context=past)[0]], 1)
+    return video
+
+
+def fig8(run, cfg, device, frames, seed, report, prompts):
     rows, curves = [], {}
-    for label, ckpt, kind in models(out)[1:]:  # the causal models
-        model, enc = load(out, ckpt, kind, device)
-        emb = cv.embed_prompts(enc, prompts + [cfg.negative_prompt])
-        text = torch.stack([emb[p] for p in prompts])
-        video, _, _ = sample(model, kind, text, emb[cfg.negative_prompt][None].to(device), cfg, frames, seed, device,
-                             window=cfg.num_frames)
-        w = cv.window_psnr(video, prompts, cfg.num_frames).mean(0)
+    for label, ckpt, kind in models()[1:]:  # the causal models
+        model, text, uncond = load(run, ckpt, kind, device, prompts)
+        video = long_videos(model, kind, text, uncond, cfg, frames, seed, device)
+        w = toy.window_psnr(video, prompts, cfg.num_frames).mean(0)
         curves[label] = w.tolist()
         rows.append([label] + [f"{v:.2f}" for v in w.tolist()] + [f"{(w[-1] - w[0]).item():+.2f}"])
         print(table(["model"] + [f"w{i}" for i in range(len(w))] + ["last - first"], rows[-1:]))
         if ckpt == "dmd.safetensors":
-            cv.write_video(os.path.join(out, "study", "causvid_long.gif"), video[::6])
+            utils.write_video(os.path.join(run, "study", "causvid_long.gif"), video[::6])
     n = frames // cfg.num_frames
     report.append(f"\n### Fig. 8 in miniature: {frames}-frame videos ({n}x the training length), one per prompt, "
                   f"sliding window of {cfg.num_frames} frames; best-fit PSNR (dB) per {cfg.num_frames}-frame window\n")
@@ -211,7 +183,7 @@ def fig8(out, cfg, device, frames, seed, report, prompts):
     plt.xticks(range(1, n + 1))
     plt.legend(fontsize=6)
     plt.tight_layout()
-    plt.savefig(os.path.join(out, "study", "fig8.png"), dpi=120)
+    plt.savefig(os.path.join(run, "study", "fig8.png"), dpi=120)
 
 
 def attention_flops(cfg, q_frames, kv_frames):
@@ -233,13 +205,11 @@ def predicted_cache_speedup(cfg, frames):
     return uncached / cached
 
 
-def table3(out, cfg, device, seed, report, repeats=3):
+def table3(run, cfg, device, seed, report, repeats=3):
     prompt = ["a red square moving right"]
     rows = []
-    teacher, enc = load(out, "teacher.safetensors", "teacher", device)
-    student, _ = load(out, "dmd.safetensors", "student", device)
-    emb = cv.embed_prompts(enc, prompt + [cfg.negative_prompt])
-    text, uncond = emb[prompt[0]][None], emb[cfg.negative_prompt][None].to(device)
+    teacher, text, uncond = load(run, "teacher.safetensors", "teacher", device, prompt)
+    student = load(run, "dmd.safetensors", "student", device, prompt)[0]
     for frames in [cfg.num_frames, 4 * cfg.num_frames]:
         for label, model, kind, cache in [("bidirectional teacher", teacher, "teacher", True),
                                           ("CausVid student, KV cache", student, "student", True),
@@ -254,10 +224,8 @@ def table3(out, cfg, device, seed, report, repeats=3):
     for frames in [cfg.num_frames, 4 * cfg.num_frames]:
         fps_cached = float(by[("CausVid student, KV cache", frames)][3])
         measured = fps_cached / float(by[("CausVid student, no cache (recompute)", frames)][3])
-        lines.append(f"| {frames} | {measured:.2f}x | {predicted_cache_speedup(cfg, frames):.2f}x |")
-        teacher_clip = float(by[("bidirectional teacher", frames)][2])
-        first = float(by[("CausVid student, KV cache", frames)][2])
-        lines[-1] += f" {teacher_clip / first:.0f}x |"
+        teacher_clip, first = float(by[("bidirectional teacher", frames)][2]), float(by[("CausVid student, KV cache", frames)][2])
+        lines.append(f"| {frames} | {measured:.2f}x | {predicted_cache_speedup(cfg, frames):.2f}x | {teacher_clip / first:.0f}x |")
     report.append(f"\n### Table 3 in miniature: latency and throughput on this CPU ({torch.get_num_threads()} "
                   f"threads), batch 1, median of {repeats}; the cache and the student use no window here\n")
     report.append(table(["model", "frames", "time to first chunk (s)", "frames/s"], rows))
@@ -278,33 +246,33 @@ def lit_stats(frames):
     count = lit.sum((-1, -2)).clamp_min(1)
     cent = torch.stack([(lit * xs).sum((-1, -2)) / count, (lit * ys).sum((-1, -2)) / count], -1)
     mean = (frames.float() * lit[..., None]).sum((2, 3)) / count[..., None]  # (N, F, 3)
-    names, rgb = list(cv.COLORS), torch.tensor(list(cv.COLORS.values()), dtype=torch.float)
+    names, rgb = list(toy.COLORS), torch.tensor(list(toy.COLORS.values()), dtype=torch.float)
     colour = [[names[int(torch.cdist(m[None], rgb).argmin())] for m in clip] for clip in mean]
     return cent, colour
 
 
-def applications(out, cfg, device, seed, report, prompts):
+def applications(run, cfg, device, seed, report, prompts):
     from sample import student_start
 
-    student, enc = load(out, "dmd.safetensors", "student", device)
+    student = utils.load_model(os.path.join(run, "dmd.safetensors"), device=device).eval()
     K, g = cfg.chunk_size, torch.Generator().manual_seed(seed)
-    emb = cv.embed_prompts(enc, cv.PROMPTS)
+    emb = utils.embed_prompts(utils.load_text_encoder(os.path.join(run, "dmd.safetensors")), toy.PROMPTS)
     ts = cv.student_timesteps(cfg).to(device)
-    starts = torch.randint(0, cv.MAX_POS + 1, (len(prompts), 2), generator=g)
-    truth = torch.stack([cv.render(p, int(x), int(y), cfg.num_frames) for p, (x, y) in zip(prompts, starts)])
-    text = torch.stack([emb[p] for p in prompts]).to(device)
+    starts = torch.randint(0, toy.MAX_POS + 1, (len(prompts), 2), generator=g)
+    truth = torch.stack([toy.render(p, int(x), int(y), cfg.num_frames) for p, (x, y) in zip(prompts, starts)])
+    text = utils.stack_text(emb, prompts, device)
     noise = torch.randn(len(prompts), cfg.num_frames, cfg.channels, cfg.height, cfg.width, generator=g).to(device)
-    run = lambda x, txt, tt=ts, **kw: cv.to_uint8(torch.cat(list(cv.stream_generate(student, x, txt, tt, g, **kw)), 1))
+    stream = lambda x, txt, tt=ts, **kw: toy.to_uint8(torch.cat(list(cv.stream_generate(student, x, txt, tt, g, **kw)), 1))
 
     # image-to-video: frame 0 repeated to a chunk is the cached context; K + ... generated frames follow
-    context = cv.to_model_space(truth[:, :1]).expand(-1, K, -1, -1, -1).to(device)
-    gen = run(noise[:, :cfg.num_frames - K], text, context=context)
-    i2v = cv.score_toy(torch.cat([truth[:, :1], gen], 1), prompts)  # given frame + 9 generated frames
-    gifs = os.path.join(out, "study")
-    cv.write_video(os.path.join(gifs, "i2v.gif"), torch.cat([truth[:8, :1].expand(-1, K, -1, -1, -1), gen[:8]], 1))
-    t2v = cv.score_toy(run(noise, text)[:, :1 + cfg.num_frames - K], prompts)
+    context = toy.to_model_space(truth[:, :1]).expand(-1, K, -1, -1, -1).to(device)
+    gen = stream(noise[:, :cfg.num_frames - K], text, context=context)
+    i2v = toy.score_toy(torch.cat([truth[:, :1], gen], 1), prompts)  # given frame + 9 generated frames
+    gifs = os.path.join(run, "study")
+    utils.write_video(os.path.join(gifs, "i2v.gif"), torch.cat([truth[:8, :1].expand(-1, K, -1, -1, -1), gen[:8]], 1))
+    t2v = toy.score_toy(stream(noise, text)[:, :1 + cfg.num_frames - K], prompts)
     start_idx = starts[:, 1] * 11 + starts[:, 0]
-    fit = cv.psnr_to_all(torch.cat([truth[:, :1], gen], 1))[torch.arange(len(prompts)), [cv.PROMPTS.index(p) for p in prompts]]
+    fit = toy.psnr_to_all(torch.cat([truth[:, :1], gen], 1))[torch.arange(len(prompts)), [toy.PROMPTS.index(p) for p in prompts]]
     same_start = (fit.argmax(1) == start_idx).float().mean().item()
     report.append("\n### Image-to-video (frame 0 of a rendered clip, repeated to the first chunk, cached)\n")
     report.append(table(["video scored", "best-fit PSNR (dB)", "prompt accuracy", "best fit starts at the image's position"],
@@ -314,21 +282,21 @@ def applications(out, cfg, device, seed, report, prompts):
                           f"{100 * t2v['prompt_accuracy']:.1f}%", "-"]]))
 
     # video-to-video: rendered clips, a prompt of another colour; does the output follow the input?
-    other = {c: list(cv.COLORS)[(i + 3) % 6] for i, c in enumerate(cv.COLORS)}
-    targets = [p.replace(cv.parse_prompt(p)[0], other[cv.parse_prompt(p)[0]], 1) for p in prompts]
-    ttext = torch.stack([emb[p] for p in targets]).to(device)
+    other = {c: list(toy.COLORS)[(i + 3) % 6] for i, c in enumerate(toy.COLORS)}
+    targets = [p.replace(toy.parse_prompt(p)[0], other[toy.parse_prompt(p)[0]], 1) for p in prompts]
+    ttext = utils.stack_text(emb, targets, device)
     cent_in, _ = lit_stats(truth)
     rows = []
     for strength in [0.5, 0.75, 0.9]:
         start = student_start(cfg, strength)
         tt = ts[start:]
-        x = cv.add_noise(cv.to_model_space(truth).to(device), noise, torch.full(noise.shape[:2], float(tt[0]), device=device))
-        out_frames = run(x, ttext, tt)
+        x = cv.add_noise(toy.to_model_space(truth).to(device), noise, torch.full(noise.shape[:2], float(tt[0]), device=device))
+        out_frames = stream(x, ttext, tt)
         if strength == 0.75:  # top row: the inputs; bottom row: the outputs
-            cv.write_video(os.path.join(gifs, "v2v.gif"), torch.cat([truth[:8], out_frames[:8]]))
+            utils.write_video(os.path.join(gifs, "v2v.gif"), torch.cat([truth[:8], out_frames[:8]]))
         cent, colour = lit_stats(out_frames)
         follows = (cent - cent_in).abs().max(-1).values <= 1.0
-        recoloured = torch.tensor([[c == cv.parse_prompt(p)[0] for c in row] for p, row in zip(targets, colour)])
+        recoloured = torch.tensor([[c == toy.parse_prompt(p)[0] for c in row] for p, row in zip(targets, colour)])
         rows.append([strength, f"{tt[0]:.0f}", f"{100 * follows.float().mean():.1f}%",
                      f"{100 * recoloured.float().mean():.1f}%", f"{100 * (follows & recoloured).float().mean():.1f}%"])
     report.append("\n### Video-to-video (rendered input, prompt of another colour; per frame: centroid within "
@@ -339,12 +307,12 @@ def applications(out, cfg, device, seed, report, prompts):
     frames = 2 * cfg.num_frames
     long_noise = torch.randn(len(prompts), frames, cfg.channels, cfg.height, cfg.width, generator=g).to(device)
     per_chunk = [text if c < 2 else ttext for c in range(frames // K)]
-    video = run(long_noise, per_chunk, window=cfg.num_frames)
-    cv.write_video(os.path.join(gifs, "switch.gif"), video[:8])
+    video = stream(long_noise, per_chunk, window=cfg.num_frames)
+    utils.write_video(os.path.join(gifs, "switch.gif"), video[:8])
     cent, colour = lit_stats(video)
     chunk_rows = []
     for c in range(frames // K):
-        want = [cv.parse_prompt(p if c < 2 else q)[0] for p, q in zip(prompts, targets)]
+        want = [toy.parse_prompt(p if c < 2 else q)[0] for p, q in zip(prompts, targets)]
         share = np.mean([[col == w for col in row[c * K:(c + 1) * K]] for row, w in zip(colour, want)])
         chunk_rows.append(f"{100 * share:.0f}%")
     steps = (cent[:, 1:] - cent[:, :-1]).abs().max(-1).values  # (N, F-1)
@@ -357,40 +325,40 @@ def applications(out, cfg, device, seed, report, prompts):
 
     # unbounded length: 120 frames, window 12
     frames = 10 * cfg.num_frames
-    video = run(torch.randn(len(prompts), frames, cfg.channels, cfg.height, cfg.width, generator=g).to(device), text,
+    video = stream(torch.randn(len(prompts), frames, cfg.channels, cfg.height, cfg.width, generator=g).to(device), text,
                 window=cfg.num_frames)
-    w = cv.window_psnr(video, prompts, cfg.num_frames).mean(0)
+    w = toy.window_psnr(video, prompts, cfg.num_frames).mean(0)
     report.append(f"\n### Long video: {frames} frames, window {cfg.num_frames}; best-fit PSNR per window (dB)\n")
     report.append(table([f"w{i}" for i in range(len(w))], [[f"{v:.2f}" for v in w.tolist()]]))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg, device, out = cv.resolve_common(args)
+    cfg, device, run = utils.resolve(args)
     if cfg.name != "tiny":
         raise cv.CausVidError("the study runs on the toy world: use --tiny")
     torch.manual_seed(args.seed)
     parts = args.only or ["train", "table4", "fig8", "table3", "apps"]
-    os.makedirs(os.path.join(out, "study"), exist_ok=True)
+    utils.writable_dir(os.path.join(run, "study"), "--run")
     if "train" in parts:
-        train_missing(args, cfg, device, out)
-    report = [f"## Toy-world study (`python evaluate.py --tiny --out {out}`)\n"]
-    prompts = cv.PROMPTS[:args.num_prompts]
+        train_missing(args, cfg, device, run)
+    report = [f"## Toy-world study (`python study.py --tiny --run {run}`)\n"]
+    prompts = toy.PROMPTS[:args.num_prompts]
     if "table4" in parts:
-        table4(out, cfg, device, args.seeds, args.seed, report, prompts)
+        table4(run, cfg, device, args.seeds, args.seed, report, prompts)
     if "fig8" in parts:
-        fig8(out, cfg, device, args.long_frames, args.seed, report, prompts)
+        fig8(run, cfg, device, args.long_frames, args.seed, report, prompts)
     if "table3" in parts:
-        table3(out, cfg, device, args.seed, report)
+        table3(run, cfg, device, args.seed, report)
     if "apps" in parts:
-        applications(out, cfg, device, args.seed, report, prompts)
+        applications(run, cfg, device, args.seed, report, prompts)
     text = "\n".join(report) + "\n"
     name = "results.md" if args.only is None else f"results_{'_'.join(parts)}.md"
-    with open(os.path.join(out, "study", name), "w") as f:
+    with open(os.path.join(run, "study", name), "w") as f:
         f.write(text)
-    print("\n" + text + f"\nwrote {os.path.join(out, 'study', name)}")
+    print("\n" + text + f"\nwrote {os.path.join(run, 'study', name)}")
     return text
 
 
 if __name__ == "__main__":
-    cv.run_cli(main)
+    utils.run_cli(main)

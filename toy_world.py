@@ -1,0 +1,260 @@
+"""Moving Shapes, the toy world behind --tiny (shared/toy_world.md): a renderer with exact dynamics,
+the data, the scores, the world's exact denoiser, and the tiny text encoder.
+
+16x16 RGB clips of one coloured square or circle moving 1 px per frame and bouncing off the walls,
+prompted as "a red circle moving left" (48 prompts). The dynamics are exact, so a generated clip can
+be scored against every clip its prompt admits.
+"""
+
+import functools
+
+import torch
+import torch.nn as nn
+
+import causvid as cv
+from wan import TextEncoder
+
+COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+          "magenta": (255, 0, 255), "cyan": (0, 255, 255)}
+SHAPES = ("square", "circle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+PROMPTS = [f"a {c} {s} moving {d}" for c in COLORS for s in SHAPES for d in DIRECTIONS]  # 48
+FRAME, BOX, MAX_POS = 16, 6, 10  # frame side, object box side, largest top-left coordinate
+
+
+def parse_prompt(prompt: str) -> tuple[str, str, str]:
+    """"a red circle moving left" -> ("red", "circle", "left")."""
+    words = prompt.split()
+    if len(words) != 5 or words[0] != "a" or words[3] != "moving" or words[1] not in COLORS \
+            or words[2] not in SHAPES or words[4] not in DIRECTIONS:
+        raise ValueError(f"{prompt!r} is not a toy prompt; expected 'a {{color}} {{shape}} moving {{direction}}' "
+                         f"with color in {list(COLORS)}, shape in {list(SHAPES)}, direction in {list(DIRECTIONS)}")
+    return words[1], words[2], words[4]
+
+
+def shape_mask(shape: str) -> torch.Tensor:
+    """(6, 6) bool: the square fills the box; the circle keeps pixels whose centre is within 2.9 of
+    the box centre (24 pixels)."""
+    if shape == "square":
+        return torch.ones(BOX, BOX, dtype=torch.bool)
+    c = torch.arange(BOX) + 0.5 - BOX / 2
+    return c[:, None] ** 2 + c[None, :] ** 2 <= 2.9**2
+
+
+def trajectory(x: int, y: int, direction: str, num_frames: int) -> list[tuple[int, int]]:
+    """Top-left corners of the box over the frames. Per axis, a step that would leave 0..10 first
+    flips the velocity, then steps (..., 9, 10, 9, 8, ... at a wall)."""
+    vx, vy = DIRECTIONS[direction]
+    out = []
+    for _ in range(num_frames):
+        out.append((x, y))
+        if not 0 <= x + vx <= MAX_POS:
+            vx = -vx
+        if not 0 <= y + vy <= MAX_POS:
+            vy = -vy
+        x, y = x + vx, y + vy
+    return out
+
+
+def render(prompt: str, x: int, y: int, num_frames: int) -> torch.Tensor:
+    """One clip, uint8 (F, 16, 16, 3), black background, box top-left at column x, row y in frame 0."""
+    color, shape, direction = parse_prompt(prompt)
+    mask, rgb = shape_mask(shape), torch.tensor(COLORS[color], dtype=torch.uint8)
+    clip = torch.zeros(num_frames, FRAME, FRAME, 3, dtype=torch.uint8)
+    for f, (px, py) in enumerate(trajectory(x, y, direction, num_frames)):
+        clip[f, py:py + BOX, px:px + BOX][mask] = rgb
+    return clip
+
+
+@functools.cache
+def all_clips(num_frames: int) -> torch.Tensor:
+    """Every clip of the world: uint8 (48 prompts, 121 starts, F, 16, 16, 3), start index = y * 11 + x."""
+    starts = [(x, y) for y in range(MAX_POS + 1) for x in range(MAX_POS + 1)]
+    lit = {(sh, d): torch.stack([render(f"a red {sh} moving {d}", x, y, num_frames)[..., :1] > 0 for x, y in starts])
+           for sh in SHAPES for d in DIRECTIONS}  # colour only paints: render each motion once
+    return torch.stack([lit[sh, d] * torch.tensor(COLORS[c], dtype=torch.uint8) for c, sh, d in map(parse_prompt, PROMPTS)])
+
+
+def to_model_space(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., F, H, W, 3) -> float (..., F, 3, H, W) in [-1, 1]: the toy world's identity "VAE"."""
+    return frames.movedim(-1, -3).float() / 127.5 - 1
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float (..., F, 3, H, W) in [-1, 1] -> uint8 (..., F, H, W, 3)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1).cpu()
+
+
+def toy_batch(batch_size: int, num_frames: int, generator: torch.Generator | None = None):
+    """Random clips with their prompts: (B, F, 3, 16, 16) in [-1, 1], list of B prompts."""
+    p = torch.randint(0, len(PROMPTS), (batch_size,), generator=generator)
+    s = torch.randint(0, (MAX_POS + 1) ** 2, (batch_size,), generator=generator)
+    return to_model_space(all_clips(num_frames)[p, s]), [PROMPTS[i] for i in p]
+
+
+def psnr_to_all(frames: torch.Tensor) -> torch.Tensor:
+    """PSNR (0-255 scale, whole clip) of each clip against every clip of the world.
+    frames uint8 (N, F, 16, 16, 3) -> (N, 48, 121)."""
+    x = frames.flatten(1).double()  # (N, P)
+    mse = torch.stack([torch.cdist(x, ref.flatten(1).double()) ** 2 for ref in all_clips(frames.shape[1])], 1)
+    return 10 * torch.log10(255.0**2 / (mse / x.shape[1]).clamp_min(1e-10))
+
+
+def axis_of(direction: str) -> int:
+    """0 for a horizontal direction (left, right), 1 for a vertical one (up, down)."""
+    return 0 if DIRECTIONS[direction][0] else 1
+
+
+def object_positions(frames: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per frame, the top-left corner at which the prompt's object (its colour and shape, alone on
+    black) fits the frame best, and whether it fits better than an empty frame (the object is there).
+    frames uint8 (N, F, 16, 16, 3) -> corners long (N, F, 2) as (x, y), seen bool (N, F)."""
+    corners = torch.tensor([(x, y) for y in range(MAX_POS + 1) for x in range(MAX_POS + 1)])
+    refs = all_clips(1)[:, :, 0].flatten(2).double()  # (48, 121, P): each prompt's object at every corner
+    pos, seen = [], []
+    for clip, p in zip(frames.flatten(2).double(), prompts):
+        mse = torch.cdist(clip, refs[PROMPTS.index(p)]) ** 2  # (F, 121)
+        pos.append(corners[mse.argmin(1)])
+        seen.append(mse.amin(1) < (clip**2).sum(1))
+    return torch.stack(pos), torch.stack(seen)
+
+
+def motion_steps(frames: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Per frame step, how many px the object moves along the prompt's axis (object_positions), or -1
+    where the step is not along the axis: it moves across it too, or the object is missing.
+    The world's clips step exactly 1 px every frame, bounces included. -> long (N, F-1)."""
+    pos, seen = object_positions(frames, prompts)
+    d = (pos[:, 1:] - pos[:, :-1]).abs()  # (N, F-1, 2)
+    horizontal = torch.tensor([axis_of(parse_prompt(p)[2]) == 0 for p in prompts])[:, None]
+    along, across = d[..., 0].where(horizontal, d[..., 1]), d[..., 1].where(horizontal, d[..., 0])
+    return along.where((across == 0) & seen[:, 1:] & seen[:, :-1], -1)
+
+
+def steady_motion(frames: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Per clip, the share of frame steps that move the object exactly as the world does: 1 px along
+    the prompt's axis and none across it. frames uint8 (N, F, 16, 16, 3) -> (N,)."""
+    return (motion_steps(frames, prompts) == 1).double().mean(1)
+
+
+def score_toy(frames: torch.Tensor, prompts: list[str]) -> dict:
+    """toy_world.md "Scoring": best-fit PSNR against the clips the prompt admits, prompt accuracy
+    (is the prompt's best fit at least as good as every other prompt's?), and diversity (distinct
+    best-fit starts per prompt relative to as many uniform draws from the 121 starts); plus
+    steady motion, the share of frame steps that move the object 1 px along the prompt's axis (and
+    motion_steps: the shares that pause, move 1 px, jump 2+ px, or leave the axis), and
+    the kinds of error of the wrongly fitted samples (colour, shape, motion axis, direction on the axis)."""
+    psnr = psnr_to_all(frames)  # (N, 48, 121)
+    steps = motion_steps(frames, prompts)
+    shares = {name: hit.double().mean().item() for name, hit in
+              [("pause", steps == 0), ("1 px", steps == 1), ("2+ px", steps >= 2), ("off axis / missing", steps < 0)]}
+    idx = torch.tensor([PROMPTS.index(p) for p in prompts])
+    per_prompt = psnr.amax(2)  # (N, 48)
+    best = per_prompt[torch.arange(len(prompts)), idx]
+    correct = best >= per_prompt.amax(1)
+    start = psnr[torch.arange(len(prompts)), idx].argmax(1)
+    errors = {"colour": 0, "shape": 0, "axis": 0, "direction": 0}  # what the best-fitting wrong prompt got wrong
+    for n in (~correct).nonzero()[:, 0].tolist():
+        (c, sh, d), (c2, sh2, d2) = parse_prompt(prompts[n]), parse_prompt(PROMPTS[int(per_prompt[n].argmax())])
+        errors["colour"] += c != c2
+        errors["shape"] += sh != sh2
+        if d != d2:  # along the right axis but the other way, or along the other axis
+            errors["direction" if axis_of(d) == axis_of(d2) else "axis"] += 1
+    diversity = []
+    for p in set(prompts):
+        rows = [i for i, q in enumerate(prompts) if q == p]
+        n = len(rows)
+        if n > 1:
+            expected = 121 * (1 - (120 / 121) ** n)
+            diversity.append(len({int(start[i]) for i in rows}) / expected)
+    return {"best_fit_psnr": best.mean().item(), "prompt_accuracy": correct.float().mean().item(),
+            "diversity": sum(diversity) / len(diversity) if diversity else float("nan"),
+            "steady_motion": shares["1 px"], "motion_steps": shares, "errors": errors,
+            "per_sample_psnr": best, "per_sample_correct": correct}
+
+
+def window_psnr(frames: torch.Tensor, prompts: list[str], window: int = 12) -> torch.Tensor:
+    """Long videos: best-fit PSNR of each consecutive `window`-frame window, against the clips of the
+    prompt's colour and shape moving either way along its axis (bounces flip the direction).
+    frames uint8 (N, F, 16, 16, 3) -> (N, F // window)."""
+    out = []
+    for w in range(frames.shape[1] // window):
+        psnr = psnr_to_all(frames[:, w * window:(w + 1) * window]).amax(2)  # (N, 48)
+        best = []
+        for n, p in enumerate(prompts):
+            color, shape, direction = parse_prompt(p)
+            best.append(max(psnr[n, PROMPTS.index(f"a {color} {shape} moving {d}")] for d in DIRECTIONS
+                            if axis_of(d) == axis_of(direction)))
+        out.append(torch.stack(best))
+    return torch.stack(out, 1)
+
+
+class ExactToyDenoiser(nn.Module):
+    """The toy world's ideal teacher: the velocity E[eps - x0 | x_t, prompt] that flow matching
+    (Eq. 2) converges to with unlimited capacity and training, in closed form -- the data is a finite
+    set, the 121 clips X_m of each prompt (all 5808 for the unconditional prompt). Per frame
+    x_t = (1 - s) X_m + s eps, so Bayes over the clips gives
+        w_m = softmax_m( -sum_f ||x_t,f - (1 - s_f) X_m,f||^2 / (2 s_f^2) ),  x0_hat = sum_m w_m X_m,
+    and v = (x_t - x0_hat) / s. Called like the DiT, model(x, t, text) -> velocity (t per frame); a
+    prompt is recognised by its embedding, a row of `emb` (prompt -> (L, D_text), the toy prompts and
+    the unconditional one). A diagnostic (--exact-teacher): with it as the teacher (ODE pairs,
+    real score), what the students reach is what the distillation can do, the toy teacher's error
+    taken out."""
+
+    def __init__(self, emb: dict[str, torch.Tensor], uncond_prompt: str = ""):
+        super().__init__()
+        names = [p for p in PROMPTS + [uncond_prompt] if p in emb]
+        if len(names) != len(PROMPTS) + 1:
+            raise cv.CausVidError("the exact toy teacher needs the embeddings of all 48 toy prompts and the "
+                                  f"unconditional prompt {uncond_prompt!r}")
+        self.table = torch.stack([emb[p].flatten() for p in names]).double()  # (49, L * D_text)
+        self._clips: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def clips(self, num_frames: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every clip of the world, frame-major (F, 48 * 121, D) float64 with D = 3 H W, and the squared
+        norms of its frames (F, 5808)."""
+        if num_frames not in self._clips:
+            X = to_model_space(all_clips(num_frames)).flatten(0, 1).flatten(2).double()  # (5808, F, D)
+            X = X.transpose(0, 1).contiguous().to(device)
+            self._clips[num_frames] = X, X.pow(2).sum(2)
+        return self._clips[num_frames]
+
+    def recognise(self, text: torch.Tensor) -> torch.Tensor:
+        """(B, L, D_text) -> (B,) prompt index into PROMPTS, len(PROMPTS) for the unconditional prompt."""
+        d = torch.cdist(text.flatten(1).double().cpu(), self.table)  # (B, 49)
+        best = d.min(1)
+        if (best.values > 1e-3 * (1 + self.table.norm(dim=1).max())).any():
+            raise cv.CausVidError("the exact toy teacher was given a text embedding that is none of the toy prompts")
+        return best.indices
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, **_) -> torch.Tensor:
+        Fr, P, n = x.shape[1], len(PROMPTS), (MAX_POS + 1) ** 2  # n: clips per prompt
+        X, norms = self.clips(Fr, x.device)  # (F, P n, D), (F, P n), prompt after prompt
+        xf = x.double().flatten(2).transpose(0, 1)  # (F, B, D)
+        s = (t.double().T / 1000).clamp(min=1e-4)[..., None]  # (F, B, 1)
+        which = self.recognise(text).to(x.device)
+        x0 = torch.empty_like(xf)
+        for p in which.unique().tolist():
+            rows = which == p
+            m = slice(None) if p == P else slice(p * n, (p + 1) * n)  # unconditional: every clip of the world
+            xr, sr, Xm = xf[:, rows], s[:, rows], X[:, m]  # (F, b, D), (F, b, 1), (F, M, D)
+            d2 = xr.pow(2).sum(2, keepdim=True) - 2 * (1 - sr) * (xr @ Xm.transpose(1, 2)) \
+                + (1 - sr) ** 2 * norms[:, None, m]  # (F, b, M): ||x_f - (1 - s_f) X_m,f||^2
+            w = (-d2 / (2 * sr**2)).sum(0).softmax(1)  # (b, M)
+            x0[:, rows] = w @ Xm
+        v = (xf - x0) / s
+        return v.transpose(0, 1).reshape(x.shape).to(x.dtype)
+
+
+def tiny_text_encoder(cfg: cv.Config, state_dict: dict | None = None, seed: int = 0) -> TextEncoder:
+    """The toy world's text encoder: a randomly initialised (seeded) 2-layer UMT5 over the file-free ByT5
+    byte tokenizer, frozen; its weights are stored with the teacher checkpoint."""
+    from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    umt5 = UMT5Config(vocab_size=384, d_model=cfg.text_dim, d_kv=16, d_ff=2 * cfg.text_dim, num_layers=2,
+                      num_heads=cfg.text_dim // 16, relative_attention_num_buckets=32, dropout_rate=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = UMT5EncoderModel(umt5)
+    if state_dict is not None:
+        encoder.load_state_dict(state_dict)
+    return TextEncoder(ByT5Tokenizer(), encoder, cfg.text_len)

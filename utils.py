@@ -1,0 +1,615 @@
+"""What the scripts share and the method does not need: checkpoints, the resumable training loop,
+the one flow-matching pre-training loop, the one sampling front end, prompts, video files and the
+command line. Nothing here is CausVid; causvid.py is.
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields, replace
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from tqdm.auto import tqdm
+
+import causvid as cv
+import toy_world as toy
+import wan
+
+# ------------------------------------------------------------------------------------------------
+# Devices and precision
+# ------------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise cv.CausVidError(f"--device {name} was given but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def text_dtype(device: torch.device) -> torch.dtype:
+    """UMT5 runs in bf16 on a GPU (as Wan ships it), fp32 on a CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def autocast(device: torch.device, training: bool = False):
+    """bf16 autocast on CUDA. On a CPU only for training steps, and only where the CPU computes in
+    bf16 natively (AVX512-BF16 or AMX: about 15-20% faster per toy teacher step); sampling on a CPU,
+    and training on other CPUs, stays fp32."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return torch.autocast("cpu", dtype=torch.bfloat16) if training and native else nullcontext()
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: .safetensors with the config in the header; never unpickled
+# ------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], cfg: cv.Config, **meta):
+    """Weights as .safetensors, the config (and any JSON-able meta) in its header, so the file alone
+    rebuilds its model. Written to a temporary file and renamed: a crash never leaves half a file."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    header = {"config": json.dumps(asdict(cfg)), **{k: json.dumps(v) for k, v in meta.items()}}
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, tmp, metadata=header)  # clone: no shared storage
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str, keep: Callable[[str], bool] = lambda key: True) -> tuple[dict, cv.Config, dict]:
+    """-> (tensors whose names pass `keep`, config, meta); the other tensors are never read."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise cv.CausVidError(f"checkpoint {path!r} not found; check the path (train_ode.py / train_dmd.py write "
+                              "runs/<config>/{teacher,ode,dmd}.safetensors)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if keep(k)}
+    except Exception as e:  # safetensors' own error types differ between versions
+        raise cv.CausVidError(f"{path!r} is not a readable .safetensors checkpoint (wrong format or truncated: "
+                              f"{str(e).splitlines()[0][:80]}); pass a file written by these scripts") from None
+    if "config" not in header:
+        raise cv.CausVidError(f"{path!r} is a safetensors file but not a CausVid checkpoint (no config in its header)")
+    meta = {k: json.loads(v) for k, v in header.items() if k != "config"}
+    return tensors, cv.config_from_dict(json.loads(header["config"])), meta
+
+
+def save_model(path: str, model: cv.DiT, text_encoder: wan.TextEncoder | None = None, **meta):
+    """The DiT's weights, role (causal or not) and config; with the tiny text encoder also its weights
+    (prefix "text_encoder."), so the file alone rebuilds both. Wan's UMT5 stays in its own directory."""
+    tensors = dict(model.state_dict())
+    if text_encoder is not None and model.cfg.text_encoder == "tiny":
+        tensors.update({f"text_encoder.{k}": v for k, v in text_encoder.encoder.state_dict().items()})
+    save_checkpoint(path, tensors, model.cfg, causal=model.causal, **meta)
+
+
+def check_preset(cfg: cv.Config, expected: cv.Config | None, path: str):
+    """A checkpoint made with one preset cannot run under another."""
+    if expected is not None and cfg.name != expected.name:
+        raise cv.CausVidError(f"{path!r} holds a {cfg.name!r} model but the preset asked for is {expected.name!r}; "
+                              f"pass --config {cfg.name} (or --tiny), or a checkpoint of {expected.name!r}")
+
+
+def load_model(path: str, causal: bool | None = None, device="cpu", expect: cv.Config | None = None) -> cv.DiT:
+    """Rebuild a DiT from a checkpoint alone; causal=None keeps the role it was saved with. A directory
+    is an official Wan2.1 release (the bidirectional teacher). expect: the preset the caller runs
+    under; a checkpoint of another preset is refused."""
+    if os.path.isdir(path):
+        return wan.load_wan(path, expect or cv.get_config("wan2.1-t2v-1.3b"), bool(causal)).to(device)
+    tensors, cfg, meta = load_checkpoint(path, keep=lambda k: not k.startswith("text_encoder."))
+    check_preset(cfg, expect, path)
+    model = cv.DiT(cfg, causal=meta.get("causal", False) if causal is None else causal)
+    wan.load_state_dict_strict(model, tensors, path)
+    return model.to(device)
+
+
+def load_text_encoder(path: str) -> wan.TextEncoder:
+    """The tiny text encoder stored in a checkpoint (only its tensors are read)."""
+    tensors, cfg, _ = load_checkpoint(path, keep=lambda k: k.startswith("text_encoder."))
+    if not tensors:
+        raise cv.CausVidError(f"{path!r} uses the tiny text encoder but does not contain its weights")
+    return toy.tiny_text_encoder(cfg, {k[len("text_encoder."):]: v for k, v in tensors.items()})
+
+
+def text_encoder_for(path: str, cfg: cv.Config, device) -> wan.TextEncoder:
+    """The text encoder of a run: the tiny one stored in checkpoint `path`, or UMT5 from cfg.text_encoder."""
+    if cfg.text_encoder == "tiny":
+        return load_text_encoder(path).to(device)
+    return wan.load_umt5(cfg.text_encoder, cfg.text_len, text_dtype(device)).to(device)
+
+
+def real_score(teacher: nn.Module, text_encoder: wan.TextEncoder, cfg: cv.Config, exact: bool) -> nn.Module:
+    """What plays the teacher in the ODE pairs and as DMD's real score: the teacher itself, or with
+    --exact-teacher (toy world) the world's exact denoiser, a teacher with no error."""
+    if not exact:
+        return teacher
+    if cfg.name != "tiny":
+        raise cv.CausVidError("--exact-teacher exists for the toy world only (--tiny); drop it")
+    return toy.ExactToyDenoiser(embed_prompts(text_encoder, toy.PROMPTS + [cfg.negative_prompt]), cfg.negative_prompt)
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompts
+# ------------------------------------------------------------------------------------------------
+
+
+def read_prompts(path: str | None, cfg: cv.Config) -> list[str]:
+    """Training prompts: the toy world's 48, or one per line of a text file (required for Wan)."""
+    if path is None:
+        if cfg.name == "tiny":
+            return list(toy.PROMPTS)
+        raise cv.CausVidError("pass --prompts FILE (one prompt per line) to train on Wan")
+    if not os.path.isfile(path):
+        raise cv.CausVidError(f"prompt file {path!r} not found")
+    with open(path) as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise cv.CausVidError(f"prompt file {path!r} holds no prompts; write one per line")
+    return prompts
+
+
+def embed_prompts(text_encoder: wan.TextEncoder, prompts: list[str], batch: int = 64) -> dict[str, torch.Tensor]:
+    """Encode a fixed set of prompts once: prompt -> (L, D_text), kept on the CPU."""
+    unique, out = list(dict.fromkeys(prompts)), {}
+    for i in range(0, len(unique), batch):
+        out.update(zip(unique[i:i + batch], text_encoder(unique[i:i + batch]).float().cpu()))
+    return out
+
+
+def stack_text(emb: dict[str, torch.Tensor], prompts: list[str], device) -> torch.Tensor:
+    """The embeddings of a batch of prompts, (B, L, D_text) on `device`."""
+    return torch.stack([emb[p] for p in prompts]).to(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training: optimizer step with a NaN guard, EMA, the resumable loop, flow-matching pre-training
+# ------------------------------------------------------------------------------------------------
+
+
+class NonFiniteError(cv.CausVidError):
+    """A loss or gradient that is NaN or inf; the step that produced it was not applied."""
+
+
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, clip: float, lr: float | None = None) -> float:
+    """backward, clip, step; returns the gradient norm before clipping. A non-finite loss or gradient
+    raises NonFiniteError *before* the update, so the weights stay the last good ones."""
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"the loss is {loss.item()}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    if not torch.isfinite(norm):
+        raise NonFiniteError(f"the gradient norm is {norm.item()} (loss {loss.item():.4g})")
+    if lr is not None:
+        for group in opt.param_groups:
+            group["lr"] = lr
+    opt.step()
+    return norm.item()
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to `peak`, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (the weights the toy teacher is sampled with)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        for k, v in model.state_dict().items():
+            self.shadow[k].lerp_(v, 1 - self.decay) if v.dtype.is_floating_point else self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict:
+        return self.shadow
+
+    def load_state_dict(self, state: dict):
+        for k, v in state.items():
+            self.shadow[k].copy_(v)
+
+
+def _pack(obj, name: str, tensors: dict):
+    """Nested dicts/lists of tensors and JSON values -> a JSON spec; the tensors go to `tensors`."""
+    if isinstance(obj, torch.Tensor):
+        tensors[name] = obj
+        return {"tensor": name}
+    if isinstance(obj, dict):
+        return {"dict": [[k, _pack(v, f"{name}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"list": [_pack(v, f"{name}.{i}", tensors) for i, v in enumerate(obj)]}
+    return {"value": obj}
+
+
+def _unpack(spec: dict, tensors: dict):
+    if "tensor" in spec:
+        return tensors[spec["tensor"]]
+    if "dict" in spec:
+        return {k: _unpack(v, tensors) for k, v in spec["dict"]}
+    if "list" in spec:
+        return [_unpack(v, tensors) for v in spec["list"]]
+    return spec["value"]
+
+
+class TrainLoop:
+    """What every training loop here shares so that no night of training is lost:
+
+      with TrainLoop(path, cfg, steps, {"model": model, "opt": opt, "data": g}, resume) as loop:
+          for step in loop:        # step = 0, 1, ... (from the saved step when resuming)
+              ...one training step...
+
+    * the state -- anything with state_dict()/load_state_dict() (models, optimizers, EMA) and
+      torch.Generators, plus torch's global RNG and the step -- is written atomically to `path`
+      every `save_every` steps and on Ctrl-C (SIGINT) after the step in progress ends, which then
+      exits with code 130; a second Ctrl-C stops at once;
+    * resume=True continues from `path`: the following steps' losses are those of a run never stopped;
+    * a NonFiniteError (NaN/inf loss or gradient; optimizer_step applies nothing then) stops training
+      with one line naming the step; the weights are still the last good ones, and are saved;
+    * when all steps are done the state file is deleted (the stage's checkpoint replaces it)."""
+
+    def __init__(self, path: str, cfg: cv.Config, total: int, state: dict, resume: bool = False,
+                 save_every: int = 500, desc: str = "training"):
+        if "rng" in state:
+            raise ValueError('"rng" is the name of the global RNG state; call yours something else')
+        self.path, self.cfg, self.total, self.state = path, cfg, total, state
+        self.save_every, self.desc, self.step, self._stop = save_every, desc, 0, False
+        if resume and os.path.exists(path):
+            self._load()
+            print(f"resuming {desc} from {path} at step {self.step}")
+        elif resume:
+            print(f"--resume: no saved state at {path}; {desc} starts from step 0")
+
+    def _save(self):
+        tensors: dict[str, torch.Tensor] = {}
+        rngs = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rngs["cuda"] = torch.cuda.get_rng_state_all()
+        spec = {name: _pack(obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict(), name, tensors)
+                for name, obj in self.state.items()}
+        spec["rng"] = _pack(rngs, "rng", tensors)  # torch's global generators (noise, timesteps)
+        save_checkpoint(self.path, tensors, self.cfg, step=self.step, state=spec)
+
+    def _load(self):
+        tensors, cfg, meta = load_checkpoint(self.path)
+        if cfg != self.cfg:
+            diff = {f.name: (getattr(cfg, f.name), getattr(self.cfg, f.name)) for f in fields(cv.Config)
+                    if getattr(cfg, f.name) != getattr(self.cfg, f.name)}
+            raise cv.CausVidError(f"{self.path!r} was saved with another config ({diff}, saved vs now); "
+                                  "resume with the same flags, or delete it to start over")
+        spec = meta["state"]
+        for name, obj in self.state.items():
+            value = _unpack(spec[name], tensors)
+            obj.set_state(value) if isinstance(obj, torch.Generator) else obj.load_state_dict(value)
+        rngs = _unpack(spec["rng"], tensors)
+        torch.set_rng_state(rngs["torch"])
+        if "cuda" in rngs and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rngs["cuda"])
+        self.step = meta["step"]
+
+    def __enter__(self):
+        def on_sigint(signum, frame):
+            if self._stop:  # the second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self._stop = True
+            tqdm.write(f"Ctrl-C: stopping after step {self.step + 1}, saving {self.path} (Ctrl-C again to quit now)")
+
+        self._old = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+        return self
+
+    def __iter__(self):
+        for step in tqdm(range(self.step, self.total), desc=self.desc, initial=self.step, total=self.total):
+            yield step
+            self.step = step + 1
+            if self._stop:
+                self._save()
+                tqdm.write(f"interrupted: saved {self.path} at step {self.step}; continue with --resume")
+                raise SystemExit(130)
+            if self.step % self.save_every == 0 and self.step < self.total:
+                self._save()
+
+    def __exit__(self, kind, error, tb):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        if isinstance(error, NonFiniteError):
+            self._save()
+            raise NonFiniteError(f"{self.desc} stopped at step {self.step + 1}: {error}; nothing of that step "
+                                 f"was applied and the last good state (after step {self.step}) is in {self.path} "
+                                 "-- lower the learning rate or clip harder, and continue with --resume") from None
+        if error is None and self.step >= self.total and os.path.exists(self.path):
+            os.remove(self.path)
+        return False
+
+
+def log(stage: str, step: int, total: int, t0: float, **values):
+    """One line per log step: `ode step 100/600 | loss 0.031 | grad_norm 0.4 | 48 s`."""
+    items = " | ".join(f"{k} {v:.4g}" for k, v in values.items())
+    tqdm.write(f"{stage} step {step}/{total} | {items} | {time.time() - t0:.0f} s")
+
+
+def train_flow_matching(model: cv.DiT, text_encoder, cfg: cv.Config, path: str, steps: int, lr: float, device,
+                        seed: int, stage: str, ema_decay: float | None = None, per_chunk: bool = False,
+                        resume: bool = False, save_every: int = 500, log_every: int = 100) -> cv.DiT:
+    """The one flow-matching training loop (Eq. 2) on the toy world, for the models that exist before
+    CausVid starts: the teacher (bidirectional, one t per clip, EMA weights; a stand-in for a
+    pretrained video model) and Table 4's causal diffusion baseline (block-causal, one t per chunk:
+    diffusion forcing). Shifted logit-normal timesteps; cfg_dropout empty prompts, so CFG works;
+    warm-up + cosine learning rate. Trains `model` in place and saves it (EMA weights if any) to `path`."""
+    emb = embed_prompts(text_encoder, toy.PROMPTS + [""])
+    ema = EMA(model, ema_decay) if ema_decay else None
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    t0, B, Fr = time.time(), cfg.batch_size, cfg.num_frames
+    n = Fr // cfg.chunk_size if per_chunk else 1  # independent noise levels per clip
+    state = {"model": model, "opt": opt, "data": g, **({"ema": ema} if ema else {})}
+    with TrainLoop(path.replace(".safetensors", "_state.safetensors"), cfg, steps, state, resume, save_every,
+                   f"{stage} training") as loop:
+        for step in loop:
+            x0, prompts = toy.toy_batch(B, Fr, g)
+            drop = torch.rand(B, generator=g) < cfg.cfg_dropout
+            text = stack_text(emb, ["" if d else p for p, d in zip(prompts, drop)], device)
+            t = cv.shift_timesteps(torch.sigmoid(torch.randn(B, n, generator=g)) * 1000, cfg.shift)
+            with autocast(device, training=True):
+                loss = cv.flow_matching_loss(model, x0.to(device), t.repeat_interleave(Fr // n, 1).to(device), text)
+            norm = optimizer_step(loss, opt, model.parameters(), cfg.grad_clip, lr_at(step, steps, lr, cfg.warmup))
+            if ema:
+                ema.update(model)
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                log(stage, step + 1, steps, t0, loss=loss.item(), grad_norm=norm)
+        if ema:
+            model.load_state_dict(ema.shadow)
+        save_model(path, model.eval(), text_encoder, stage=stage, steps=steps)  # before the state is dropped
+    print(f"wrote {path}")
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling: one front end for the teacher, the causal diffusion baseline and the student
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate(model, kind: str, text, cfg: cv.Config, num_frames: int, seed: int, device, uncond=None,
+             context=None, video=None, start: int = 0, window=None, use_cache: bool = True, vae=None, batch: int = 64):
+    """Videos from every kind of model, in batches (batch b draws from a generator seeded seed + b * batch):
+      "teacher"  the bidirectional model: Euler + CFG over the whole clip (sample_ode)
+      "causal"   a causal diffusion model: Euler + CFG chunk by chunk with the KV cache (sample_ode_causal)
+      "student"  CausVid's streaming generator (Alg. 2; recompute_generate with use_cache=False)
+    text (N, L, D_text) or one such tensor per chunk; context (N, F_c, ...) clean frames before the
+    video (I2V); video (N, F, ...) inputs noised chunk by chunk to student step `start` (V2V); vae
+    decodes each chunk as it is made. -> (videos (N, F, C, H, W) float on the CPU, seconds to the
+    first chunk, seconds in all)."""
+    per_chunk = not isinstance(text, torch.Tensor)
+    N, K, outs, first, t0 = len(text[0] if per_chunk else text), cfg.chunk_size, [], None, time.perf_counter()
+    for i in range(0, N, batch):
+        rows = slice(i, i + batch)
+        g = torch.Generator().manual_seed(seed + i)
+        txt = [x[rows].to(device) for x in text] if per_chunk else text[rows].to(device)
+        ctx = None if context is None else context[rows].to(device)
+        n = min(batch, N - i)
+        noise = torch.randn(n, num_frames, cfg.channels, cfg.height, cfg.width, generator=g).to(device)
+        with autocast(device):
+            if kind == "teacher":  # the whole clip at once: nothing to show before the end
+                stream = [cv.sample_ode(model, noise, txt, uncond, cfg.teacher_guidance, cfg.teacher_steps, cfg.shift)[0]]
+            elif kind == "causal":
+                stream = [cv.sample_ode_causal(model, noise, txt, uncond, cfg.teacher_guidance, cfg.teacher_steps,
+                                               cfg.shift, context=ctx)[0]]
+            else:
+                timesteps = cv.student_timesteps(cfg).to(device)[start:]
+                chunks = noise.split(K, 1)
+                if video is not None:  # SDEdit, lazily: a chunk is noised only when the loop reaches it
+                    chunks = (cv.add_noise(v, e, torch.full(v.shape[:2], float(timesteps[0]), device=device))
+                              for v, e in zip(video[rows].to(device).split(K, 1), chunks))
+                stream = cv.stream_generate(model, chunks, txt, timesteps, g, ctx, window) if use_cache else \
+                    cv.recompute_generate(model, noise, txt, timesteps, g, ctx)
+            if vae is not None:
+                stream = vae.decode_stream(c.float() for c in stream)
+            out = []
+            for chunk in stream:
+                out.append(chunk.float().cpu())
+                first = first or time.perf_counter() - t0
+        outs.append(torch.cat(out, 1))
+    return torch.cat(outs), first, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------
+# Video files
+# ------------------------------------------------------------------------------------------------
+
+
+def write_video(path: str, frames: torch.Tensor, scale: int = 8, fps: int = 8, columns: int = 8):
+    """uint8 (N, F, H, W, 3) -> one video (.gif or .mp4) of the N clips in a grid, each upscaled by
+    nearest neighbour so 16x16 frames are visible. Written to a temporary name, then renamed."""
+    import imageio.v2 as imageio
+
+    N, Fr, H, W, _ = frames.shape
+    cols = min(columns, N)
+    rows = -(-N // cols)
+    pad = torch.zeros(rows * cols - N, Fr, H, W, 3, dtype=torch.uint8)
+    grid = torch.cat([frames, pad]).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    grid = F.pad(grid.permute(0, 1, 4, 2, 3), (1, 1, 1, 1), value=64).permute(0, 1, 3, 4, 2)  # grey borders
+    grid = rearrange(grid, "(r c) f h w x -> f (r h) (c w) x", r=rows, c=cols).numpy()
+    ext = os.path.splitext(path)[1]
+    tmp = f"{path}.tmp{os.getpid()}{ext}"
+    if ext == ".gif":
+        imageio.mimsave(tmp, list(grid), duration=1000 / fps, loop=0)
+    else:
+        imageio.mimsave(tmp, list(grid), fps=fps, macro_block_size=1)
+    os.replace(tmp, path)
+
+
+def read_frames(path: str, height: int, width: int) -> torch.Tensor:
+    """An image (png, jpg, ...), a video (mp4, gif) or a samples .npz of ours -> uint8 (N, F, H, W, 3),
+    N = 1 except for an npz of several videos. RGBA loses its alpha; frames of another size are
+    resized (with a message); other channel counts and bit depths are refused."""
+    import imageio.v2 as imageio
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise cv.CausVidError(f"input {path!r} not found; check the path")
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as data:
+                arr = data["frames"]
+        else:
+            arr = np.stack(imageio.mimread(path, memtest=False))
+    except Exception as e:
+        raise cv.CausVidError(f"cannot read {path!r} as an image, a video or a samples .npz "
+                              f"({str(e).splitlines()[0][:80]})") from None
+    if arr.dtype != np.uint8:
+        raise cv.CausVidError(f"{path!r} has {arr.dtype} pixels; give an 8-bit image or video")
+    if arr.ndim == 3 or arr.shape[-1] not in (3, 4):  # grey frames (F, H, W), or odd channels
+        channels = 1 if arr.ndim == 3 else arr.shape[-1]
+        raise cv.CausVidError(f"{path!r} has {channels} channel(s) per pixel; give an RGB (or RGBA) image or video")
+    frames = torch.from_numpy(arr[..., :3].copy())
+    frames = frames[None] if frames.ndim == 4 else frames  # (N, F, H, W, 3)
+    if frames.shape[2:4] != (height, width):
+        print(f"note: {path!r} is {frames.shape[3]}x{frames.shape[2]}, the model's frames are {width}x{height}: resized")
+        x = frames.flatten(0, 1).permute(0, 3, 1, 2).float()
+        shrink = x.shape[2] >= height and x.shape[3] >= width
+        x = F.interpolate(x, size=(height, width), mode="area" if shrink else "nearest")
+        frames = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).unflatten(0, frames.shape[:2])
+    return frames
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line
+# ------------------------------------------------------------------------------------------------
+
+
+def add_common_args(p):
+    """The flags every script shares."""
+    p.add_argument("--tiny", action="store_true", help="the toy-world preset: runs on a CPU")
+    p.add_argument("--config", choices=sorted(cv.PRESETS), help="a named preset (--tiny is --config tiny)")
+    p.add_argument("--run", help="the run directory: checkpoints are read from and written to it "
+                                 "(default: runs/<config>)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=int, help="batch size (default: the preset's)")
+    p.add_argument("--model-dir", help="Wan: the official Wan2.1-T2V-1.3B directory, either layout (DiT shapes, "
+                                       "text_encoder/ and vae/ are taken from it)")
+    p.add_argument("--text-encoder", help="Wan: a transformers UMT5 directory (tokenizer/ beside it), if not "
+                                          "<model-dir>/text_encoder")
+    p.add_argument("--vae", help="Wan: a diffusers AutoencoderKLWan directory, if not <model-dir>/vae")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set num_frames=9 --set student_step_indices=0,36,44")
+    return p
+
+
+def add_training_args(p):
+    """The flags both training scripts share (train_dmd.py runs stage 1 first when it is missing)."""
+    p.add_argument("--teacher", help="the bidirectional teacher checkpoint (default: <run>/teacher.safetensors; "
+                                     "with --model-dir the Wan directory itself)")
+    p.add_argument("--teacher-steps", type=int, help="toy world: pre-train the teacher for this many steps if "
+                                                     "there is none (default: the preset's teacher_train_steps)")
+    p.add_argument("--pairs", type=int, help="number of ODE pairs (default: the preset's ode_pairs)")
+    p.add_argument("--prompts", help="prompt file, one per line, for the ODE pairs (default: the 48 toy "
+                                     "prompts; required for Wan)")
+    p.add_argument("--exact-teacher", action="store_true", help="toy world: the world's exact denoiser plays the "
+                                                                "teacher (ODE pairs, DMD's real score)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from <run>/<stage>_state"
+                                                         ".safetensors (models, optimizers, step, RNG)")
+    p.add_argument("--save-every", type=int, default=500, help="steps between saves of the resumable state "
+                                                               "(default: 500; Ctrl-C also saves)")
+    p.add_argument("--log-every", type=int, default=100, help="steps between log lines (default: 100)")
+    return p
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """["num_frames=9", "student_step_indices=0,36,44"] -> typed Config overrides."""
+    types = {f.name: type(getattr(cv.Config(), f.name)) for f in fields(cv.Config)}
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or key not in types:
+            raise cv.CausVidError(f"--set {item!r}: expected KEY=VALUE with KEY one of the Config fields "
+                                  f"({', '.join(sorted(types))})")
+        try:
+            kind = types[key]
+            if kind is bool and value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            out[key] = (tuple(int(v) for v in value.split(",")) if kind is tuple
+                        else value.lower() in ("true", "1") if kind is bool else kind(value))
+        except ValueError:
+            raise cv.CausVidError(f"--set {item!r}: {value!r} is not a valid {types[key].__name__}") from None
+    return out
+
+
+# flags that set a Config field: (argparse dest, field)
+FLAG_FIELDS = [("batch_size", "batch_size"), ("teacher_steps", "teacher_train_steps"), ("pairs", "ode_pairs"),
+               ("ode_steps", "ode_steps"), ("dmd_steps", "dmd_steps")]
+
+
+def resolve(args) -> tuple[cv.Config, torch.device, str]:
+    """-> (config, device, run directory), from the common flags: the preset, then the flags that set
+    a field, then --set, then the Wan directory's shapes and paths."""
+    if args.tiny and args.config not in (None, "tiny"):
+        raise cv.CausVidError(f"--tiny and --config {args.config} contradict each other; give one")
+    name = "tiny" if args.tiny else args.config
+    if name is None:
+        raise cv.CausVidError("choose a preset: --tiny (toy world, CPU) or --config wan2.1-t2v-1.3b")
+    overrides = {f: getattr(args, dest) for dest, f in FLAG_FIELDS if getattr(args, dest, None) is not None}
+    overrides.update(parse_overrides(args.set))
+    cfg = cv.get_config(name, **overrides)
+    if args.model_dir:
+        cfg = replace(wan.wan_config(args.model_dir, cfg)[0], **overrides)
+    paths = {"text_encoder": args.text_encoder, "vae": args.vae}
+    cfg = replace(cfg, **{k: os.path.abspath(v) for k, v in paths.items() if v})
+    return cfg, pick_device(args.device), args.run or os.path.join("runs", name)
+
+
+def writable_dir(path: str, flag: str) -> str:
+    """Make sure `path` is a directory we can write to now, not after an hour of training."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise cv.CausVidError(f"cannot write to {flag} {path!r} ({e.strerror}); pass a directory you can write to") from None
+    return path
+
+
+def teacher_path(args, run: str) -> str:
+    """The one place that says where the bidirectional teacher comes from: --teacher, else the run's
+    own teacher.safetensors, else the official Wan directory (--model-dir)."""
+    own = os.path.join(run, "teacher.safetensors")
+    if args.teacher or os.path.exists(own) or not args.model_dir:
+        return args.teacher or own
+    return args.model_dir
+
+
+def run_cli(main: Callable):
+    """The scripts' entry point: a CausVidError is printed as one line and exits with code 2."""
+    try:
+        main()
+    except cv.CausVidError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
