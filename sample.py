@@ -183,24 +183,7 @@ def main(argv=None):
     print(f"wrote {stem}.npz, {stem}.gif, {stem}.mp4")
 
     if cfg.name == "tiny" and all(p in toy.PROMPTS for p in prompts) and not (switches or args.video or args.image):
-        return report_scores(torch.from_numpy(frames), prompts, cfg.num_frames, args.samples_per_prompt > 1)
-
-
-def report_scores(frames: torch.Tensor, prompts: list[str], length: int, several: bool) -> dict:
-    """The toy world's scores of the first `length` frames, and per window for longer videos."""
-    s = toy.score_toy(frames[:, :length], prompts)
-    diversity = f"{s['diversity']:.2f}" if several else "n/a (one sample per prompt)"
-    print(f"toy-world score (first {length} frames): best-fit PSNR {s['best_fit_psnr']:.2f} dB | "
-          f"prompt accuracy {100 * s['prompt_accuracy']:.1f}% | diversity {diversity} | "
-          f"steady 1-px motion {100 * s['steady_motion']:.1f}% of frame steps")
-    print("frame steps along the prompt's axis: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["motion_steps"].items()))
-    if not all(s["per_sample_correct"]):
-        print(f"wrong prompt fits best for {int((~s['per_sample_correct']).sum())} of {len(prompts)}; they got wrong: "
-              + ", ".join(f"{k} {v}" for k, v in s["errors"].items()))
-    if frames.shape[1] > length:
-        s["window_psnr"] = toy.window_psnr(frames, prompts, length)
-        print("per-window best-fit PSNR: " + " ".join(f"{v:.1f}" for v in s["window_psnr"].mean(0).tolist()))
-    return s
+        return toy.print_scores(torch.from_numpy(frames), prompts, cfg.num_frames, args.samples_per_prompt > 1)
 
 
 if __name__ == "__main__":

@@ -284,3 +284,11 @@ def test_exact_teacher_runs_both_stages(fresh_run):
                  "--prompt", "a red square moving up", "--name", "exact"])
     data = np.load(fresh_run / "exact.npz")
     assert toy.score_toy(torch.from_numpy(data["frames"]), list(data["prompts"]))["best_fit_psnr"] > 50
+
+
+def test_sample_reads_the_run_and_writes_to_out(run_dir, tmp_path):
+    """The model comes from --run (or --ckpt), the samples go to --out: one flag does not do both."""
+    out = tmp_path / "samples"
+    sample.main(["--tiny", "--run", str(run_dir), "--out", str(out), "--prompt", "a red square moving up",
+                 "--num-frames", "3", "--name", "elsewhere"])
+    assert (out / "elsewhere.npz").exists() and not (run_dir / "elsewhere.npz").exists()
