@@ -70,6 +70,7 @@ class Config:
     teacher_steps: int = 24  # Euler steps of the teacher's ODE sampler
     teacher_guidance: float = 3.0  # the teacher's CFG scale when it samples (the ODE pairs)
     student_step_indices: tuple[int, ...] = (0, 6, 12, 18)  # the student's steps in the teacher's schedule
+    sink: int = -1  # long videos: -1 re-encodes the window (official); n >= 0 a RollingKVCache keeping n frames
     # training (AdamW everywhere)
     batch_size: int = 32
     grad_clip: float = 1.0
@@ -112,6 +113,7 @@ PRESETS: dict[str, Config] = {
         negative_prompt=WAN_NEGATIVE_PROMPT,
         shift=8.0, teacher_steps=50, teacher_guidance=6.0,  # ODE pairs: 50 Euler steps, CFG 6
         student_step_indices=(0, 36, 44),  # t = [1000, 757, 522] on the shifted 50-step schedule
+        sink=3,  # long videos keep the first chunk: latent frame 0 (one pixel frame) is unlike the others
         batch_size=1, grad_clip=10.0, gradient_checkpointing=True,
         ode_pairs=1000, ode_steps=3000, lr_ode=2e-6,  # paper: 1000 pairs, 3000 iterations
         dmd_steps=6000, lr_generator=2e-6, lr_critic=2e-6,
@@ -228,24 +230,22 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
 
 
-def rope_angles(head_dim: int, frames: int, rows: int, cols: int, frame_offset: int = 0, device=None,
-                theta: float = 10000.0) -> torch.Tensor:
+def rope_angles(head_dim: int, frames: int, rows: int, cols: int, device=None, theta: float = 10000.0) -> torch.Tensor:
     """3D RoPE angles (frames * rows * cols, head_dim / 2), tokens in (f, h, w) order.
 
     Wan2.1 splits the head into a time part of head_dim - 4 (head_dim // 6) channels and two spatial
-    parts of 2 (head_dim // 6); each rotates channel pairs by position x theta^(-2k / part). frame_offset
-    shifts the time positions: a chunk streamed after c cached frames sits at c, c + 1, ... (Alg. 2)."""
+    parts of 2 (head_dim // 6); each rotates channel pairs by position x theta^(-2k / part). Frames are
+    at time positions 0, 1, ...: a chunk streamed after c cached frames takes rows from c on (Alg. 2)."""
     d_hw = 2 * (head_dim // 6)
     d_t = head_dim - 2 * d_hw
 
-    def axis(n, d, start):  # (n, d / 2)
-        pos = torch.arange(start, start + n, dtype=torch.float64, device=device)
+    def axis(n, d):  # (n, d / 2)
+        pos = torch.arange(n, dtype=torch.float64, device=device)
         return torch.outer(pos, 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
 
     shape = (frames, rows, cols, -1)
-    return torch.cat([axis(frames, d_t, frame_offset)[:, None, None].expand(shape),
-                      axis(rows, d_hw, 0)[None, :, None].expand(shape),
-                      axis(cols, d_hw, 0)[None, None, :].expand(shape)], dim=-1).reshape(-1, head_dim // 2)
+    return torch.cat([axis(frames, d_t)[:, None, None].expand(shape), axis(rows, d_hw)[None, :, None].expand(shape),
+                      axis(cols, d_hw)[None, None, :].expand(shape)], dim=-1).reshape(-1, head_dim // 2)
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -319,24 +319,68 @@ def attend(q, k, v, mask=None):
 class KVCache:
     """Self-attention keys and values of the clean context frames, per layer (Alg. 2 line 2).
 
-    Keys are stored after RoPE, so each cached frame keeps the position it was encoded at; a new
-    chunk is encoded at positions num_frames, num_frames + 1, ... It attends to the whole cache plus
-    itself with no mask: the cache holds only the past, so block-causality holds by construction
-    ("block-wise causal attention is no longer needed at inference time", Sec. 4.4)."""
+    A chunk's keys and values are written in place into the slot after the cached frames (buffers
+    grow by doubling, so a stream makes a few allocations, not one concatenation per forward), and
+    commit() makes them part of the cache (Alg. 2 line 12); until then the next denoising step
+    overwrites the slot, as in the official release. Keys are stored after RoPE: each cached frame
+    keeps the position it was encoded at, and a new chunk sits at positions num_frames, ... It
+    attends to the whole cache plus itself with no mask: the cache holds only the past, so
+    block-causality holds by construction ("block-wise causal attention is no longer needed at
+    inference time", Sec. 4.4)."""
+
+    rope_on_read = False  # RollingKVCache keeps keys before RoPE and rotates them when they are read
 
     def __init__(self):
-        self.k: dict[int, torch.Tensor] = {}  # layer -> (B, S_ctx, heads, head_dim)
+        self.k: dict[int, torch.Tensor] = {}  # layer -> (B, capacity, heads, head_dim)
         self.v: dict[int, torch.Tensor] = {}
-        self.num_frames = 0  # frames held = the time position of the next frame
+        self.num_frames = self.num_tokens = 0  # what the cache holds
 
-    def attend_to(self, layer: int, k: torch.Tensor, v: torch.Tensor, write: bool):
-        """The keys/values a new chunk attends over: the cache, then its own (Alg. 2 line 7). write:
-        keep its own in the cache for the chunks after it (line 12)."""
-        if layer in self.k:
-            k, v = torch.cat([self.k[layer], k], 1), torch.cat([self.v[layer], v], 1)
-        if write:
-            self.k[layer], self.v[layer] = k, v
-        return k, v
+    def attend_to(self, layer: int, k, v, rotation):
+        """k (before RoPE), v (B, S, heads, head_dim) of a chunk's S tokens; rotation (S_all, head_dim / 2)
+        for the cache's positions and the chunk's. -> the keys and values the chunk attends over: the
+        cache's, then its own (Alg. 2 line 7)."""
+        start, end = self.num_tokens, self.num_tokens + k.shape[1]
+        if not self.rope_on_read:
+            k = apply_rope(k, rotation[start:end])
+        for store, new in ((self.k, k), (self.v, v)):
+            if layer not in store or store[layer].shape[1] < end:  # allocate, or grow by doubling
+                buffer = new.new_empty(new.shape[0], 2 * end, *new.shape[2:])
+                if layer in store:
+                    buffer[:, :start] = store[layer][:, :start]
+                store[layer] = buffer
+            store[layer][:, start:end] = new
+        keys = self.k[layer][:, :end]
+        return apply_rope(keys, rotation[:end]) if self.rope_on_read else keys, self.v[layer][:, :end]
+
+    def commit(self, frames: int, tokens: int):
+        """Alg. 2 line 12: the frames just written join the cache."""
+        self.num_frames, self.num_tokens = self.num_frames + frames, self.num_tokens + tokens
+
+
+class RollingKVCache(KVCache):
+    """A bounded cache for unbounded streams with no re-encoding: the first `sink` frames stay (an
+    attention sink), then the most recent ones, `window` frames in all with the chunk being made;
+    the middle is evicted. Keys are kept before RoPE and rotated when read, at their place in the
+    cache, so no position ever exceeds the window (StreamDiffusionV2, Rolling Forcing, LongLive;
+    Self-Forcing's sink_size / local_attn_size). Until the first eviction it equals KVCache."""
+
+    rope_on_read = True
+
+    def __init__(self, sink: int, window: int, chunk_size: int):
+        if not 0 <= sink <= window - 2 * chunk_size:
+            raise ValueError(f"sink {sink} must leave room in the window {window} for two chunks of {chunk_size}")
+        super().__init__()
+        self.sink, self.window, self.chunk_size = sink, window, chunk_size
+
+    def commit(self, frames: int, tokens: int):
+        super().commit(frames, tokens)
+        evict = self.num_frames - (self.window - self.chunk_size)  # leave room for the next chunk
+        if evict > 0:  # drop the oldest frames after the sink; the rest move up, keys still unrotated
+            N = tokens // frames
+            a, b, n = self.sink * N, (self.sink + evict) * N, self.num_tokens
+            for buffer in [*self.k.values(), *self.v.values()]:
+                buffer[:, a:n - (b - a)] = buffer[:, b:n].clone()
+            self.num_frames, self.num_tokens = self.num_frames - evict, n - (b - a)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,14 +397,13 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=eps), nn.RMSNorm(dim, eps=eps)
 
-    def forward(self, x, rotation, mask=None, cache: KVCache | None = None, layer: int = 0, write: bool = False):
-        """x (B, S, D); rotation (S, head_dim / 2); mask: (S, S_all) bool, a BlockMask or None."""
+    def forward(self, x, rotation, mask=None, cache: KVCache | None = None, layer: int = 0):
+        """x (B, S, D); rotation (S_all, head_dim / 2), the last S rows x's positions; mask: (S, S_all)
+        bool, a BlockMask or None; cache: the past's keys and values (layer: which of them)."""
         split = lambda y: rearrange(y, "b s (n d) -> b s n d", n=self.num_heads)
-        q = apply_rope(split(self.norm_q(self.q(x))), rotation)
-        k = apply_rope(split(self.norm_k(self.k(x))), rotation)
-        v = split(self.v(x))  # (B, S, heads, head_dim)
-        if cache is not None:
-            k, v = cache.attend_to(layer, k, v, write)
+        q = apply_rope(split(self.norm_q(self.q(x))), rotation[-x.shape[1]:])
+        k, v = split(self.norm_k(self.k(x))), split(self.v(x))  # (B, S, heads, head_dim)
+        k, v = (apply_rope(k, rotation), v) if cache is None else cache.attend_to(layer, k, v, rotation)
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.o(rearrange(out, "b n s d -> b s (n d)"))
 
@@ -396,10 +439,10 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(D, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, D))
         self.modulation = nn.Parameter(torch.zeros(1, 6, D))  # learned table added to the time embedding
 
-    def forward(self, x, e, text, rotation, mask=None, cache=None, layer=0, write=False):
+    def forward(self, x, e, text, rotation, mask=None, cache=None, layer=0):
         """x (B, S, D); e (B, F, 6, D) per-frame time modulation; text (B, L, D)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.unsqueeze(1) + e).unbind(2)  # (B, F, D)
-        x = x + gate(self.self_attn(modulate(self.norm1(x), shift1, scale1), rotation, mask, cache, layer, write), gate1)
+        x = x + gate(self.self_attn(modulate(self.norm1(x), shift1, scale1), rotation, mask, cache, layer), gate1)
         x = x + self.cross_attn(self.norm3(x), text)
         return x + gate(self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2)
 
@@ -469,18 +512,18 @@ class DiT(nn.Module):
         cache given: the frames continue the cached context and attend to it plus themselves
         (Alg. 2 line 7); write_cache=True adds their keys/values to it (Alg. 2 lines 11-12)."""
         B, Fr, C, H, W = x.shape
-        cfg, (_, ph, pw) = self.cfg, self.cfg.patch_size
+        cfg, (_, ph, pw), dtype = self.cfg, self.cfg.patch_size, self.patch_embedding.weight.dtype  # bf16 weights: bf16
         if t.shape != (B, Fr):
             raise ValueError(f"timesteps must have shape (B, F) = {(B, Fr)}, got {tuple(t.shape)}")
         rows, cols = H // ph, W // pw
-        x = rearrange(self.patch_embedding(rearrange(x, "b f c h w -> b c f h w")), "b d f h w -> b (f h w) d")
-        e0 = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim))  # (B, F, D)
+        x = rearrange(self.patch_embedding(rearrange(x.to(dtype), "b f c h w -> b c f h w")), "b d f h w -> b (f h w) d")
+        e0 = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim).to(dtype))  # (B, F, D)
         e = self.time_projection(e0).unflatten(2, (6, cfg.dim))  # (B, F, 6, D)
-        text = self.text_embedding(text)  # (B, L, D)
+        text = self.text_embedding(text.to(dtype))  # (B, L, D)
 
-        offset = cache.num_frames if cache is not None else 0
-        angles = rope_angles(cfg.dim // cfg.num_heads, Fr, rows, cols, offset, device=x.device)
-        rotation = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)  # (S, head_dim / 2)
+        offset = cache.num_frames if cache is not None else 0  # the cache's frames come first
+        angles = rope_angles(cfg.dim // cfg.num_heads, offset + Fr, rows, cols, device=x.device)
+        rotation = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)  # (S_all, head_dim / 2)
         mask = None
         if self.causal and (cache is None or Fr > cfg.chunk_size):  # one chunk after a cache needs no mask
             if Fr % cfg.chunk_size:
@@ -488,13 +531,13 @@ class DiT(nn.Module):
             flex = self.attention == "flex" or (self.attention == "auto" and x.is_cuda)
             mask = (flex_block_mask if flex else block_causal_mask)(Fr, cfg.chunk_size, rows * cols, x.device, offset)
         for i, block in enumerate(self.blocks):
-            args = (x, e, text, rotation, mask, cache, i, write_cache)
+            args = (x, e, text, rotation, mask, cache, i)
             if self.gradient_checkpointing and torch.is_grad_enabled():  # keep only each block's input
                 x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
                 x = block(*args)
         if write_cache:
-            cache.num_frames += Fr
+            cache.commit(Fr, x.shape[1])
         x = self.head(x, e0)  # (B, S, C * ph * pw)
         return rearrange(x, "b (f h w) (ph pw c) -> b f c (h ph) (w pw)", f=Fr, h=rows, w=cols, ph=ph, pw=pw)
 
@@ -535,10 +578,12 @@ def denoise_chunk(model: Callable, x, text, timesteps, cache: KVCache | None = N
     return x0, states
 
 
+Rng = torch.Generator | Callable[[int], torch.Generator] | None  # one generator, or one per chunk index
+
+
 @torch.no_grad()
-def stream_generate(model: DiT, noise, text, timesteps: torch.Tensor, generator: torch.Generator | None = None,
-                    context: torch.Tensor | None = None, window: int | None = None,
-                    keep: int | None = None) -> Iterator[torch.Tensor]:
+def stream_generate(model: DiT, noise, text, timesteps: torch.Tensor, generator: Rng = None, context=None,
+                    window: int | None = None, keep: int | None = None, sink: int | None = None) -> Iterator[torch.Tensor]:
     """Alg. 2: generate chunk after chunk with the student's few steps, yielding each clean chunk
     (B, K, C, H, W) as soon as it is done. The applications of Sec. 5.3-5.4 are its arguments:
 
@@ -546,12 +591,15 @@ def stream_generate(model: DiT, noise, text, timesteps: torch.Tensor, generator:
                chunks consumed as they arrive. Video-to-video (SDEdit): input chunks noised to
                timesteps[0], with `timesteps` the tail of the student's steps from there.
     text       (B, L, D_text), or one such tensor per chunk (dynamic prompting; the cache keeps the past).
+    generator  draws line 8's re-noising; a function of the chunk index gives each chunk its own stream,
+               so that a video's past does not depend on how long it will run.
     context    clean frames (B, F_c, C, H, W), whole chunks, before the video (image-to-video: the image
                repeated to a chunk). They enter the cache and are not yielded.
     window     the most frames a chunk attends over, itself included (default: unbounded). When the
                next chunk would not fit, a fresh cache is filled with the last `keep` clean frames
                (default: window - 2 K, at least K) re-encoded at positions from 0 -- the official
-               long-video scheme -- so RoPE never sees a position beyond the window."""
+               long-video scheme -- so RoPE never sees a position beyond the window.
+    sink       instead of re-encoding: a RollingKVCache of `window` frames that keeps the first `sink`."""
     K = model.cfg.chunk_size
     if isinstance(noise, torch.Tensor):
         if noise.shape[1] % K:
@@ -564,32 +612,34 @@ def stream_generate(model: DiT, noise, text, timesteps: torch.Tensor, generator:
     if context is not None and context.shape[1] % K:
         raise ValueError(f"the context's {context.shape[1]} frames are not a whole number of chunks of {K}")
     past = [] if context is None else list(context.split(K, dim=1))  # clean chunks not yet in the cache
-    cache, in_window = KVCache(), []  # line 2; in_window: the clean chunks the cache holds
+    rolling, in_window = window is not None and sink is not None, []  # in_window: clean chunks the cache holds
+    cache = RollingKVCache(sink, window, K) if rolling else KVCache()  # line 2
     for c, x in enumerate(noise):  # lines 3-4
         txt = text if isinstance(text, torch.Tensor) else text[c]
-        if window is not None and (len(in_window) + len(past) + 1) * K > window:  # slide, positions from 0
+        if window is not None and not rolling and (len(in_window) + len(past) + 1) * K > window:  # slide
             past, cache, in_window = (in_window + past)[-(keep // K):], KVCache(), []
         if past:  # lines 10-12, for the chunks finished since (or the context)
             fill_cache(model, cache, torch.cat(past, 1), txt)
             in_window, past = (in_window + past) if window is not None else [], []
-        x0, _ = denoise_chunk(model, x, txt, timesteps, cache, generator)  # lines 5-9
+        g = generator(c) if callable(generator) else generator
+        x0, _ = denoise_chunk(model, x, txt, timesteps, cache, g)  # lines 5-9
         past.append(x0)
         yield x0
 
 
 @torch.no_grad()
-def recompute_generate(model: DiT, noise, text, timesteps, generator=None, context=None) -> Iterator[torch.Tensor]:
+def recompute_generate(model: DiT, noise, text, timesteps, generator: Rng = None, context=None) -> Iterator[torch.Tensor]:
     """Alg. 2 without the KV cache, the baseline the cache is measured against (Table 3): every step
     re-runs the whole clean past at t = 0 under the block-causal mask. Same output, growing cost."""
     past = [] if context is None else [context]
-    for x in noise.split(model.cfg.chunk_size, dim=1):
+    for c, x in enumerate(noise.split(model.cfg.chunk_size, dim=1)):
         prefix = torch.cat(past + [x[:, :0]], 1)
 
         def with_past(x, t, text, cache=None):  # the velocity of x's frames, the past recomputed
             t_all = torch.cat([t.new_zeros(t.shape[0], prefix.shape[1]), t], 1)
             return model(torch.cat([prefix, x], 1), t_all, text)[:, prefix.shape[1]:]
 
-        x0, _ = denoise_chunk(with_past, x, text, timesteps, None, generator)
+        x0, _ = denoise_chunk(with_past, x, text, timesteps, None, generator(c) if callable(generator) else generator)
         past.append(x0)
         yield x0
 

@@ -14,7 +14,8 @@ Modes (all through the one streaming loop, causvid.stream_generate):
                      student step nearest below S * 1000 and denoised from there (SDEdit)
   dynamic prompting  --switch CHUNK:TEXT (repeatable): from chunk CHUNK on, every video follows TEXT
   long videos        --num-frames N, any multiple of the chunk size; the cache keeps a --window of
-                     frames (default: the training length) and re-encodes at positions from 0
+                     frames (default: the training length) and re-encodes at positions from 0, or
+                     with --set sink=N keeps the first N frames in a rolling cache (Wan's default)
 --teacher samples the bidirectional teacher instead (Euler with CFG, the whole clip at once);
 --no-cache recomputes the past at every step instead of using the cache (Table 3's baseline).
 """
@@ -54,6 +55,8 @@ def parse_args(argv=None):
                    help="dynamic prompting: from chunk CHUNK (0-based) on, use TEXT; repeatable")
     p.add_argument("--window", type=int, help="frames one chunk attends over at most (default: the "
                                               "training length; 0: unbounded)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="inference weights (default: bf16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each DiT block (faster on a GPU after warm-up)")
     return p.parse_args(argv)
 
 
@@ -131,7 +134,9 @@ def main(argv=None):
     image = utils.read_frames(args.image, cfg.height, cfg.width)[0, :1] if args.image else None  # (1, H, W, 3)
     out = utils.writable_dir(args.out or run, "--out")
 
-    model = utils.load_model(path, causal=not args.teacher, device=device, expect=cfg).eval()
+    model = utils.load_model(path, causal=not args.teacher, device=device, expect=cfg)
+    model = utils.prepare_for_inference(model, device, {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype),
+                                        args.compile)
     overrides = utils.parse_overrides(args.set)  # the network is the checkpoint's; --set changes how it samples
     shape = [k for k in ARCHITECTURE if k in overrides and overrides[k] != getattr(model.cfg, k)]
     if shape:
@@ -143,7 +148,11 @@ def main(argv=None):
     text_encoder = utils.text_encoder_for(path, cfg, device)
     if args.exact_teacher:
         model = utils.real_score(model, text_encoder, cfg, exact=True)
-    vae = wan.WanVAE(cfg.vae, device) if cfg.vae else None  # latents -> pixels, chunk by chunk
+    sink = cfg.sink if cfg.sink >= 0 and window is not None and num_frames + K * bool(args.image) > window else None
+    if sink is not None and sink > window - 2 * K:
+        raise cv.CausVidError(f"sink {sink} leaves no room for two chunks in the window {window}; lower it")
+    torch.backends.cudnn.benchmark = True  # the VAE's 3D convolutions
+    vae = wan.WanVAE(cfg.vae, device, utils.inference_dtype(device)) if cfg.vae else None  # latents -> pixels, chunk by chunk
     base = args.prompt or toy.PROMPTS
     if inputs is not None and inputs.shape[0] > 1 and len(base) not in (1, inputs.shape[0]):
         raise cv.CausVidError(f"--video holds {inputs.shape[0]} videos: give one --prompt, or one per video")
@@ -167,7 +176,7 @@ def main(argv=None):
     batch = args.batch_size or (64 if cfg.name == "tiny" else 1)
     sample, first, seconds = utils.generate(model, "teacher" if args.teacher else "student", text, cfg, num_frames,
                                             args.seed, device, emb[cfg.negative_prompt][None].to(device), context,
-                                            video, start, window, not args.no_cache, vae, batch)
+                                            video, start, window, sink, not args.no_cache, vae, batch)
     if context is not None:
         sample = torch.cat([context, sample], 1)  # the given chunk leads the video
     frames = toy.to_uint8(sample).numpy()  # (N, F, H, W, 3)

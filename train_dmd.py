@@ -45,13 +45,14 @@ def dataset(cfg: cv.Config, run: str, g: torch.Generator):
     stand in for a video dataset. -> (a function drawing (x0, prompts), every prompt it can draw)."""
     if cfg.name == "tiny":
         return lambda: toy.toy_batch(cfg.batch_size, cfg.num_frames, g), toy.PROMPTS
-    tensors, _, meta = utils.load_checkpoint(os.path.join(run, "ode_pairs.safetensors"))
-    clips, prompts = tensors["trajectories"][:, -1], meta["prompts"]
+    pairs = utils.ODEPairs(os.path.join(run, "ode_pairs"))
+    if not len(pairs):
+        raise cv.CausVidError(f"no ODE pairs in {os.path.join(run, 'ode_pairs')!r}; run train_ode.py first")
 
-    def draw():
-        i = torch.randint(0, len(prompts), (cfg.batch_size,), generator=g)
-        return clips[i], [prompts[j] for j in i]
-    return draw, prompts
+    def draw():  # reads only the end points it draws
+        i = torch.randint(0, len(pairs), (cfg.batch_size,), generator=g)
+        return pairs.get(i, state=-1), [pairs.prompts[j] for j in i]
+    return draw, pairs.prompts
 
 
 def main(argv=None):

@@ -8,10 +8,11 @@
      end points, every chunk at its own step of Alg. 1's T = {0, t1..tQ} (Eq. 6): a chunk at t = 0
      is clean context for the chunks after it, as inference sees it.
 
-Writes <run>/teacher.safetensors (if pre-trained here), <run>/ode_pairs.safetensors, <run>/ode.safetensors.
+Writes <run>/teacher.safetensors (if pre-trained here), <run>/ode_pairs/ (shards), <run>/ode.safetensors.
 """
 
 import argparse
+import collections
 import os
 import time
 
@@ -51,51 +52,55 @@ def get_teacher(args, cfg: cv.Config, device, run: str):
 
 
 @torch.no_grad()
-def make_ode_pairs(teacher, text_encoder, cfg: cv.Config, n: int, device, seed: int, pool: list[str], batch: int = 64):
-    """Sec. 4.3: teacher trajectories from noise (Euler, CFG with the negative prompt), kept at the
-    student's timesteps, for prompts drawn from `pool` -> (trajectories (n, Q+1, F, C, H, W), prompts)."""
-    g = torch.Generator().manual_seed(seed)
-    prompts = [pool[i] for i in torch.randint(0, len(pool), (n,), generator=g)]
-    batch = min(batch, cfg.batch_size) if cfg.name != "tiny" else batch
+def make_ode_pairs(args, cfg: cv.Config, teacher, text_encoder, device, path: str, batch: int = 64):
+    """Sec. 4.3: the teacher's trajectories from noise (Euler, CFG with the negative prompt), kept at
+    the student's timesteps, written shard by shard to `path`; shards already there are kept (a
+    killed run resumes), and shard i's noise depends only on the seed and i."""
+    pool, made_by = utils.read_prompts(args.prompts, cfg), "exact" if args.exact_teacher else "trained"
+    prompts = [pool[i] for i in torch.randint(0, len(pool), (cfg.ode_pairs,), generator=torch.Generator().manual_seed(args.seed))]
+    batch = batch if cfg.name == "tiny" else min(batch, cfg.batch_size)
     emb = utils.embed_prompts(text_encoder, prompts + [cfg.negative_prompt])
-    uncond = emb[cfg.negative_prompt][None].to(device)
-    trajectories = []
-    for i in tqdm(range(0, n, batch), desc="ODE pairs"):
-        p = prompts[i:i + batch]
+    uncond, real = emb[cfg.negative_prompt][None].to(device), utils.real_score(teacher, text_encoder, cfg, args.exact_teacher)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what the teacher computes in
+    done = collections.Counter(shard for shard, _ in utils.ODEPairs(path).rows)  # rows per shard written
+    for b in tqdm(range(0, cfg.ode_pairs, batch), desc="ODE pairs"):
+        p = prompts[b:b + batch]
+        if done[utils.ODEPairs.shard(path, b // batch)] == len(p):
+            continue
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + b // batch)
         noise = torch.randn(len(p), cfg.num_frames, cfg.channels, cfg.height, cfg.width, generator=g).to(device)
         with utils.autocast(device):
-            _, trajectory = cv.sample_ode(teacher, noise, utils.stack_text(emb, p, device), uncond, cfg.teacher_guidance,
+            _, trajectory = cv.sample_ode(real, noise, utils.stack_text(emb, p, device), uncond, cfg.teacher_guidance,
                                           cfg.teacher_steps, cfg.shift, keep=cfg.student_step_indices)
-        trajectories.append(trajectory.float().cpu())
-    return torch.cat(trajectories), prompts
+        utils.save_checkpoint(utils.ODEPairs.shard(path, b // batch), {"trajectories": trajectory.to(dtype)}, cfg,
+                              prompts=p, teacher=made_by, timesteps=cv.student_timesteps(cfg).tolist())
 
 
-def get_ode_pairs(args, cfg: cv.Config, teacher, text_encoder, device, run: str):
-    """The run's ODE pairs: reused when <run>/ode_pairs.safetensors holds enough of the same teacher's."""
-    n, path, made_by = cfg.ode_pairs, os.path.join(run, "ode_pairs.safetensors"), ("exact" if args.exact_teacher else "trained")
-    if os.path.exists(path):
-        tensors, stored, meta = utils.load_checkpoint(path)
-        utils.check_preset(stored, cfg, path)
-        if meta.get("teacher", "trained") != made_by:
-            raise cv.CausVidError(f"{path!r} holds pairs of the {meta.get('teacher', 'trained')} teacher, this run's "
-                                  f"is the {made_by} one; pass another --run, or delete the file")
-        if tensors["trajectories"].shape[0] >= n:
-            print(f"ODE pairs: {path} ({n})")
-            return tensors["trajectories"][:n], meta["prompts"][:n]
-    pairs, prompts = make_ode_pairs(utils.real_score(teacher, text_encoder, cfg, args.exact_teacher), text_encoder,
-                                    cfg, n, device, args.seed, utils.read_prompts(args.prompts, cfg))
-    timesteps = cv.student_timesteps(cfg).tolist()
-    utils.save_checkpoint(path, {"trajectories": pairs}, cfg, prompts=prompts, timesteps=timesteps, teacher=made_by)
-    print(f"wrote {path}: {n} trajectories at t = {timesteps} and 0")
-    return pairs, prompts
+def get_ode_pairs(args, cfg: cv.Config, teacher, text_encoder, device, run: str) -> utils.ODEPairs:
+    """The run's ODE pairs, <run>/ode_pairs/: made (or completed) if there are fewer than cfg.ode_pairs."""
+    path, made_by = os.path.join(run, "ode_pairs"), "exact" if args.exact_teacher else "trained"
+    pairs = utils.ODEPairs(path)
+    if len(pairs):
+        utils.check_preset(pairs.cfg, cfg, path)
+        if pairs.teachers != {made_by}:
+            raise cv.CausVidError(f"{path!r} holds pairs of the {'/'.join(sorted(pairs.teachers))} teacher, this run's "
+                                  f"is the {made_by} one; pass another --run, or delete the directory")
+    if len(pairs) < cfg.ode_pairs:
+        make_ode_pairs(args, cfg, teacher, text_encoder, device, path)
+        pairs = utils.ODEPairs(path)
+        print(f"wrote {path}: {len(pairs)} trajectories at t = {cv.student_timesteps(cfg).tolist()} and 0")
+    else:
+        print(f"ODE pairs: {path} ({cfg.ode_pairs} of {len(pairs)})")
+    return pairs
 
 
-def regress_student(args, cfg: cv.Config, teacher, text_encoder, pairs, prompts, device, path: str):
-    """Eq. 6 on the ODE pairs; the student starts from the teacher's weights with the causal mask."""
+def regress_student(args, cfg: cv.Config, teacher, text_encoder, pairs: utils.ODEPairs, device, path: str):
+    """Eq. 6 on the first cfg.ode_pairs ODE pairs; the student starts from the teacher's weights with
+    the causal mask."""
     student = cv.DiT(cfg, causal=True).to(device)
     student.load_state_dict(teacher.state_dict())
     student.gradient_checkpointing = cfg.gradient_checkpointing
-    emb = utils.embed_prompts(text_encoder, prompts)
+    emb = utils.embed_prompts(text_encoder, pairs.prompts[:cfg.ode_pairs])
     timesteps = cv.student_timesteps(cfg)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr_ode, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed + 1)
@@ -103,10 +108,10 @@ def regress_student(args, cfg: cv.Config, teacher, text_encoder, pairs, prompts,
     with utils.TrainLoop(path.replace(".safetensors", "_state.safetensors"), cfg, steps,
                          {"student": student, "opt": opt, "data": g}, args.resume, args.save_every, "ODE regression") as loop:
         for step in loop:
-            idx = torch.randint(0, len(pairs), (cfg.batch_size,), generator=g)
-            text = utils.stack_text(emb, [prompts[i] for i in idx], device)
+            idx = torch.randint(0, cfg.ode_pairs, (cfg.batch_size,), generator=g)
+            text = utils.stack_text(emb, [pairs.prompts[i] for i in idx], device)
             with utils.autocast(device):
-                loss = cv.ode_regression_loss(student, pairs[idx].to(device), text, timesteps, cfg.chunk_size,
+                loss = cv.ode_regression_loss(student, pairs.get(idx).to(device), text, timesteps, cfg.chunk_size,
                                               cfg.clean_context)
             norm = utils.optimizer_step(loss, opt, student.parameters(), cfg.grad_clip)
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
@@ -119,8 +124,8 @@ def run(args, cfg: cv.Config, device, run_dir: str):
     """Stage 1 in full (train_dmd.py calls this when the run has no ode.safetensors yet)."""
     torch.manual_seed(args.seed)
     teacher, text_encoder = get_teacher(args, cfg, device, run_dir)
-    pairs, prompts = get_ode_pairs(args, cfg, teacher, text_encoder, device, run_dir)
-    regress_student(args, cfg, teacher, text_encoder, pairs, prompts, device, os.path.join(run_dir, "ode.safetensors"))
+    pairs = get_ode_pairs(args, cfg, teacher, text_encoder, device, run_dir)
+    regress_student(args, cfg, teacher, text_encoder, pairs, device, os.path.join(run_dir, "ode.safetensors"))
 
 
 def main(argv=None):

@@ -37,8 +37,8 @@ def pick_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def text_dtype(device: torch.device) -> torch.dtype:
-    """UMT5 runs in bf16 on a GPU (as Wan ships it), fp32 on a CPU."""
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU, fp32 on a CPU: UMT5 (Wan ships it in bf16), the VAE, the DiT's inference weights."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -138,7 +138,7 @@ def text_encoder_for(path: str, cfg: cv.Config, device) -> wan.TextEncoder:
     """The text encoder of a run: the tiny one stored in checkpoint `path`, or UMT5 from cfg.text_encoder."""
     if cfg.text_encoder == "tiny":
         return load_text_encoder(path).to(device)
-    return wan.load_umt5(cfg.text_encoder, cfg.text_len, text_dtype(device)).to(device)
+    return wan.load_umt5(cfg.text_encoder, cfg.text_len, inference_dtype(device)).to(device)
 
 
 def real_score(teacher: nn.Module, text_encoder: wan.TextEncoder, cfg: cv.Config, exact: bool) -> nn.Module:
@@ -182,6 +182,53 @@ def embed_prompts(text_encoder: wan.TextEncoder, prompts: list[str], batch: int 
 def stack_text(emb: dict[str, torch.Tensor], prompts: list[str], device) -> torch.Tensor:
     """The embeddings of a batch of prompts, (B, L, D_text) on `device`."""
     return torch.stack([emb[p] for p in prompts]).to(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# ODE pairs on disk: written shard by shard, read lazily
+# ------------------------------------------------------------------------------------------------
+
+
+class ODEPairs:
+    """The ODE pairs of Sec. 4.3: a directory of shards pairs_<i>.safetensors, each a batch of
+    trajectories (n, Q+1, F, C, H, W) in the dtype the teacher computed in, with its prompts and the
+    teacher's kind in its header. A shard is written whole (atomically), so a killed run resumes at
+    the first missing one; reading takes only the rows and states asked for, so host memory does not
+    grow with the number of pairs."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self.path, self.rows, self.prompts, self.teachers = path, [], [], set()
+        names = sorted(n for n in os.listdir(path) if n.startswith("pairs_") and n.endswith(".safetensors")) \
+            if os.path.isdir(path) else []
+        for name in names:
+            with safe_open(os.path.join(path, name), framework="pt") as f:
+                meta = f.metadata()
+            prompts = json.loads(meta["prompts"])
+            self.prompts += prompts
+            self.rows += [(os.path.join(path, name), j) for j in range(len(prompts))]
+            self.teachers.add(json.loads(meta["teacher"]))
+            self.cfg = cv.config_from_dict(json.loads(meta["config"]))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, idx, state=slice(None)) -> torch.Tensor:
+        """Trajectories idx -> (len(idx), Q+1, F, C, H, W) float32, or one state of each (state=-1:
+        the end points, (len(idx), F, C, H, W)); only these bytes are read."""
+        from safetensors import safe_open
+
+        out = []
+        for i in idx:
+            path, j = self.rows[int(i)]
+            with safe_open(path, framework="pt") as f:
+                out.append(f.get_slice("trajectories")[j, state])
+        return torch.stack(out).float()
+
+    @staticmethod
+    def shard(path: str, i: int) -> str:
+        return os.path.join(path, f"pairs_{i:06d}.safetensors")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -395,26 +442,43 @@ def train_flow_matching(model: cv.DiT, text_encoder, cfg: cv.Config, path: str, 
 # ------------------------------------------------------------------------------------------------
 
 
+def chunk_rng(seed: int, chunk: int, stream: int, device) -> torch.Generator:
+    """The random stream of one chunk (stream 0: its starting noise; 1: its re-noising, Alg. 2 line
+    8), on `device`. It depends on the seed and the chunk's index only, so extending a video never
+    changes its past."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + 2 * chunk + stream)
+
+
+def prepare_for_inference(model: cv.DiT, device, dtype=None, compile: bool = False) -> cv.DiT:
+    """Inference weights: bf16 on a GPU by default (half the memory, no autocast casts), fp32 on a
+    CPU; compile=True compiles each block (one graph per block shape)."""
+    model = model.to(device, dtype or inference_dtype(device)).eval()
+    if compile:
+        for block in model.blocks:
+            block.compile()
+    return model
+
+
 @torch.no_grad()
-def generate(model, kind: str, text, cfg: cv.Config, num_frames: int, seed: int, device, uncond=None,
-             context=None, video=None, start: int = 0, window=None, use_cache: bool = True, vae=None, batch: int = 64):
-    """Videos from every kind of model, in batches (batch b draws from a generator seeded seed + b * batch):
+def generate(model, kind: str, text, cfg: cv.Config, num_frames: int, seed: int, device, uncond=None, context=None,
+             video=None, start: int = 0, window=None, sink=None, use_cache: bool = True, vae=None, batch: int = 64):
+    """Videos from every kind of model, in batches of `batch` (the videos from row i on use seed + i):
       "teacher"  the bidirectional model: Euler + CFG over the whole clip (sample_ode)
       "causal"   a causal diffusion model: Euler + CFG chunk by chunk with the KV cache (sample_ode_causal)
       "student"  CausVid's streaming generator (Alg. 2; recompute_generate with use_cache=False)
     text (N, L, D_text) or one such tensor per chunk; context (N, F_c, ...) clean frames before the
-    video (I2V); video (N, F, ...) inputs noised chunk by chunk to student step `start` (V2V); vae
-    decodes each chunk as it is made. -> (videos (N, F, C, H, W) float on the CPU, seconds to the
-    first chunk, seconds in all)."""
+    video (I2V); video (N, F, ...) inputs noised chunk by chunk to student step `start` (V2V); window,
+    sink: see stream_generate; vae decodes each chunk as it is made. Every chunk's noise comes from
+    chunk_rng. -> (videos (N, F, C, H, W) float on the CPU, seconds to the first chunk, seconds in all)."""
     per_chunk = not isinstance(text, torch.Tensor)
     N, K, outs, first, t0 = len(text[0] if per_chunk else text), cfg.chunk_size, [], None, time.perf_counter()
     for i in range(0, N, batch):
-        rows = slice(i, i + batch)
-        g = torch.Generator().manual_seed(seed + i)
+        rows, n = slice(i, i + batch), min(batch, N - i)
+        rng = lambda c, stream, i=i: chunk_rng(seed + i, c, stream, device)
         txt = [x[rows].to(device) for x in text] if per_chunk else text[rows].to(device)
         ctx = None if context is None else context[rows].to(device)
-        n = min(batch, N - i)
-        noise = torch.randn(n, num_frames, cfg.channels, cfg.height, cfg.width, generator=g).to(device)
+        noise = torch.cat([torch.randn(n, K, cfg.channels, cfg.height, cfg.width, generator=rng(c, 0), device=device)
+                           for c in range(num_frames // K)], 1)
         with autocast(device):
             if kind == "teacher":  # the whole clip at once: nothing to show before the end
                 stream = [cv.sample_ode(model, noise, txt, uncond, cfg.teacher_guidance, cfg.teacher_steps, cfg.shift)[0]]
@@ -427,12 +491,11 @@ def generate(model, kind: str, text, cfg: cv.Config, num_frames: int, seed: int,
                 if video is not None:  # SDEdit, lazily: a chunk is noised only when the loop reaches it
                     chunks = (cv.add_noise(v, e, torch.full(v.shape[:2], float(timesteps[0]), device=device))
                               for v, e in zip(video[rows].to(device).split(K, 1), chunks))
-                stream = cv.stream_generate(model, chunks, txt, timesteps, g, ctx, window) if use_cache else \
-                    cv.recompute_generate(model, noise, txt, timesteps, g, ctx)
-            if vae is not None:
-                stream = vae.decode_stream(c.float() for c in stream)
+                renoise = lambda c: rng(c, 1)
+                stream = cv.stream_generate(model, chunks, txt, timesteps, renoise, ctx, window, sink=sink) if use_cache \
+                    else cv.recompute_generate(model, torch.cat(list(chunks), 1), txt, timesteps, renoise, ctx)
             out = []
-            for chunk in stream:
+            for chunk in (stream if vae is None else vae.decode_stream(stream)):
                 out.append(chunk.float().cpu())
                 first = first or time.perf_counter() - t0
         outs.append(torch.cat(out, 1))

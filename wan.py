@@ -227,7 +227,7 @@ class WanVAE:
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """normalised latents (B, 1 + k, C, h, w) -> pixels in [-1, 1] (B, 1 + 4k, 3, 8 h, 8 w)."""
-        x = self.vae.decode(rearrange(z * self.std + self.mean, "b f c h w -> b c f h w")).sample
+        x = self.vae.decode(rearrange(z.to(self.mean.dtype) * self.std + self.mean, "b f c h w -> b c f h w")).sample
         return rearrange(x, "b c f h w -> b f c h w")
 
     @torch.no_grad()
@@ -237,7 +237,7 @@ class WanVAE:
         vae, first = self.vae, True
         vae.clear_cache()
         for z in chunks:
-            x = vae.post_quant_conv(rearrange(z * self.std + self.mean, "b f c h w -> b c f h w"))
+            x = vae.post_quant_conv(rearrange(z.to(self.mean.dtype) * self.std + self.mean, "b f c h w -> b c f h w"))
             out = []
             for i in range(x.shape[2]):
                 vae._conv_idx = [0]

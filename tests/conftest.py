@@ -19,6 +19,7 @@ def run_dir(tmp_path_factory):
 @pytest.fixture
 def fresh_run(run_dir, tmp_path):
     """A private copy of run_dir's teacher and ODE pairs (and ODE student), for tests that write."""
-    for name in ["teacher.safetensors", "ode_pairs.safetensors", "ode.safetensors"]:
+    for name in ["teacher.safetensors", "ode.safetensors"]:
         shutil.copy(run_dir / name, tmp_path / name)
+    shutil.copytree(run_dir / "ode_pairs", tmp_path / "ode_pairs")
     return tmp_path

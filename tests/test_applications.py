@@ -111,3 +111,24 @@ def test_the_study_runs_end_to_end(run_dir, tmp_path):
         assert heading in text
     assert text.count("CausVid** (ODE init") == 2  # a row of Table 4 and of Fig. 8
     assert 1.0 < study.predicted_cache_speedup(cv.get_config("tiny"), 48) < 20
+
+
+def test_a_stream_does_not_know_its_length(run_dir, tmp_path):
+    """With the same seed, a video is the prefix of every longer one: each chunk's noise (its start
+    and its re-noising) depends only on the seed and the chunk's index. Also with a sliding window,
+    image-to-video and video-to-video."""
+    def frames(*extra):
+        run(run_dir, "--prompt", P, "--seed", "9", *extra)
+        return frames_of(run_dir)
+
+    short, mid, long = (frames("--num-frames", n) for n in ("12", "24", "120"))
+    assert mid.shape[1] == 24 and np.array_equal(mid[:, :12], short) and np.array_equal(long[:, :24], mid)
+    assert not np.array_equal(long[:, 24:36], long[:, 36:48])  # not one chunk repeated
+    small = frames("--num-frames", "18", "--window", "6")  # slides every chunk
+    assert np.array_equal(frames("--num-frames", "9", "--window", "6"), small[:, :9])
+    imageio.imwrite(tmp_path / "first.png", toy.render(P, 2, 5, 1)[0].numpy())
+    i2v = frames("--image", str(tmp_path / "first.png"), "--num-frames", "12")
+    assert np.array_equal(frames("--image", str(tmp_path / "first.png"), "--num-frames", "6"), i2v[:, :3 + 6])
+    np.savez(tmp_path / "in.npz", frames=toy.render(P, 0, 3, 24)[None].numpy())
+    v2v = frames("--video", str(tmp_path / "in.npz"), "--num-frames", "24")
+    assert np.array_equal(frames("--video", str(tmp_path / "in.npz"), "--num-frames", "12"), v2v[:, :12])

@@ -136,7 +136,7 @@ def test_kv_cache_matches_masked_forward(chunk_size):
             assert streamed.abs().max() > 1e-2  # not vacuous
             cv.fill_cache(model, cache, clean[:, sl], text)
             assert cache.num_frames == (j + 1) * K
-    assert cache.k[0].shape[1] == cfg.num_frames * 4  # 4 tokens per frame
+    assert cache.num_tokens == cfg.num_frames * 4  # 4 tokens per frame
 
 
 def test_stream_generate_equals_recomputing_the_prefix():
@@ -258,33 +258,97 @@ def test_window_bounds_the_cache_and_the_positions(monkeypatch):
     attends over more than the window, and no frame is ever encoded at a position past the window."""
     cfg = small_config(chunk_size=3, num_frames=12)
     model = make_model(causal=True, cfg=cfg)
-    seen = []
-    real = cv.KVCache.attend_to
+    seen, attended = [], []
+    real_attend, real_commit = cv.KVCache.attend_to, cv.KVCache.commit
 
-    def attend_to(self, layer, k, v, write):
-        k_all, v_all = real(self, layer, k, v, write)
-        seen.append((self.num_frames + k.shape[1] // 4, k_all.shape[1], tuple(self.k[layer].shape) if write else ()))
-        return k_all, v_all
+    def attend_to(self, layer, k, v, rotation):
+        out = real_attend(self, layer, k, v, rotation)
+        attended.append((rotation.shape[0], out[0].shape[1], tuple(self.k[layer].shape)))
+        return out
 
     monkeypatch.setattr(cv.KVCache, "attend_to", attend_to)
+    monkeypatch.setattr(cv.KVCache, "commit", lambda self, f, n: real_commit(self, f, n) or seen.append(self.num_frames))
     text = torch.randn(1, 5, 16)
     peaks = {}
     for frames in [24, 120]:
-        seen.clear()
+        seen.clear(), attended.clear()
         out = stream(model, torch.randn(1, frames, 3, 8, 8), text, TS, window=12)
         assert out.shape[1] == frames and torch.isfinite(out).all()
-        peaks[frames] = max(stored for _, _, stored in seen)
-        assert max(last for last, _, _ in seen) <= 12  # RoPE positions stay inside the window
-        assert max(n for _, n, _ in seen) <= 12 * 4  # a chunk attends over at most the window
-    assert peaks[24] == peaks[120] == (1, 9 * 4, 2, 24)  # the cache: 9 frames of 4 tokens, 2 heads of 24
+        assert max(seen) <= 12 - 3  # the cache plus the chunk being made fit in the window
+        assert max(positions for positions, _, _ in attended) <= 12 * 4  # RoPE positions stay inside it
+        assert max(n for _, n, _ in attended) <= 12 * 4  # a chunk attends over at most the window
+        peaks[frames] = max(buffer for _, _, buffer in attended)
+    assert peaks[24] == peaks[120] and peaks[24][1] <= 2 * 12 * 4  # buffers grown by doubling, at most 2 windows
+
+
+class ConcatKVCache(cv.KVCache):
+    """The cache as it was before it was preallocated: torch.cat of the whole cache per layer per forward."""
+
+    def attend_to(self, layer, k, v, rotation):
+        k = cv.apply_rope(k, rotation[self.num_tokens:])
+        if layer in self.k:
+            k, v = torch.cat([self.k[layer], k], 1), torch.cat([self.v[layer], v], 1)
+        self.pending = getattr(self, "pending", {})
+        self.pending[layer] = (k, v)
+        return k, v
+
+    def commit(self, frames, tokens):
+        super().commit(frames, tokens)
+        for layer, (k, v) in self.pending.items():
+            self.k[layer], self.v[layer] = k, v
+
+
+def test_the_preallocated_cache_equals_concatenation_to_the_bit(monkeypatch):
+    cfg = small_config()
+    model = make_model(causal=True, cfg=cfg)
+    noise, _, text = inputs(cfg, B=3, seed=11)
+    context = torch.randn(3, 2, 3, 8, 8)
+    streams = []
+    for cache in [cv.KVCache, ConcatKVCache]:
+        monkeypatch.setattr(cv, "KVCache", cache)
+        streams.append(stream(model, torch.cat([noise, noise], 1), text, TS, context=context))
+    assert torch.equal(streams[0], streams[1])
+
+
+def test_the_rolling_cache_equals_the_full_forward_within_its_window_and_stays_bounded():
+    """RollingKVCache (sink + recent frames, keys rotated when read): while the video fits in the
+    window it is the plain cache, hence the masked full forward; over 300 frames its memory and its
+    positions stay bounded."""
+    cfg = small_config(chunk_size=2, num_frames=6)
+    model = make_model(causal=True, cfg=cfg)
+    noise, _, text = inputs(cfg, seed=12)
+    plain = stream(model, noise, text, TS)
+    rolling = stream(model, noise, text, TS, window=6, sink=2)  # 6 frames: no eviction yet
+    assert (plain - rolling).abs().max() <= 1e-5 and plain.abs().max() > 1e-2
+    cache = cv.RollingKVCache(sink=2, window=8, chunk_size=2)
+    x = torch.randn(1, 2, 3, 8, 8)
+    sizes = set()
+    with torch.no_grad():
+        for c in range(150):  # 300 frames
+            model(x + c / 150, torch.full((1, 2), 500.0), text[:1], cache=cache)  # a denoising step
+            cv.fill_cache(model, cache, x + c / 150, text[:1])
+            sizes.add((cache.num_frames, tuple(cache.k[0].shape)))
+            if c == 0:
+                sink = cache.k[0][:, :8].clone()  # the first chunk's keys, before RoPE
+    assert max(n for n, _ in sizes) == 8 - 2 and len({shape for _, shape in sizes}) <= 3  # bounded
+    assert torch.equal(cache.k[0][:, :8], sink)  # the sink stays at the front, untouched
+    with pytest.raises(ValueError, match="must leave room"):
+        cv.RollingKVCache(sink=6, window=8, chunk_size=2)
 
 
 def test_cache_holds_post_rope_keys_at_their_positions():
-    """A chunk streamed after c cached frames gets RoPE time positions c.. (not 0..)."""
+    """A chunk streamed after c cached frames is encoded at time positions c.. (not 0..): its cached
+    keys equal those of the same frames written in one go after the same past."""
     cfg = small_config()
-    a = cv.rope_angles(cfg.dim // cfg.num_heads, 6, 2, 2)
-    b = cv.rope_angles(cfg.dim // cfg.num_heads, 2, 2, 2, frame_offset=4)
-    assert torch.equal(a[16:], b)
+    model = make_model(causal=True, cfg=cfg)
+    x, _, text = inputs(cfg, seed=13)
+    one, two = cv.KVCache(), cv.KVCache()
+    cv.fill_cache(model, one, x, text)  # frames 0-5 at once
+    cv.fill_cache(model, two, x[:, :4], text)
+    cv.fill_cache(model, two, x[:, 4:], text)  # frames 4-5 after 4 cached frames
+    for layer in one.k:
+        assert (one.k[layer][:, 16:24] - two.k[layer][:, 16:24]).abs().max() <= 1e-5
+    assert one.num_frames == two.num_frames == 6 and two.num_tokens == 24
 
 
 # ---------------------------------------------------------------------------------------------

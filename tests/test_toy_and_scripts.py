@@ -1,6 +1,8 @@
 """The toy world follows shared/toy_world.md to the pixel, its scores mean what they say, and the
 three scripts run end to end with --tiny into a temporary directory."""
 
+import shutil
+
 import imageio.v2 as imageio
 import numpy as np
 import pytest
@@ -144,8 +146,8 @@ def test_train_dmd_runs_everything(run_dir):
         assert model.causal == (name != "teacher") and model.cfg == RUN_CONFIG
         enc = utils.load_text_encoder(str(run_dir / f"{name}.safetensors"))
         assert enc(["a red square moving up"]).shape == (1, 32, 64)
-    tensors, _, meta = utils.load_checkpoint(str(run_dir / "ode_pairs.safetensors"))
-    assert tensors["trajectories"].shape == (3, 5, 12, 3, 16, 16) and len(meta["prompts"]) == 3
+    pairs = utils.ODEPairs(str(run_dir / "ode_pairs"))
+    assert pairs.get(range(3)).shape == (3, 5, 12, 3, 16, 16) and len(pairs.prompts) == 3
     assert (run_dir / "dmd_samples_000002.gif").exists()
     # the students differ from the teacher they were initialised from: they were trained
     t, o = utils.load_model(str(run_dir / "teacher.safetensors")), utils.load_model(str(run_dir / "ode.safetensors"))
@@ -210,12 +212,13 @@ def test_sample_rejects_bad_frame_counts(run_dir):
 
 
 def test_train_ode_reuses_teacher_and_pairs(run_dir, capsys):
-    pairs = run_dir / "ode_pairs.safetensors"
-    before = (pairs.stat().st_mtime_ns, (run_dir / "teacher.safetensors").stat().st_mtime_ns)
+    pairs = run_dir / "ode_pairs"
+    shard = pairs / "pairs_000000.safetensors"
+    before = (shard.stat().st_mtime_ns, (run_dir / "teacher.safetensors").stat().st_mtime_ns)
     train_ode.main(["--tiny", "--run", str(run_dir), "--steps", "1", "--pairs", "2", "--batch-size", "2"])
-    after = (pairs.stat().st_mtime_ns, (run_dir / "teacher.safetensors").stat().st_mtime_ns)
+    after = (shard.stat().st_mtime_ns, (run_dir / "teacher.safetensors").stat().st_mtime_ns)
     assert before == after  # neither the teacher nor the pairs were made again
-    assert f"ODE pairs: {pairs} (2)" in capsys.readouterr().out
+    assert f"ODE pairs: {pairs} (2 of 3)" in capsys.readouterr().out
 
 
 def toy_embeddings(dim=6):
@@ -271,11 +274,11 @@ def test_exact_teacher_runs_both_stages(fresh_run):
     args = ["--tiny", "--run", str(fresh_run), "--batch-size", "2", "--device", "cpu", "--set", "warmup=1"]
     with pytest.raises(cv.CausVidError, match="pairs of the trained teacher"):  # they are not reused
         train_ode.main(args + ["--steps", "1", "--pairs", "2", "--exact-teacher"])
-    (fresh_run / "ode_pairs.safetensors").unlink()
+    shutil.rmtree(fresh_run / "ode_pairs")
     train_ode.main(args + ["--steps", "1", "--pairs", "2", "--exact-teacher"])
-    tensors, cfg, meta = utils.load_checkpoint(str(fresh_run / "ode_pairs.safetensors"))
-    assert meta["teacher"] == "exact"
-    score = toy.score_toy(toy.to_uint8(tensors["trajectories"][:, -1]), meta["prompts"])
+    pairs = utils.ODEPairs(str(fresh_run / "ode_pairs"))
+    assert pairs.teachers == {"exact"}
+    score = toy.score_toy(toy.to_uint8(pairs.get(range(2), state=-1)), pairs.prompts)
     assert score["best_fit_psnr"] > 50 and score["prompt_accuracy"] == 1.0
     train_dmd.main(args + ["--steps", "2", "--sample-every", "5", "--exact-teacher"])
     meta = utils.load_checkpoint(str(fresh_run / "dmd.safetensors"), keep=lambda k: False)[2]
@@ -292,3 +295,55 @@ def test_sample_reads_the_run_and_writes_to_out(run_dir, tmp_path):
     sample.main(["--tiny", "--run", str(run_dir), "--out", str(out), "--prompt", "a red square moving up",
                  "--num-frames", "3", "--name", "elsewhere"])
     assert (out / "elsewhere.npz").exists() and not (run_dir / "elsewhere.npz").exists()
+
+
+def test_ode_pairs_are_written_in_shards_resumed_and_read_lazily(fresh_run, tmp_path, monkeypatch):
+    """Shard by shard, each shard's noise from the seed and its index: a run killed after one shard
+    resumes into exactly the pairs of a run never stopped; reading takes only the rows and states
+    asked for, never a whole shard."""
+    import argparse
+
+    import safetensors
+
+    cfg = cv.get_config("tiny", ode_pairs=5, teacher_steps=6, student_step_indices=(0, 2, 4))
+    teacher, enc = utils.load_model(str(fresh_run / "teacher.safetensors")), utils.load_text_encoder(str(fresh_run / "teacher.safetensors"))
+    args = argparse.Namespace(prompts=None, exact_teacher=False, seed=3)
+    train_ode.make_ode_pairs(args, cfg, teacher, enc, torch.device("cpu"), str(tmp_path / "straight"), batch=2)
+    real_save, saves = utils.save_checkpoint, []
+
+    def dies_on_the_second(*a, **kw):
+        saves.append(a[0])
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+        real_save(*a, **kw)
+
+    monkeypatch.setattr(utils, "save_checkpoint", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        train_ode.make_ode_pairs(args, cfg, teacher, enc, torch.device("cpu"), str(tmp_path / "resumed"), batch=2)
+    monkeypatch.undo()
+    assert len(utils.ODEPairs(str(tmp_path / "resumed"))) == 2  # one shard survived
+    train_ode.make_ode_pairs(args, cfg, teacher, enc, torch.device("cpu"), str(tmp_path / "resumed"), batch=2)
+    a, b = utils.ODEPairs(str(tmp_path / "straight")), utils.ODEPairs(str(tmp_path / "resumed"))
+    assert len(a) == len(b) == 5 and a.prompts == b.prompts
+    assert torch.equal(a.get(range(5)), b.get(range(5))) and a.get(range(5)).shape == (5, 4, 12, 3, 16, 16)
+
+    reads, real_open = [], safetensors.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kw):
+            self.f = real_open(*args, **kw)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def get_slice(self, name):
+            sl = self.f.__enter__().get_slice(name)
+            return type("S", (), {"__getitem__": lambda _, key: reads.append(key) or sl[key]})()
+
+    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    ends = a.get([4, 1], state=-1)
+    assert reads == [(0, -1), (1, -1)] and ends.shape == (2, 12, 3, 16, 16)  # row 4 is shard 2's first
+    assert torch.equal(ends, b.get([4, 1])[:, -1])

@@ -142,30 +142,75 @@ def test_the_vae_wrapper_matches_diffusers_and_streams(wan_dir):
     assert (latents - (rearrange(mu, "b c f h w -> b f c h w") - mean.view(1, 1, 4, 1, 1)) / std.view(1, 1, 4, 1, 1)).abs().max() <= 1e-4
 
 
-def test_the_three_scripts_run_on_a_wan_layout_directory(wan_dir, tmp_path):
-    """train_ode.py (teacher = the Wan directory itself), train_dmd.py, sample.py (decoding through the
-    VAE into an mp4), with small frame sizes set by --set."""
+@pytest.fixture(scope="module")
+def wan_run(wan_dir, tmp_path_factory):
+    """train_ode.py (teacher = the Wan directory itself) and train_dmd.py on the tiny Wan directory, with
+    small frame sizes set by --set. -> (the flags every script gets, the run directory)."""
+    import train_dmd
+    import train_ode
+
+    tmp = tmp_path_factory.mktemp("wan_run")
+    (tmp / "prompts.txt").write_text("a cat walking\na dog running\n\n")
+    common = ["--config", "wan2.1-t2v-1.3b", "--model-dir", str(wan_dir), "--run", str(tmp / "run"),
+              "--device", "cpu", "--set", "height=4", "--set", "width=6", "--set", "num_frames=6",
+              "--set", "text_len=12", "--set", "teacher_steps=6", "--set", "student_step_indices=0,3,5"]
+    train_ode.main(common + ["--prompts", str(tmp / "prompts.txt"), "--pairs", "2", "--steps", "2"])
+    train_dmd.main(common + ["--steps", "3"])
+    return common, tmp / "run"
+
+
+def test_the_three_scripts_run_on_a_wan_layout_directory(wan_run, tmp_path):
+    """...and sample.py decodes through the VAE into an mp4."""
     import imageio.v2 as imageio
     import numpy as np
 
     import sample
-    import train_dmd
     import train_ode
 
-    (tmp_path / "prompts.txt").write_text("a cat walking\na dog running\n\n")
-    common = ["--config", "wan2.1-t2v-1.3b", "--model-dir", str(wan_dir), "--run", str(tmp_path / "run"),
-              "--device", "cpu", "--set", "height=4", "--set", "width=6", "--set", "num_frames=6",
-              "--set", "text_len=12", "--set", "teacher_steps=6", "--set", "student_step_indices=0,3,5"]
-    train_ode.main(common + ["--prompts", str(tmp_path / "prompts.txt"), "--pairs", "2", "--steps", "2"])
-    train_dmd.main(common + ["--steps", "3"])
-    ode = utils.load_model(str(tmp_path / "run" / "ode.safetensors"))
+    common, run = wan_run
+    ode = utils.load_model(str(run / "ode.safetensors"))
     assert ode.causal and ode.cfg.dim == 24 and ode.cfg.vae.endswith("vae")
     sample.main(common + ["--prompt", "a cat walking", "--name", "wan"])
-    frames = np.load(tmp_path / "run" / "wan.npz")["frames"]
+    frames = np.load(run / "wan.npz")["frames"]
     assert frames.shape == (1, 1 + 4 * 5, 32, 48, 3)  # 6 latent frames -> 21 pixel frames of 32x48
-    assert len(imageio.mimread(tmp_path / "run" / "wan.mp4")) == 21
+    assert len(imageio.mimread(run / "wan.mp4")) == 21
     with pytest.raises(cv.CausVidError, match="pass --prompts FILE"):
         train_ode.main(common + ["--run", str(tmp_path / "other")])
+
+
+def test_bf16_inference_stays_close_to_fp32(wan_run):
+    """bf16 weights (the GPU default) stream the same video as fp32 weights, up to bf16 rounding."""
+    common, run = wan_run
+    cfg = utils.load_model(str(run / "dmd.safetensors")).cfg
+    text = torch.randn(2, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(0))
+    videos = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = utils.prepare_for_inference(utils.load_model(str(run / "dmd.safetensors")), torch.device("cpu"), dtype)
+        assert model.blocks[0].self_attn.q.weight.dtype == dtype
+        videos[dtype] = utils.generate(model, "student", text, cfg, 12, 5, torch.device("cpu"), window=9, sink=3)[0]
+    error = (videos[torch.bfloat16] - videos[torch.float32]).abs().max() / videos[torch.float32].abs().max()
+    assert 0 < error < 0.05, error
+
+
+def test_long_wan_videos_keep_the_first_latent_chunk(wan_run, monkeypatch):
+    """Wan's latent frame 0 stands for one pixel frame, the others for four: a long video must not put
+    a mid-video latent at position 0. The Wan preset streams long videos with a rolling cache whose
+    sink is the first chunk, frame 0 included, at its own positions, and re-encodes nothing."""
+    import numpy as np
+
+    import sample
+
+    common, run = wan_run
+    caches, fills, real_fill, real_init = [], [], cv.fill_cache, cv.RollingKVCache.__init__
+    monkeypatch.setattr(cv.RollingKVCache, "__init__", lambda self, *a: real_init(self, *a) or caches.append(self))
+    monkeypatch.setattr(cv, "fill_cache", lambda model, cache, x0, text: fills.append(x0.shape[1]) or real_fill(model, cache, x0, text))
+    sample.main(common + ["--prompt", "a cat walking", "--name", "long", "--num-frames", "18", "--window", "9"])
+    assert np.load(run / "long.npz")["frames"].shape == (1, 1 + 4 * 17, 32, 48, 3)
+    assert len(caches) == 1 and caches[0].sink == 3 and caches[0].window == 9  # one cache for the whole video
+    assert fills == [3] * 5  # each finished chunk written once: nothing re-encoded
+    assert caches[0].num_frames == 6  # the sink and the latest chunk
+    with pytest.raises(cv.CausVidError, match="leaves no room for two chunks"):
+        sample.main(common + ["--prompt", "a cat walking", "--num-frames", "18"])  # window 6
 
 
 def test_bench_mode_and_memory_table(capsys):
