@@ -1,19 +1,27 @@
-"""The device check: random weights at a preset's shapes, no checkpoint needed.
+"""The device check: random weights at a preset's shapes, no checkpoint, one table.
 
-    python bench.py --config wan2.1-t2v-1.3b --device cuda     # one GPU
+    python bench.py --config wan2.1-t2v-1.3b --device cuda     # one GPU, a few minutes
     python bench.py --tiny --device cpu                         # the same code at toy size
 
-Prints the DiT's streaming latency and throughput (eager, then each block compiled), the VAE's
-decode, and the computed training-memory table.
+Inference: the DiT streaming a video with the KV cache (Alg. 2) in bf16 weights, eager and with each
+block compiled; then end to end, each chunk decoded by the VAE as soon as the DiT makes it (Wan only).
+Training: one ODE-regression step and one DMD iteration (the generator's turn, then a critic-only
+one), at batch 1, with the scripts' own step functions. Peak memory is torch.cuda.max_memory_allocated
+on a GPU (GB = 10^9 bytes), the process's peak RSS on a CPU (an upper bound: it never goes down).
 """
 
 import argparse
+import copy
+import dataclasses
+import resource
 import time
 
 import numpy as np
 import torch
 
 import causvid as cv
+import train_dmd
+import train_ode
 import utils
 import wan
 
@@ -23,26 +31,31 @@ def parse_args(argv=None):
                                                       formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--num-frames", type=int, help="latent frames per video (default: the preset's)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (default: 3)")
+    p.add_argument("--skip", choices=["compile", "training"], action="append", default=[], help="leave a part out")
     return p.parse_args(argv)
 
 
-def memory_table(cfg: cv.Config) -> str:
-    """Training memory of the two stages (batch 1), computed: fp32 master weights, grads and AdamW
-    state for trained models, bf16 weights for the frozen teacher; activations with gradient
-    checkpointing = each block's fp32 input + one block's bf16 internals (an estimate)."""
+def attention_flops(cfg: cv.Config, q_frames: int, kv_frames: int) -> int:
+    """FLOPs (2 x multiply-adds) of one DiT forward of q_frames attending over kv_frames: the linear
+    layers, self- and cross-attention; embeddings and head are negligible."""
+    N = (cfg.height // cfg.patch_size[1]) * (cfg.width // cfg.patch_size[2])
+    Sq, Skv, D, L = q_frames * N, kv_frames * N, cfg.dim, cfg.text_len
+    per_layer = 2 * (4 * Sq * D * D + 2 * Sq * Skv * D  # self-attention: q, k, v, o and QK^T, AV
+                     + 2 * Sq * D * D + 2 * L * D * D + 2 * Sq * L * D  # cross-attention
+                     + 2 * Sq * D * cfg.ffn_dim)  # FFN
+    return cfg.num_layers * per_layer
+
+
+def stream_flops(cfg: cv.Config, frames: int) -> int:
+    """One streamed video: Q steps per chunk over the cache + itself, and each finished chunk but the
+    last written to the cache."""
+    K, Q = cfg.chunk_size, len(cfg.student_step_indices)
+    return sum((Q + (c + 1 < frames // K)) * attention_flops(cfg, K, (c + 1) * K) for c in range(frames // K))
+
+
+def parameters(cfg: cv.Config) -> int:
     with torch.device("meta"):
-        n = sum(p.numel() for p in cv.DiT(cfg).parameters())
-    S = cfg.num_frames * (cfg.height // cfg.patch_size[1]) * (cfg.width // cfg.patch_size[2])
-    act = cfg.num_layers * S * cfg.dim * 4 + S * (10 * cfg.dim + 2 * cfg.ffn_dim) * 2
-    gb = lambda b: f"{b / 2**30:.1f}"
-    trained, frozen = 16 * n, 2 * n  # 4 weights + 4 grads + 8 AdamW moments; bf16 weights
-    rows = [("ODE regression (student trained)", trained, 0, act),
-            ("DMD (generator + critic trained, teacher frozen)", 2 * trained, frozen, act)]
-    lines = [f"DiT parameters: {n / 1e9:.3f} B; {S} tokens per clip ({cfg.num_frames} latent frames)",
-             "| stage | weights+grads+AdamW (GiB) | frozen teacher (GiB) | activations, checkpointed (GiB) | total (GiB) |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {name} | {gb(t)} | {gb(f)} | {gb(a)} | {gb(t + f + a)} |" for name, t, f, a in rows]
-    return "\n".join(lines)
+        return sum(p.numel() for p in cv.DiT(cfg).parameters())
 
 
 def sync(device):
@@ -50,9 +63,20 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def peak_memory(device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated() / 1e9:.1f} GB"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB RSS"
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def timed(run, device, repeats: int) -> tuple[float, float]:
-    """Median (seconds to the first chunk, seconds in all) of `repeats` runs after one warm-up; run()
-    yields chunks."""
+    """Median (seconds to the first chunk, seconds in all) of `repeats` runs after one warm-up."""
     times = []
     for _ in range(repeats + 1):
         sync(device)
@@ -60,38 +84,87 @@ def timed(run, device, repeats: int) -> tuple[float, float]:
         for _ in run():
             sync(device)
             first = first or time.perf_counter() - t0
-        sync(device)
         times.append((first, time.perf_counter() - t0))
     return float(np.median([t[0] for t in times[1:]])), float(np.median([t[1] for t in times[1:]]))
 
 
 @torch.no_grad()
+def inference(cfg: cv.Config, device, frames: int, args, rows: list):
+    model = utils.prepare_for_inference(cv.DiT(cfg, causal=True), device)
+    text = torch.randn(1, cfg.text_len, cfg.text_dim, device=device)
+    ts = cv.student_timesteps(cfg).to(device)
+    pixels = 1 + 4 * (frames - 1) if cfg.name != "tiny" else frames  # Wan's VAE: 4x in time
+    noise = lambda: torch.randn(1, frames, cfg.channels, cfg.height, cfg.width, device=device)
+    stream = lambda: cv.stream_generate(model, noise(), text, ts)
+    vae = None
+    if cfg.name != "tiny":
+        from diffusers import AutoencoderKLWan  # Wan's default config is the real VAE's
+
+        torch.backends.cudnn.benchmark = True
+        vae = wan.WanVAE(cfg.vae or AutoencoderKLWan(), device, utils.inference_dtype(device))  # random weights
+    for label in ["eager"] + ["compiled"] * ("compile" not in args.skip):
+        if label == "compiled":
+            utils.prepare_for_inference(model, device, compile=True)
+        reset_peak(device)
+        first, total = timed(stream, device, args.repeats)
+        tflops = stream_flops(cfg, frames) / total / 1e12
+        rows.append([f"DiT streaming, {label}", f"{first:.3f} s", f"{pixels / total:.1f} frames/s",
+                     f"{tflops:.3g} TFLOP/s", peak_memory(device)])
+        if vae is not None:
+            first, total = timed(lambda: vae.decode_stream(stream()), device, args.repeats)
+            rows.append([f"DiT + VAE, {label}, end to end", f"{first:.3f} s", f"{pixels / total:.1f} frames/s", "",
+                         peak_memory(device)])
+
+
+def training(cfg: cv.Config, device, rows: list):
+    """One ODE step and one DMD iteration of each kind, at batch 1 and the preset's shapes."""
+    cfg = dataclasses.replace(cfg, batch_size=1)
+    Q, g = len(cfg.student_step_indices), torch.Generator().manual_seed(0)
+    clip = lambda *lead: torch.randn(*lead, cfg.num_frames, cfg.channels, cfg.height, cfg.width, generator=g).to(device)
+    text = torch.randn(1, cfg.text_len, cfg.text_dim, device=device)
+    timesteps = cv.student_timesteps(cfg).to(device)
+
+    def student():
+        model = cv.DiT(cfg, causal=True).to(device).train()
+        model.gradient_checkpointing = cfg.gradient_checkpointing
+        return model
+
+    def measure(label, step):
+        reset_peak(device)
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        rows.append([label, "", f"{time.perf_counter() - t0:.2f} s / step", "", peak_memory(device)])
+
+    model = student()
+    opt = utils.adamw(model.parameters(), cfg.lr_ode, device)
+    train_ode.ode_step(model, opt, clip(1, Q + 1), text, timesteps, cfg, device)  # warm-up: optimizer state
+    measure("ODE regression step", lambda: train_ode.ode_step(model, opt, clip(1, Q + 1), text, timesteps, cfg, device))
+    del model, opt
+    generator, critic = student(), cv.DiT(cfg).to(device).train()
+    teacher = copy.deepcopy(critic).eval().requires_grad_(False).to(utils.inference_dtype(device))
+    critic.gradient_checkpointing = cfg.gradient_checkpointing
+    opts = utils.adamw(generator.parameters(), cfg.lr_generator, device), utils.adamw(critic.parameters(), cfg.lr_critic, device)
+    step = lambda it: train_dmd.dmd_step(it, generator, critic, teacher, *opts, clip(1), text, text, timesteps, cfg, device, g)
+    step(0)  # warm-up: both optimizers' state
+    measure("DMD iteration, generator + critic", lambda: step(0))
+    measure("DMD iteration, critic only", lambda: step(1))
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg, device, _ = utils.resolve(args)
-    num_frames = args.num_frames or cfg.num_frames
-    print(memory_table(cfg))
-    model = cv.DiT(cfg, causal=True).to(device).eval()
-    text = torch.randn(1, cfg.text_len, cfg.text_dim, device=device)
-    ts = cv.student_timesteps(cfg).to(device)
-    pixels = 1 + 4 * (num_frames - 1) if cfg.name != "tiny" else num_frames  # Wan's VAE: 4x in time
-    noise = lambda: torch.randn(1, num_frames, cfg.channels, cfg.height, cfg.width, device=device)
-    for label in ["eager", "torch.compile"]:
-        if label == "torch.compile":
-            for block in model.blocks:
-                block.compile()
-        with utils.autocast(device):
-            first, total = timed(lambda: cv.stream_generate(model, noise(), text, ts), device, args.repeats)
-        print(f"DiT {label}: first chunk {first:.3f} s | {pixels / total:.1f} frames/s "
-              f"({num_frames} latent frames, {total:.2f} s)")
-    if cfg.name == "tiny":
-        return
-    from diffusers import AutoencoderKLWan  # Wan's default config is the real VAE's
-
-    vae = wan.WanVAE(cfg.vae or AutoencoderKLWan(), device)  # without weights: random, at Wan's shapes
-    with utils.autocast(device):
-        first, total = timed(lambda: vae.decode_stream(noise().split(cfg.chunk_size, 1)), device, args.repeats)
-    print(f"VAE decode: first chunk {first:.3f} s | {pixels / total:.1f} frames/s")
+    rows = []
+    inference(cfg, device, args.num_frames or cfg.num_frames, args, rows)
+    if "training" not in args.skip:
+        training(cfg, device, rows)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{cfg.name} ({parameters(cfg) / 1e9:.3f} B parameters) on {name}, torch {torch.__version__}, "
+          f"random weights, batch 1\n")
+    lines = ["| | first chunk | throughput | compute | peak memory |", "|---|---|---|---|---|"]
+    print("\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]))
+    return rows
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import causvid as cv
 import toy_world as toy
 import train_dmd
 import utils
+from bench import attention_flops
 
 
 def parse_args(argv=None):
@@ -184,17 +185,6 @@ def fig8(run, cfg, device, frames, seed, report, prompts):
     plt.legend(fontsize=6)
     plt.tight_layout()
     plt.savefig(os.path.join(run, "study", "fig8.png"), dpi=120)
-
-
-def attention_flops(cfg, q_frames, kv_frames):
-    """Multiply-adds x 2 of one DiT forward on q_frames attending over kv_frames (linear layers,
-    self- and cross-attention; embeddings and head are negligible)."""
-    N = (cfg.height // cfg.patch_size[1]) * (cfg.width // cfg.patch_size[2])
-    Sq, Skv, D, L = q_frames * N, kv_frames * N, cfg.dim, cfg.text_len
-    per_layer = 2 * (4 * Sq * D * D + 2 * Sq * Skv * D  # self-attention: q, k, v, o and QK^T, AV
-                     + 2 * Sq * D * D + 2 * L * D * D + 2 * Sq * L * D  # cross-attention
-                     + 2 * Sq * D * cfg.ffn_dim)  # FFN
-    return cfg.num_layers * per_layer
 
 
 def predicted_cache_speedup(cfg, frames):

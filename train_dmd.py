@@ -40,6 +40,36 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def generator_output(generator, x_data, text, timesteps, cfg: cv.Config, device, g) -> torch.Tensor:
+    """Alg. 1 lines 4-7: the generator's clean estimate of this iteration's videos (with grad when
+    grad is on): noised data chunks (Alg. 1), or the states of its own rollout (backward simulation)."""
+    K = cfg.chunk_size
+    if cfg.backward_simulation:  # DMD2 Sec. 4.5: the inputs come from the student's own rollout
+        states = cv.backward_simulation(generator, torch.randn(x_data.shape, generator=g).to(device), text, timesteps, g)
+        x_t, t = cv.chunkwise_states(states, timesteps, K, cfg.clean_context)
+        return cv.predict_x0(generator, x_t, t, text)
+    return cv.generator_x0(generator, x_data.to(device), text, timesteps, K, cfg.clean_context)  # lines 5-7
+
+
+def dmd_step(it: int, generator, critic, real, opt_g, opt_c, x_data, text, uncond, timesteps, cfg: cv.Config,
+             device, g) -> dict:
+    """One iteration of Alg. 1 (lines 4-14) under DMD2's two time-scale rule: the critic learns every
+    iteration, the generator every critic_updates_per_generator-th. -> what to log."""
+    generator_turn, logs = it % cfg.critic_updates_per_generator == 0, {}
+    dmd_t = lambda x: cv.dmd_timesteps(len(x), x.shape[1], cfg.shift, cfg.dmd_t_min, cfg.dmd_t_max, device)
+    with utils.autocast(device, training=True), torch.set_grad_enabled(generator_turn):
+        x0 = generator_output(generator, x_data, text, timesteps, cfg, device, g)
+    if generator_turn:  # lines 8-10
+        with utils.autocast(device, training=True):
+            loss_g, info = cv.dmd_loss(x0, dmd_t(x0), real, critic, text, uncond, cfg.real_guidance)
+        logs.update(dmd=loss_g.item(), gen_grad=utils.optimizer_step(loss_g, opt_g, generator.parameters(),
+                                                                      cfg.grad_clip), **info)
+    with utils.autocast(device, training=True):  # lines 11-14
+        loss_c = cv.critic_loss(critic, x0, dmd_t(x0), text)
+    return {**logs, "critic": loss_c.item(),
+            "critic_grad": utils.optimizer_step(loss_c, opt_c, critic.parameters(), cfg.grad_clip)}
+
+
 def dataset(cfg: cv.Config, run: str, g: torch.Generator):
     """Alg. 1 line 4's videos: the toy renderer; on Wan the teacher's ODE end points (stage 1's pairs)
     stand in for a video dataset. -> (a function drawing (x0, prompts), every prompt it can draw)."""
@@ -86,38 +116,19 @@ def main(argv=None):
         torch.cuda.empty_cache() if device.type == "cuda" else None
     generator.gradient_checkpointing = critic.gradient_checkpointing = cfg.gradient_checkpointing
 
-    opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.lr_generator, betas=(0.9, 0.999), weight_decay=0.0)
-    opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.lr_critic, betas=(0.9, 0.999), weight_decay=0.0)
-    timesteps, K = cv.student_timesteps(cfg).to(device), cfg.chunk_size
-    steps, ratio, t0, logs = cfg.dmd_steps, cfg.critic_updates_per_generator, time.time(), {}
-    dmd_t = lambda x: cv.dmd_timesteps(len(x), x.shape[1], cfg.shift, cfg.dmd_t_min, cfg.dmd_t_max, device)
+    opt_g = utils.adamw(generator.parameters(), cfg.lr_generator, device)
+    opt_c = utils.adamw(critic.parameters(), cfg.lr_critic, device)
+    timesteps, t0, logs = cv.student_timesteps(cfg).to(device), time.time(), {}
     state = {"generator": generator, "critic": critic, "opt_g": opt_g, "opt_c": opt_c, "data": g}
-    with utils.TrainLoop(os.path.join(run, "dmd_state.safetensors"), cfg, steps, state, args.resume, args.save_every,
-                         "DMD") as loop:
+    with utils.TrainLoop(os.path.join(run, "dmd_state.safetensors"), cfg, cfg.dmd_steps, state, args.resume,
+                         args.save_every, "DMD") as loop:
         for it in loop:
             x_data, prompts = data()  # line 4
-            text = utils.stack_text(emb, prompts, device)
-            generator_turn = it % ratio == 0  # two time-scale updates: the critic steps every iteration
-            with utils.autocast(device, training=True), torch.set_grad_enabled(generator_turn):
-                if cfg.backward_simulation:  # DMD2 Sec. 4.5: the inputs come from the student's own rollout
-                    states = cv.backward_simulation(generator, torch.randn(x_data.shape, generator=g).to(device),
-                                                    text, timesteps, g)
-                    x_t, t = cv.chunkwise_states(states, timesteps, K, cfg.clean_context)
-                    x0 = cv.predict_x0(generator, x_t, t, text)
-                else:  # lines 5-7
-                    x0 = cv.generator_x0(generator, x_data.to(device), text, timesteps, K, cfg.clean_context)
-            if generator_turn:  # lines 8-10
-                with utils.autocast(device, training=True):
-                    loss_g, info = cv.dmd_loss(x0, dmd_t(x0), real, critic, text, uncond, cfg.real_guidance)
-                logs.update(dmd=loss_g.item(), gen_grad=utils.optimizer_step(loss_g, opt_g, generator.parameters(),
-                                                                              cfg.grad_clip), **info)
-            with utils.autocast(device, training=True):  # lines 11-14
-                loss_c = cv.critic_loss(critic, x0, dmd_t(x0), text)
-            logs.update(critic=loss_c.item(), critic_grad=utils.optimizer_step(loss_c, opt_c, critic.parameters(),
-                                                                                cfg.grad_clip))
-            if (it + 1) % args.log_every == 0 or it + 1 == steps:
-                utils.log("dmd", it + 1, steps, t0, **logs)
-            if cfg.name == "tiny" and ((it + 1) % args.sample_every == 0 or it + 1 == steps):
+            logs.update(dmd_step(it, generator, critic, real, opt_g, opt_c, x_data, utils.stack_text(emb, prompts, device),
+                                 uncond, timesteps, cfg, device, g))
+            if (it + 1) % args.log_every == 0 or it + 1 == cfg.dmd_steps:
+                utils.log("dmd", it + 1, cfg.dmd_steps, t0, **logs)
+            if cfg.name == "tiny" and ((it + 1) % args.sample_every == 0 or it + 1 == cfg.dmd_steps):
                 path = os.path.join(run, f"dmd_samples_{it + 1:06d}.gif")
                 prompts = toy.PROMPTS[::6]  # a few streamed samples, to watch training progress
                 video = utils.generate(generator, "student", utils.stack_text(emb, prompts, "cpu"), cfg,
@@ -126,7 +137,7 @@ def main(argv=None):
                 tqdm.write(f"wrote {path}")
         path = os.path.join(run, "dmd.safetensors")
         # the generator's config is stage 1's; the settings this run trained with go in as run_config
-        utils.save_model(path, generator.eval(), text_encoder, stage="dmd", steps=steps,
+        utils.save_model(path, generator.eval(), text_encoder, stage="dmd", steps=cfg.dmd_steps,
                          run_config=dataclasses.asdict(cfg), exact_teacher=args.exact_teacher)
         print(f"wrote {path}")
 

@@ -94,6 +94,13 @@ def get_ode_pairs(args, cfg: cv.Config, teacher, text_encoder, device, run: str)
     return pairs
 
 
+def ode_step(student, opt, trajectory, text, timesteps, cfg: cv.Config, device) -> tuple[float, float]:
+    """One step of Eq. 6: regress the student's x0 onto the trajectories' end points -> (loss, grad norm)."""
+    with utils.autocast(device):
+        loss = cv.ode_regression_loss(student, trajectory, text, timesteps, cfg.chunk_size, cfg.clean_context)
+    return loss.item(), utils.optimizer_step(loss, opt, student.parameters(), cfg.grad_clip)
+
+
 def regress_student(args, cfg: cv.Config, teacher, text_encoder, pairs: utils.ODEPairs, device, path: str):
     """Eq. 6 on the first cfg.ode_pairs ODE pairs; the student starts from the teacher's weights with
     the causal mask."""
@@ -102,7 +109,7 @@ def regress_student(args, cfg: cv.Config, teacher, text_encoder, pairs: utils.OD
     student.gradient_checkpointing = cfg.gradient_checkpointing
     emb = utils.embed_prompts(text_encoder, pairs.prompts[:cfg.ode_pairs])
     timesteps = cv.student_timesteps(cfg)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr_ode, weight_decay=0.0)
+    opt = utils.adamw(student.parameters(), cfg.lr_ode, device)
     g = torch.Generator().manual_seed(args.seed + 1)
     t0, steps = time.time(), cfg.ode_steps
     with utils.TrainLoop(path.replace(".safetensors", "_state.safetensors"), cfg, steps,
@@ -110,12 +117,9 @@ def regress_student(args, cfg: cv.Config, teacher, text_encoder, pairs: utils.OD
         for step in loop:
             idx = torch.randint(0, cfg.ode_pairs, (cfg.batch_size,), generator=g)
             text = utils.stack_text(emb, [pairs.prompts[i] for i in idx], device)
-            with utils.autocast(device):
-                loss = cv.ode_regression_loss(student, pairs.get(idx).to(device), text, timesteps, cfg.chunk_size,
-                                              cfg.clean_context)
-            norm = utils.optimizer_step(loss, opt, student.parameters(), cfg.grad_clip)
+            loss, norm = ode_step(student, opt, pairs.get(idx).to(device), text, timesteps, cfg, device)
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
-                utils.log("ode", step + 1, steps, t0, loss=loss.item(), grad_norm=norm)
+                utils.log("ode", step + 1, steps, t0, loss=loss, grad_norm=norm)
         utils.save_model(path, student.eval(), text_encoder, stage="ode", steps=steps)
     print(f"wrote {path}")
 
