@@ -3,14 +3,11 @@
 Paper: Yin, Zhang, Zhang, Freeman, Durand, Shechtman, Huang. "From Slow Bidirectional to Fast
 Autoregressive Video Diffusion Models", CVPR 2025, arXiv 2412.07772.
 
-The method, in the order this file defines it:
-  1. Config and presets
-  2. Sec. 3.1       flow matching: noising, velocity <-> x0, the teacher's Euler ODE sampler
-  3-5. Sec. 4.1     the DiT (Wan2.1's architecture, so official weights load), the block-causal
-                    mask of Eq. 5 and the KV cache
-  6. Sec. 4.4       streaming generation with the KV cache (Alg. 2)
-  7. Sec. 4.3       ODE initialisation (Eq. 6)
-  8. Sec. 3.2, 4.2  asymmetric distribution matching distillation (Eq. 4, Alg. 1)
+The method, in the order this file defines it: 1. config and presets; 2. flow matching (Sec. 3.1);
+3-5. the DiT (Wan2.1's architecture, so official weights load), the block-causal mask (Sec. 4.1,
+Eq. 5) and the KV cache; 6. streaming generation (Sec. 4.4, Alg. 2); 7. ODE initialisation (Sec. 4.3,
+Eq. 6); 8. asymmetric distribution matching distillation (Sec. 3.2, 4.2, Eq. 4, Alg. 1), and the
+successors' options (Self-Forcing's rollout, Causal Forcing's pairs, a rolling cache with a sink).
 
 Shape letters: B batch, F frames, C channels, H height, W width (of the latent frame), N tokens
 per frame, S tokens in a sequence, L text tokens, D model width, K frames per chunk, Q student steps.
@@ -95,6 +92,10 @@ class Config:
     dmd_t_min: float = 20.0  # DMD's noising t is kept away from both ends
     dmd_t_max: float = 980.0
     backward_simulation: bool = False  # DMD2 Sec. 4.5: generator inputs from its own Alg. 2 rollout
+    # CausVid's successors, off by default (docs/successors.md)
+    self_forcing: bool = False  # Self-Forcing: DMD on the student's own KV-cached rollout, grad through one step
+    causal_ode_init: bool = False  # Causal Forcing: ODE pairs from a causal diffusion teacher's own sampler
+    causal_teacher_steps: int = 600  # that teacher's flow-matching fine-tuning from the teacher (toy world)
 
 
 # Wan2.1's default negative prompt (its sample_neg_prompt): CFG's "unconditional" branch
@@ -299,21 +300,20 @@ def flex_block_mask(num_frames: int, chunk_size: int, tokens_per_frame: int = 1,
     return create_block_mask(mask_mod, None, None, S, cached + S, device=device)
 
 
-@functools.cache
-def compiled_flex_attention():
-    """FlexAttention runs as one fused kernel only when compiled; compiled once per process."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
 def attend(q, k, v, mask=None):
-    """(B, heads, S, d) attention under a dense boolean mask, a FlexAttention BlockMask, or none."""
+    """(B, heads, S, d) attention under a dense boolean mask, a FlexAttention BlockMask, or none.
+    FlexAttention is one fused kernel only when compiled: on CUDA it is, once per process."""
     if mask is None or isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     from torch.nn.attention.flex_attention import flex_attention
 
-    return (compiled_flex_attention() if q.is_cuda else flex_attention)(q, k, v, block_mask=mask)  # eager on CPU: tests
+    return (compiled(flex_attention) if q.is_cuda else flex_attention)(q, k, v, block_mask=mask)  # eager on CPU: tests
+
+
+@functools.cache
+def compiled(fn):
+    """torch.compile(fn), once per function and process."""
+    return torch.compile(fn, dynamic=False)
 
 
 class KVCache:
@@ -339,7 +339,8 @@ class KVCache:
         """k (before RoPE), v (B, S, heads, head_dim) of a chunk's S tokens; rotation (S_all, head_dim / 2)
         for the cache's positions and the chunk's. -> the keys and values the chunk attends over: the
         cache's, then its own (Alg. 2 line 7)."""
-        start, end = self.num_tokens, self.num_tokens + k.shape[1]
+        end = rotation.shape[0]  # (not num_tokens: a checkpointed block recomputed in backward writes where it first did)
+        start = end - k.shape[1]
         if not self.rope_on_read:
             k = apply_rope(k, rotation[start:end])
         for store, new in ((self.k, k), (self.v, v)):
@@ -348,9 +349,12 @@ class KVCache:
                 if layer in store:
                     buffer[:, :start] = store[layer][:, :start]
                 store[layer] = buffer
-            store[layer][:, start:end] = new
-        keys = self.k[layer][:, :end]
-        return apply_rope(keys, rotation[:end]) if self.rope_on_read else keys, self.v[layer][:, :end]
+            store[layer][:, start:end] = new.detach()
+        if k.requires_grad:  # training through the cache (Self-Forcing): the chunk's own keys keep their graph
+            keys, values = torch.cat([self.k[layer][:, :start], k], 1), torch.cat([self.v[layer][:, :start], v], 1)
+        else:
+            keys, values = self.k[layer][:, :end], self.v[layer][:, :end]
+        return apply_rope(keys, rotation[:end]) if self.rope_on_read else keys, values
 
     def commit(self, frames: int, tokens: int):
         """Alg. 2 line 12: the frames just written join the cache."""
@@ -408,15 +412,10 @@ class SelfAttention(nn.Module):
         return self.o(rearrange(out, "b n s d -> b s (n d)"))
 
 
-class CrossAttention(nn.Module):
-    """Video tokens attend to text tokens. Text enters only here, never through the time modulation,
-    so per-frame timesteps cannot carry information between chunks (official #1, #21)."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=eps), nn.RMSNorm(dim, eps=eps)
+class CrossAttention(SelfAttention):
+    """Video tokens attend to text tokens (the same layers, another forward). Text enters only here,
+    never through the time modulation, so per-frame timesteps cannot carry information between chunks
+    (official #1, #21)."""
 
     def forward(self, x, text):
         """x (B, S, D), text (B, L, D) -> (B, S, D)."""
@@ -733,6 +732,26 @@ def backward_simulation(generator: DiT, noise, text, timesteps, rng: torch.Gener
         fill_cache(generator, cache, x0, text)
         states.append(torch.stack(inputs + [x0], 1))
     return torch.cat(states, 2)
+
+
+def self_forcing_rollout(generator: DiT, noise, text, timesteps, rng: torch.Generator | None = None,
+                         step: int | None = None) -> torch.Tensor:
+    """Self-Forcing (Huang et al., arXiv 2506.08009; guandeh17/Self-Forcing, self_forcing_training.py):
+    DMD's generator input is the student's own Alg. 2 rollout from noise, KV cache included, exactly as
+    at inference. One student step s is drawn per call, shared by all chunks: each chunk runs steps
+    0..s-1 without gradient and step s with it, and its x0 there is the chunk's output, which is then
+    written to the cache at t = 0 without gradient. -> the clip (B, F, C, H, W), with gradient through
+    step s of every chunk and nowhere else."""
+    s = int(torch.randint(len(timesteps), (1,), generator=rng)) if step is None else step
+    cache, chunks = KVCache(), []
+    for x in noise.split(generator.cfg.chunk_size, dim=1):
+        if s:  # steps 0 .. s-1, then the re-noising to step s, without gradient
+            with torch.no_grad():
+                x = renoise(denoise_chunk(generator, x, text, timesteps[:s], cache, rng)[0], float(timesteps[s]), rng)
+        chunks.append(predict_x0(generator, x, torch.full(x.shape[:2], float(timesteps[s]), device=x.device), text,
+                                 cache=cache))
+        fill_cache(generator, cache, chunks[-1].detach(), text)  # the context of the chunks after it
+    return torch.cat(chunks, 1)
 
 
 def dmd_timesteps(B: int, num_frames: int, shift: float, t_min: float = 20.0, t_max: float = 980.0,

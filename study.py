@@ -13,6 +13,7 @@ then prints markdown tables and writes <run>/study/{results.md, fig8.png, *.gif}
 """
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -22,6 +23,7 @@ import torch
 import causvid as cv
 import toy_world as toy
 import train_dmd
+import train_ode
 import utils
 from bench import attention_flops
 
@@ -31,7 +33,7 @@ def parse_args(argv=None):
                                                       formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--seeds", type=int, default=4, help="samples per prompt for Table 4 (default: 4)")
     p.add_argument("--long-frames", type=int, default=48, help="frames of the Fig. 8 videos (default: 48)")
-    p.add_argument("--causal-steps", type=int, default=600, help="diffusion-forcing fine-tuning steps (default: 600)")
+    p.add_argument("--causal-steps", type=int, help="diffusion-forcing fine-tuning steps (default: causal_teacher_steps)")
     p.add_argument("--dmd-steps", type=int, help="DMD iterations of the two ablation runs (default: the preset's)")
     p.add_argument("--only", choices=["train", "table4", "fig8", "table3", "apps"], action="append",
                    help="run only these parts (repeatable; default: all)")
@@ -55,12 +57,10 @@ def train_missing(args, cfg, device, run):
         if not os.path.exists(path):
             raise cv.CausVidError(f"{path!r} not found; run `python train_dmd.py --tiny --run {run}` first")
     causal = os.path.join(run, "causal_diffusion.safetensors")
-    if not os.path.exists(causal):
+    if not os.path.exists(causal):  # the same model as causal_ode_init's teacher
         torch.manual_seed(args.seed)
-        model = utils.load_model(teacher, causal=True, device=device, expect=cfg).train()
-        utils.train_flow_matching(model, utils.load_text_encoder(teacher), cfg, causal, args.causal_steps, cfg.lr_ode,
-                                  device, args.seed + 3, "causal diffusion", per_chunk=True, resume=args.resume,
-                                  save_every=args.save_every, log_every=args.log_every)
+        train_ode.get_causal_teacher(args, dataclasses.replace(cfg, causal_teacher_steps=args.causal_steps or cfg.causal_teacher_steps),
+                                     utils.load_model(teacher, device=device), utils.load_text_encoder(teacher), device, run)
     common = ["--tiny", "--seed", str(args.seed), "--save-every", str(args.save_every)] + ["--resume"] * args.resume
     common += ["--steps", str(args.dmd_steps)] if args.dmd_steps else []
     common += ["--device", args.device] if args.device else []

@@ -42,8 +42,11 @@ def parse_args(argv=None):
 
 def generator_output(generator, x_data, text, timesteps, cfg: cv.Config, device, g) -> torch.Tensor:
     """Alg. 1 lines 4-7: the generator's clean estimate of this iteration's videos (with grad when
-    grad is on): noised data chunks (Alg. 1), or the states of its own rollout (backward simulation)."""
+    grad is on): noised data chunks (Alg. 1), the states of its own rollout (backward simulation), or
+    the rollout itself (Self-Forcing)."""
     K = cfg.chunk_size
+    if cfg.self_forcing:  # the student's own KV-cached rollout from noise, with grad through one step
+        return cv.self_forcing_rollout(generator, torch.randn(x_data.shape, generator=g).to(device), text, timesteps, g)
     if cfg.backward_simulation:  # DMD2 Sec. 4.5: the inputs come from the student's own rollout
         states = cv.backward_simulation(generator, torch.randn(x_data.shape, generator=g).to(device), text, timesteps, g)
         x_t, t = cv.chunkwise_states(states, timesteps, K, cfg.clean_context)
@@ -95,6 +98,8 @@ def main(argv=None):
             raise cv.CausVidError(f"stage-1 checkpoint {ode_path!r} not found; run train_ode.py first")
         print(f"no stage-1 checkpoint at {ode_path}: running stage 1 (train_ode.py) first")
         train_ode.run(args, cfg, device, run)
+    if cfg.self_forcing and cfg.backward_simulation:
+        raise cv.CausVidError("self_forcing and backward_simulation are two ways to choose the generator's inputs; set one")
     torch.manual_seed(args.seed)
     teacher_path = utils.teacher_path(args, run)
     print(f"generator init: {ode_path} | teacher and critic init: {teacher_path}")

@@ -13,6 +13,7 @@ Writes <run>/teacher.safetensors (if pre-trained here), <run>/ode_pairs/ (shards
 
 import argparse
 import collections
+import copy
 import os
 import time
 
@@ -51,16 +52,44 @@ def get_teacher(args, cfg: cv.Config, device, run: str):
     return teacher.requires_grad_(False), text_encoder.to(device)
 
 
+def get_causal_teacher(args, cfg: cv.Config, teacher, text_encoder, device, run: str) -> cv.DiT:
+    """Causal Forcing's teacher (Zhu et al., arXiv 2602.02214; thu-ml/Causal-Forcing): a block-causal
+    diffusion model whose own sampler makes the ODE pairs, so that no chunk's target depends on the
+    noise of the chunks after it. <run>/causal_diffusion.safetensors, or on the toy world the teacher
+    fine-tuned with the block mask and a noise level per chunk (diffusion forcing; the study's
+    baseline) by the one flow-matching loop."""
+    path = os.path.join(run, "causal_diffusion.safetensors")
+    if os.path.exists(path):
+        print(f"causal teacher: {path}")
+        return utils.load_model(path, causal=True, device=device, expect=cfg).eval().requires_grad_(False)
+    if cfg.name != "tiny":
+        raise cv.CausVidError(f"causal_ode_init needs a causal diffusion model at {path!r}")
+    model = copy.deepcopy(teacher).train().requires_grad_(True)
+    model.causal = True
+    utils.train_flow_matching(model, text_encoder, cfg, path, cfg.causal_teacher_steps, cfg.lr_ode, device, args.seed + 3,
+                              "causal diffusion", per_chunk=True, resume=args.resume, save_every=args.save_every,
+                              log_every=args.log_every)
+    return model.requires_grad_(False)
+
+
+def teacher_kind(args, cfg: cv.Config) -> str:
+    """Who makes the ODE pairs: the trained (bidirectional) teacher, the exact toy one, or a causal one."""
+    if args.exact_teacher and cfg.causal_ode_init:
+        raise cv.CausVidError("--exact-teacher is bidirectional; it cannot make causal_ode_init's pairs: drop one")
+    return "exact" if args.exact_teacher else "causal" if cfg.causal_ode_init else "trained"
+
+
 @torch.no_grad()
 def make_ode_pairs(args, cfg: cv.Config, teacher, text_encoder, device, path: str, batch: int = 64):
     """Sec. 4.3: the teacher's trajectories from noise (Euler, CFG with the negative prompt), kept at
     the student's timesteps, written shard by shard to `path`; shards already there are kept (a
     killed run resumes), and shard i's noise depends only on the seed and i."""
-    pool, made_by = utils.read_prompts(args.prompts, cfg), "exact" if args.exact_teacher else "trained"
+    pool, made_by = utils.read_prompts(args.prompts, cfg), teacher_kind(args, cfg)
     prompts = [pool[i] for i in torch.randint(0, len(pool), (cfg.ode_pairs,), generator=torch.Generator().manual_seed(args.seed))]
     batch = batch if cfg.name == "tiny" else min(batch, cfg.batch_size)
     emb = utils.embed_prompts(text_encoder, prompts + [cfg.negative_prompt])
     uncond, real = emb[cfg.negative_prompt][None].to(device), utils.real_score(teacher, text_encoder, cfg, args.exact_teacher)
+    sampler = cv.sample_ode_causal if getattr(real, "causal", False) else cv.sample_ode  # Causal Forcing: chunk by chunk
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what the teacher computes in
     done = collections.Counter(shard for shard, _ in utils.ODEPairs(path).rows)  # rows per shard written
     for b in tqdm(range(0, cfg.ode_pairs, batch), desc="ODE pairs"):
@@ -70,15 +99,15 @@ def make_ode_pairs(args, cfg: cv.Config, teacher, text_encoder, device, path: st
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + b // batch)
         noise = torch.randn(len(p), cfg.num_frames, cfg.channels, cfg.height, cfg.width, generator=g).to(device)
         with utils.autocast(device):
-            _, trajectory = cv.sample_ode(real, noise, utils.stack_text(emb, p, device), uncond, cfg.teacher_guidance,
-                                          cfg.teacher_steps, cfg.shift, keep=cfg.student_step_indices)
+            _, trajectory = sampler(real, noise, utils.stack_text(emb, p, device), uncond, cfg.teacher_guidance,
+                                    cfg.teacher_steps, cfg.shift, keep=cfg.student_step_indices)
         utils.save_checkpoint(utils.ODEPairs.shard(path, b // batch), {"trajectories": trajectory.to(dtype)}, cfg,
                               prompts=p, teacher=made_by, timesteps=cv.student_timesteps(cfg).tolist())
 
 
 def get_ode_pairs(args, cfg: cv.Config, teacher, text_encoder, device, run: str) -> utils.ODEPairs:
     """The run's ODE pairs, <run>/ode_pairs/: made (or completed) if there are fewer than cfg.ode_pairs."""
-    path, made_by = os.path.join(run, "ode_pairs"), "exact" if args.exact_teacher else "trained"
+    path, made_by = os.path.join(run, "ode_pairs"), teacher_kind(args, cfg)
     pairs = utils.ODEPairs(path)
     if len(pairs):
         utils.check_preset(pairs.cfg, cfg, path)
@@ -128,6 +157,8 @@ def run(args, cfg: cv.Config, device, run_dir: str):
     """Stage 1 in full (train_dmd.py calls this when the run has no ode.safetensors yet)."""
     torch.manual_seed(args.seed)
     teacher, text_encoder = get_teacher(args, cfg, device, run_dir)
+    if cfg.causal_ode_init:  # Causal Forcing: the pairs, and the student's first weights, are the causal model's
+        teacher = get_causal_teacher(args, cfg, teacher, text_encoder, device, run_dir)
     pairs = get_ode_pairs(args, cfg, teacher, text_encoder, device, run_dir)
     regress_student(args, cfg, teacher, text_encoder, pairs, device, os.path.join(run_dir, "ode.safetensors"))
 

@@ -754,3 +754,55 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(x, t, text).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert (grads[0] - grads[1]).abs().max() <= 1e-6 and grads[0].abs().max() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# CausVid's successors: Self-Forcing's rollout
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("step", [0, 2])
+def test_self_forcing_rollout_is_the_students_own_stream_with_gradient_through_one_step(step):
+    """The rollout's chunks are exactly Alg. 2's x0 at student step s (stream_generate stopped there,
+    the same noise draws), and the gradient is that of step s's forward of each chunk given its
+    detached past -- nothing flows through the earlier steps, the cache or other chunks' inputs.
+    Gradient checkpointing gives the same gradient (the cache is written where it first was)."""
+    cfg = small_config()
+    noise, _, text = inputs(cfg, seed=14)
+    grads = []
+    for checkpointing in [False, True]:
+        model = make_model(causal=True, cfg=cfg).train()
+        model.gradient_checkpointing = checkpointing
+        out = cv.self_forcing_rollout(model, noise, text, TS, torch.Generator().manual_seed(3), step=step)
+        streamed = torch.cat(list(cv.stream_generate(model, noise, text, TS[:step + 1], torch.Generator().manual_seed(3))), 1)
+        assert (out - streamed).abs().max() <= 1e-5 and out.requires_grad
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+        (out * weights).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    # the reference: each chunk's step-s forward alone, over a cache of the streamed (detached) chunks
+    model = make_model(causal=True, cfg=cfg).train()
+    g, cache, total = torch.Generator().manual_seed(3), cv.KVCache(), 0
+    for c, x in enumerate(noise.split(2, 1)):
+        with torch.no_grad():
+            if step:
+                x = cv.renoise(cv.denoise_chunk(model, x, text, TS[:step], cache, g)[0], float(TS[step]), g)
+        x0 = cv.predict_x0(model, x, torch.full((2, 2), float(TS[step])), text, cache=cache)
+        total = total + (x0 * weights[:, 2 * c:2 * c + 2]).sum()
+        cv.fill_cache(model, cache, x0.detach(), text)
+    total.backward()
+    for p, a, b in zip(model.parameters(), *grads):
+        assert (p.grad - a).abs().max() <= 1e-5 * (1 + a.abs().max()) and (a - b).abs().max() <= 1e-5 * (1 + a.abs().max())
+    assert any(a.abs().max() > 0 for a in grads[0])
+
+
+def test_self_forcing_passes_no_gradient_to_the_noise_or_the_past():
+    """At step 0 a chunk's input is its noise: the rollout's chunk c depends on noise chunk c only
+    through its own step-0 forward, never on the noise of the chunks before it (their outputs enter
+    the cache detached)."""
+    cfg = small_config()
+    model = make_model(causal=True, cfg=cfg)
+    noise, _, text = inputs(cfg, seed=15)
+    noise.requires_grad_(True)
+    out = cv.self_forcing_rollout(model, noise, text, TS, step=0)
+    out[:, 4:].sum().backward()  # the last chunk
+    assert noise.grad[:, :4].abs().max() == 0 and noise.grad[:, 4:].abs().max() > 0

@@ -347,3 +347,39 @@ def test_ode_pairs_are_written_in_shards_resumed_and_read_lazily(fresh_run, tmp_
     ends = a.get([4, 1], state=-1)
     assert reads == [(0, -1), (1, -1)] and ends.shape == (2, 12, 3, 16, 16)  # row 4 is shard 2's first
     assert torch.equal(ends, b.get([4, 1])[:, -1])
+
+
+def test_causal_ode_init_makes_its_pairs_with_the_causal_sampler(fresh_run):
+    """--set causal_ode_init=true (Causal Forcing): a causal diffusion model is fine-tuned from the
+    teacher, its own chunk-by-chunk sampler makes the ODE pairs, and the student starts from its
+    weights; pairs of the bidirectional teacher are not reused."""
+    args = ["--tiny", "--run", str(fresh_run), "--batch-size", "2", "--device", "cpu", "--set", "warmup=1", "--steps", "1",
+            "--pairs", "2", "--set", "causal_ode_init=true", "--set", "causal_teacher_steps=2"]
+    with pytest.raises(cv.CausVidError, match="pairs of the trained teacher"):
+        train_ode.main(args)
+    shutil.rmtree(fresh_run / "ode_pairs")
+    train_ode.main(args)
+    causal = utils.load_model(str(fresh_run / "causal_diffusion.safetensors"))
+    teacher = utils.load_model(str(fresh_run / "teacher.safetensors"))
+    assert causal.causal and not torch.equal(causal.head.head.weight, teacher.head.head.weight)  # fine-tuned
+    pairs = utils.ODEPairs(str(fresh_run / "ode_pairs"))
+    assert pairs.teachers == {"causal"}
+    cfg, enc = pairs.cfg, utils.load_text_encoder(str(fresh_run / "teacher.safetensors"))
+    emb = utils.embed_prompts(enc, pairs.prompts + [""])
+    noise = torch.randn(2, 12, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # shard 0 of seed 0
+    _, expected = cv.sample_ode_causal(causal, noise, utils.stack_text(emb, pairs.prompts, "cpu"), emb[""][None],
+                                       cfg.teacher_guidance, cfg.teacher_steps, cfg.shift, keep=cfg.student_step_indices)
+    assert torch.equal(pairs.get(range(2)), expected)  # the pairs are the causal sampler's trajectories
+
+
+def test_train_dmd_with_self_forcing(fresh_run, monkeypatch):
+    """--set self_forcing=true: every iteration rolls the student out from noise, with gradient in the
+    generator's turns only; it cannot be combined with backward simulation."""
+    calls, rollout = [], cv.self_forcing_rollout
+    monkeypatch.setattr(cv, "self_forcing_rollout", lambda *a, **kw: calls.append(torch.is_grad_enabled()) or rollout(*a, **kw))
+    args = ["--tiny", "--run", str(fresh_run), "--batch-size", "2", "--device", "cpu", "--sample-every", "100"]
+    train_dmd.main(args + ["--steps", "6", "--set", "self_forcing=true"])
+    assert calls == [True, False, False, False, False, True]  # critic ratio 5
+    assert utils.load_checkpoint(str(fresh_run / "dmd.safetensors"), keep=lambda k: False)[2]["run_config"]["self_forcing"]
+    with pytest.raises(cv.CausVidError, match="set one"):
+        train_dmd.main(args + ["--set", "self_forcing=true", "--set", "backward_simulation=true"])
