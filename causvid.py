@@ -68,8 +68,9 @@ class Config:
     teacher_guidance: float = 3.0  # the teacher's CFG scale when it samples (the ODE pairs)
     student_step_indices: tuple[int, ...] = (0, 6, 12, 18)  # the student's steps in the teacher's schedule
     sink: int = -1  # long videos: -1 re-encodes the window (official); n >= 0 a RollingKVCache keeping n frames
-    # training (AdamW everywhere)
+    # training (AdamW everywhere); the global batch is ranks x accumulate x batch_size
     batch_size: int = 32
+    accumulate: int = 1  # micro-batches per optimizer step (and rank)
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False  # recompute each block in backward: one block's activations
     clean_context: bool = True  # Alg. 1's T = {0, t1..tQ}: a chunk may be drawn clean, as context

@@ -40,13 +40,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def generator_output(generator, x_data, text, timesteps, cfg: cv.Config, device, g) -> torch.Tensor:
+def generator_output(generator, x_data, text, timesteps, cfg: cv.Config, device, g, step: int) -> torch.Tensor:
     """Alg. 1 lines 4-7: the generator's clean estimate of this iteration's videos (with grad when
     grad is on): noised data chunks (Alg. 1), the states of its own rollout (backward simulation), or
-    the rollout itself (Self-Forcing)."""
+    the rollout itself (Self-Forcing, through student step `step`)."""
     K = cfg.chunk_size
     if cfg.self_forcing:  # the student's own KV-cached rollout from noise, with grad through one step
-        return cv.self_forcing_rollout(generator, torch.randn(x_data.shape, generator=g).to(device), text, timesteps, g)
+        return cv.self_forcing_rollout(generator, torch.randn(x_data.shape, generator=g).to(device), text, timesteps, g,
+                                       step)
     if cfg.backward_simulation:  # DMD2 Sec. 4.5: the inputs come from the student's own rollout
         states = cv.backward_simulation(generator, torch.randn(x_data.shape, generator=g).to(device), text, timesteps, g)
         x_t, t = cv.chunkwise_states(states, timesteps, K, cfg.clean_context)
@@ -54,35 +55,45 @@ def generator_output(generator, x_data, text, timesteps, cfg: cv.Config, device,
     return cv.generator_x0(generator, x_data.to(device), text, timesteps, K, cfg.clean_context)  # lines 5-7
 
 
-def dmd_step(it: int, generator, critic, real, opt_g, opt_c, x_data, text, uncond, timesteps, cfg: cv.Config,
-             device, g) -> dict:
-    """One iteration of Alg. 1 (lines 4-14) under DMD2's two time-scale rule: the critic learns every
-    iteration, the generator every critic_updates_per_generator-th. -> what to log."""
-    generator_turn, logs = it % cfg.critic_updates_per_generator == 0, {}
+def dmd_step(it: int, generator, critic, real, opt_g, opt_c, micro_batch, uncond, timesteps, cfg: cv.Config, device,
+             streams: utils.Streams) -> dict:
+    """One iteration of Alg. 1 (lines 4-14) under DMD2's two time-scale rule -- the critic learns every
+    iteration, the generator every critic_updates_per_generator-th -- over this rank's cfg.accumulate
+    micro-batches, micro_batch(generator) -> (videos, text). -> what to log, averaged over all of them."""
+    A, generator_turn, samples, logs = cfg.accumulate, it % cfg.critic_updates_per_generator == 0, [], []
     dmd_t = lambda x: cv.dmd_timesteps(len(x), x.shape[1], cfg.shift, cfg.dmd_t_min, cfg.dmd_t_max, device)
-    with utils.autocast(device, training=True), torch.set_grad_enabled(generator_turn):
-        x0 = generator_output(generator, x_data, text, timesteps, cfg, device, g)
-    if generator_turn:  # lines 8-10
-        with utils.autocast(device, training=True):
-            loss_g, info = cv.dmd_loss(x0, dmd_t(x0), real, critic, text, uncond, cfg.real_guidance)
-        logs.update(dmd=loss_g.item(), gen_grad=utils.optimizer_step(loss_g, opt_g, generator.parameters(),
-                                                                      cfg.grad_clip), **info)
-    with utils.autocast(device, training=True):  # lines 11-14
-        loss_c = cv.critic_loss(critic, x0, dmd_t(x0), text)
-    return {**logs, "critic": loss_c.item(),
-            "critic_grad": utils.optimizer_step(loss_c, opt_c, critic.parameters(), cfg.grad_clip)}
+    step = int(torch.randint(len(timesteps), (1,), generator=torch.Generator().manual_seed(streams.seed * 7919 + it)))
+    for a in range(A):  # the same Self-Forcing step on every rank: they run the same forwards
+        with streams.use(a) as g:
+            x_data, text = micro_batch(g)  # line 4
+            with utils.autocast(device, training=True), torch.set_grad_enabled(generator_turn):
+                x0 = generator_output(generator, x_data, text, timesteps, cfg, device, g, step)
+            if generator_turn:  # lines 8-10
+                with utils.autocast(device, training=True), utils.gradient_sync(generator, a + 1 == A):
+                    loss_g, info = cv.dmd_loss(x0, dmd_t(x0), real, critic, text, uncond, cfg.real_guidance)
+                    logs.append({"dmd": utils.backward(loss_g, 1 / A), **info})
+        samples.append((x0.detach(), text))
+    out = {k: utils.mean_over_ranks(sum(log[k] for log in logs) / A) for k in logs[0]} if logs else {}
+    if generator_turn:
+        out["gen_grad"] = utils.apply_gradients(opt_g, generator.parameters(), cfg.grad_clip)
+    critic_losses = []
+    for a, (x0, text) in enumerate(samples):  # lines 11-14
+        with streams.use(a), utils.autocast(device, training=True), utils.gradient_sync(critic, a + 1 == A):
+            critic_losses.append(utils.backward(cv.critic_loss(critic, x0, dmd_t(x0), text), 1 / A))
+    return {**out, "critic": sum(critic_losses) / A,
+            "critic_grad": utils.apply_gradients(opt_c, critic.parameters(), cfg.grad_clip)}
 
 
-def dataset(cfg: cv.Config, run: str, g: torch.Generator):
+def dataset(cfg: cv.Config, run: str):
     """Alg. 1 line 4's videos: the toy renderer; on Wan the teacher's ODE end points (stage 1's pairs)
-    stand in for a video dataset. -> (a function drawing (x0, prompts), every prompt it can draw)."""
+    stand in for a video dataset. -> (draw(generator) -> (x0, prompts), every prompt it can draw)."""
     if cfg.name == "tiny":
-        return lambda: toy.toy_batch(cfg.batch_size, cfg.num_frames, g), toy.PROMPTS
+        return lambda g: toy.toy_batch(cfg.batch_size, cfg.num_frames, g), toy.PROMPTS
     pairs = utils.ODEPairs(os.path.join(run, "ode_pairs"))
     if not len(pairs):
         raise cv.CausVidError(f"no ODE pairs in {os.path.join(run, 'ode_pairs')!r}; run train_ode.py first")
 
-    def draw():  # reads only the end points it draws
+    def draw(g):  # reads only the end points it draws
         i = torch.randint(0, len(pairs), (cfg.batch_size,), generator=g)
         return pairs.get(i, state=-1), [pairs.prompts[j] for j in i]
     return draw, pairs.prompts
@@ -91,6 +102,7 @@ def dataset(cfg: cv.Config, run: str, g: torch.Generator):
 def main(argv=None):
     args = parse_args(argv)
     cfg, device, run = utils.resolve(args)
+    device = utils.init_distributed(device)
     utils.writable_dir(run, "--run")
     ode_path = args.ode or os.path.join(run, "ode.safetensors")
     if not os.path.exists(ode_path):
@@ -112,25 +124,31 @@ def main(argv=None):
         teacher.to(torch.bfloat16)  # frozen: bf16 weights suffice, and need no optimizer state
     text_encoder = utils.text_encoder_for(teacher_path, cfg, device)
     real = utils.real_score(teacher, text_encoder, cfg, args.exact_teacher)  # --exact-teacher: the toy world's own
-    g = torch.Generator().manual_seed(args.seed + 2)
-    data, pool = dataset(cfg, run, g)
+    data, pool = dataset(cfg, run)
     emb = utils.embed_prompts(text_encoder, list(pool) + [cfg.negative_prompt])
     uncond = emb[cfg.negative_prompt][None].to(device)
     if cfg.name != "tiny":  # UMT5-XXL's memory goes back before training starts
         text_encoder = None
         torch.cuda.empty_cache() if device.type == "cuda" else None
     generator.gradient_checkpointing = critic.gradient_checkpointing = cfg.gradient_checkpointing
+    generator, critic = utils.shard(generator), utils.shard(critic)  # under torchrun: split over the ranks
+    real = utils.shard(real) if real is teacher else real  # the frozen teacher too
 
     opt_g = utils.adamw(generator.parameters(), cfg.lr_generator, device)
     opt_c = utils.adamw(critic.parameters(), cfg.lr_critic, device)
     timesteps, t0, logs = cv.student_timesteps(cfg).to(device), time.time(), {}
-    state = {"generator": generator, "critic": critic, "opt_g": opt_g, "opt_c": opt_c, "data": g}
+    streams = utils.Streams(args.seed + 2, cfg.accumulate)
+
+    def micro_batch(g):
+        x_data, prompts = data(g)
+        return x_data, utils.stack_text(emb, prompts, device)
+
+    state = {"generator": generator, "critic": critic, "opt_g": opt_g, "opt_c": opt_c, "data": streams}
     with utils.TrainLoop(os.path.join(run, "dmd_state.safetensors"), cfg, cfg.dmd_steps, state, args.resume,
                          args.save_every, "DMD") as loop:
         for it in loop:
-            x_data, prompts = data()  # line 4
-            logs.update(dmd_step(it, generator, critic, real, opt_g, opt_c, x_data, utils.stack_text(emb, prompts, device),
-                                 uncond, timesteps, cfg, device, g))
+            logs.update(dmd_step(it, generator, critic, real, opt_g, opt_c, micro_batch, uncond, timesteps, cfg, device,
+                                 streams))
             if (it + 1) % args.log_every == 0 or it + 1 == cfg.dmd_steps:
                 utils.log("dmd", it + 1, cfg.dmd_steps, t0, **logs)
             if cfg.name == "tiny" and ((it + 1) % args.sample_every == 0 or it + 1 == cfg.dmd_steps):
@@ -138,8 +156,9 @@ def main(argv=None):
                 prompts = toy.PROMPTS[::6]  # a few streamed samples, to watch training progress
                 video = utils.generate(generator, "student", utils.stack_text(emb, prompts, "cpu"), cfg,
                                        cfg.num_frames, 0, device)[0]
-                utils.write_video(path, toy.to_uint8(video))
-                tqdm.write(f"wrote {path}")
+                if utils.rank() == 0:  # (every rank sampled: the sharded generator needs them all)
+                    utils.write_video(path, toy.to_uint8(video))
+                    tqdm.write(f"wrote {path}")
         path = os.path.join(run, "dmd.safetensors")
         # the generator's config is stage 1's; the settings this run trained with go in as run_config
         utils.save_model(path, generator.eval(), text_encoder, stage="dmd", steps=cfg.dmd_steps,

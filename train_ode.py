@@ -92,10 +92,10 @@ def make_ode_pairs(args, cfg: cv.Config, teacher, text_encoder, device, path: st
     sampler = cv.sample_ode_causal if getattr(real, "causal", False) else cv.sample_ode  # Causal Forcing: chunk by chunk
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what the teacher computes in
     done = collections.Counter(shard for shard, _ in utils.ODEPairs(path).rows)  # rows per shard written
-    for b in tqdm(range(0, cfg.ode_pairs, batch), desc="ODE pairs"):
+    for b in tqdm(range(0, cfg.ode_pairs, batch), desc="ODE pairs", disable=utils.rank() > 0):
         p = prompts[b:b + batch]
-        if done[utils.ODEPairs.shard(path, b // batch)] == len(p):
-            continue
+        if done[utils.ODEPairs.shard(path, b // batch)] == len(p) or (b // batch) % utils.world() != utils.rank():
+            continue  # written already, or another rank's
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + b // batch)
         noise = torch.randn(len(p), cfg.num_frames, cfg.channels, cfg.height, cfg.width, generator=g).to(device)
         with utils.autocast(device):
@@ -116,6 +116,7 @@ def get_ode_pairs(args, cfg: cv.Config, teacher, text_encoder, device, run: str)
                                   f"is the {made_by} one; pass another --run, or delete the directory")
     if len(pairs) < cfg.ode_pairs:
         make_ode_pairs(args, cfg, teacher, text_encoder, device, path)
+        utils.barrier()  # every rank's shards are written
         pairs = utils.ODEPairs(path)
         print(f"wrote {path}: {len(pairs)} trajectories at t = {cv.student_timesteps(cfg).tolist()} and 0")
     else:
@@ -123,30 +124,40 @@ def get_ode_pairs(args, cfg: cv.Config, teacher, text_encoder, device, run: str)
     return pairs
 
 
-def ode_step(student, opt, trajectory, text, timesteps, cfg: cv.Config, device) -> tuple[float, float]:
-    """One step of Eq. 6: regress the student's x0 onto the trajectories' end points -> (loss, grad norm)."""
-    with utils.autocast(device):
-        loss = cv.ode_regression_loss(student, trajectory, text, timesteps, cfg.chunk_size, cfg.clean_context)
-    return loss.item(), utils.optimizer_step(loss, opt, student.parameters(), cfg.grad_clip)
+def ode_step(student, opt, micro_batch, timesteps, cfg: cv.Config, device, streams: utils.Streams) -> tuple[float, float]:
+    """One step of Eq. 6 over this rank's cfg.accumulate micro-batches, micro_batch(generator) ->
+    (trajectories, text), each drawing from its own streams -> (loss, grad norm) over all of them."""
+    losses = []
+    for a in range(cfg.accumulate):
+        with streams.use(a) as g, utils.gradient_sync(student, a + 1 == cfg.accumulate):
+            trajectory, text = micro_batch(g)
+            with utils.autocast(device):
+                loss = cv.ode_regression_loss(student, trajectory, text, timesteps, cfg.chunk_size, cfg.clean_context)
+            losses.append(utils.backward(loss, 1 / cfg.accumulate))
+    return sum(losses) / len(losses), utils.apply_gradients(opt, student.parameters(), cfg.grad_clip)
 
 
 def regress_student(args, cfg: cv.Config, teacher, text_encoder, pairs: utils.ODEPairs, device, path: str):
     """Eq. 6 on the first cfg.ode_pairs ODE pairs; the student starts from the teacher's weights with
-    the causal mask."""
+    the causal mask (sharded over the ranks under torchrun)."""
     student = cv.DiT(cfg, causal=True).to(device)
     student.load_state_dict(teacher.state_dict())
     student.gradient_checkpointing = cfg.gradient_checkpointing
+    student = utils.shard(student)
     emb = utils.embed_prompts(text_encoder, pairs.prompts[:cfg.ode_pairs])
     timesteps = cv.student_timesteps(cfg)
-    opt = utils.adamw(student.parameters(), cfg.lr_ode, device)
-    g = torch.Generator().manual_seed(args.seed + 1)
+    opt, streams = utils.adamw(student.parameters(), cfg.lr_ode, device), utils.Streams(args.seed + 1, cfg.accumulate)
+
+    def micro_batch(g):
+        idx = torch.randint(0, cfg.ode_pairs, (cfg.batch_size,), generator=g)
+        return pairs.get(idx).to(device), utils.stack_text(emb, [pairs.prompts[i] for i in idx], device)
+
     t0, steps = time.time(), cfg.ode_steps
     with utils.TrainLoop(path.replace(".safetensors", "_state.safetensors"), cfg, steps,
-                         {"student": student, "opt": opt, "data": g}, args.resume, args.save_every, "ODE regression") as loop:
+                         {"student": student, "opt": opt, "data": streams}, args.resume, args.save_every,
+                         "ODE regression") as loop:
         for step in loop:
-            idx = torch.randint(0, cfg.ode_pairs, (cfg.batch_size,), generator=g)
-            text = utils.stack_text(emb, [pairs.prompts[i] for i in idx], device)
-            loss, norm = ode_step(student, opt, pairs.get(idx).to(device), text, timesteps, cfg, device)
+            loss, norm = ode_step(student, opt, micro_batch, timesteps, cfg, device, streams)
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
                 utils.log("ode", step + 1, steps, t0, loss=loss, grad_norm=norm)
         utils.save_model(path, student.eval(), text_encoder, stage="ode", steps=steps)
@@ -166,7 +177,7 @@ def run(args, cfg: cv.Config, device, run_dir: str):
 def main(argv=None):
     args = parse_args(argv)
     cfg, device, run_dir = utils.resolve(args)
-    run(args, cfg, device, utils.writable_dir(run_dir, "--run"))
+    run(args, cfg, utils.init_distributed(device), utils.writable_dir(run_dir, "--run"))
 
 
 if __name__ == "__main__":

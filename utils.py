@@ -3,6 +3,7 @@ the one flow-matching pre-training loop, the one sampling front end, prompts, vi
 command line. Nothing here is CausVid; causvid.py is.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from dataclasses import asdict, fields, replace
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -51,6 +53,131 @@ def autocast(device: torch.device, training: bool = False):
     native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
         getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     return torch.autocast("cpu", dtype=torch.bfloat16) if training and native else nullcontext()
+
+
+# ------------------------------------------------------------------------------------------------
+# Many GPUs: torchrun and FSDP2. In one process every helper here is a no-op.
+# ------------------------------------------------------------------------------------------------
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1): join the process group -- NCCL on GPUs (one per process, the
+    local rank's), gloo on CPUs -- and silence the other ranks' prints (rank 0 logs). -> the device."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() > 0:
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier():
+    if world() > 1:
+        dist.barrier()
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """FSDP2 (torch.distributed.fsdp.fully_shard): each DiT block, then the rest, split over the ranks,
+    parameters gathered per block as the forward reaches it (the official release also wraps per block)."""
+    if world() > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+    return model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """FSDP2 reduces gradients over the ranks only on the last micro-batch of a step."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+    try:
+        yield
+    finally:
+        if hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(True)
+
+
+def mean_over_ranks(value) -> float:
+    """A number averaged over the ranks (the loss every rank logs and checks)."""
+    value = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+    if world() > 1:
+        dist.all_reduce(value)
+        value = value / world()
+    return value.item()
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on the CPU, gathered from the ranks' shards (on rank 0; every rank calls)."""
+    if world() == 1:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+class Streams:
+    """The random streams of this rank's micro-batches. Micro-batch m of the global batch (m = rank x
+    accumulate + a) draws its data from generator m and the noise and timesteps drawn inside causvid's
+    functions from torch's global generator in state m. Stream 0 is the process's own global state, so
+    one process with accumulate 1 is the plain loop; the others are seeded from (seed, m). Any split of
+    the global batch over ranks and accumulation draws the same numbers: N ranks x A micro-batches log
+    the losses of one process with N x A."""
+
+    def __init__(self, seed: int, accumulate: int):
+        self.seed, self.index = seed, [rank() * accumulate + a for a in range(accumulate)]
+        self.data = [torch.Generator().manual_seed(self.stream_seed(m)) for m in self.index]
+        self.torch = {m: None for m in self.index if m}  # torch's global states of streams m > 0
+
+    def stream_seed(self, m: int) -> int:
+        return self.seed if m == 0 else self.seed * 1_000_003 + m
+
+    @contextlib.contextmanager
+    def use(self, a: int):
+        """Draw from micro-batch a's streams: yields its data generator, switches torch's global one."""
+        m = self.index[a]
+        if m == 0:
+            yield self.data[a]
+            return
+        outer = global_rng()
+        torch.manual_seed(self.stream_seed(m)) if self.torch[m] is None else set_global_rng(self.torch[m])
+        try:
+            yield self.data[a]
+        finally:
+            self.torch[m] = global_rng()
+            set_global_rng(outer)
+
+    def state_dict(self) -> dict:
+        return {"data": [g.get_state() for g in self.data], "torch": {str(m): s for m, s in self.torch.items() if s}}
+
+    def load_state_dict(self, state: dict):
+        for g, s in zip(self.data, state["data"]):
+            g.set_state(s)
+        self.torch.update({int(m): s for m, s in state["torch"].items()})
+
+
+def global_rng() -> dict:
+    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
+
+
+def set_global_rng(state: dict):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,8 +226,11 @@ def load_checkpoint(path: str, keep: Callable[[str], bool] = lambda key: True) -
 
 def save_model(path: str, model: cv.DiT, text_encoder: wan.TextEncoder | None = None, **meta):
     """The DiT's weights, role (causal or not) and config; with the tiny text encoder also its weights
-    (prefix "text_encoder."), so the file alone rebuilds both. Wan's UMT5 stays in its own directory."""
-    tensors = dict(model.state_dict())
+    (prefix "text_encoder."), so the file alone rebuilds both. Wan's UMT5 stays in its own directory.
+    Every rank calls; the shards are gathered and rank 0 writes one file."""
+    tensors = dict(full_state_dict(model))
+    if rank() > 0:
+        return
     if text_encoder is not None and model.cfg.text_encoder == "tiny":
         tensors.update({f"text_encoder.{k}": v for k, v in text_encoder.encoder.state_dict().items()})
     save_checkpoint(path, tensors, model.cfg, causal=model.causal, **meta)
@@ -240,22 +370,36 @@ class NonFiniteError(cv.CausVidError):
     """A loss or gradient that is NaN or inf; the step that produced it was not applied."""
 
 
-def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, clip: float, lr: float | None = None) -> float:
-    """backward, clip, step; returns the gradient norm before clipping. A non-finite loss or gradient
-    raises NonFiniteError *before* the update, so the weights stay the last good ones."""
-    if not torch.isfinite(loss):
-        raise NonFiniteError(f"the loss is {loss.item()}")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
+def backward(loss: torch.Tensor, scale: float = 1.0) -> float:
+    """loss.backward(), scaled (1 / micro-batches), once the loss is known to be finite on every rank;
+    -> the loss averaged over the ranks. A non-finite loss raises NonFiniteError and nothing is applied."""
+    value = mean_over_ranks(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteError(f"the loss is {value}")
+    (loss * scale if scale != 1 else loss).backward()
+    return value
+
+
+def apply_gradients(opt: torch.optim.Optimizer, params, clip: float, lr: float | None = None) -> float:
+    """Clip, step, free the gradients; -> the gradient norm before clipping (over all ranks). A
+    non-finite gradient raises NonFiniteError *before* the update: the weights stay the last good ones."""
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: the global norm
     if not torch.isfinite(norm):
-        raise NonFiniteError(f"the gradient norm is {norm.item()} (loss {loss.item():.4g})")
+        opt.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"the gradient norm is {norm.item()}")
     if lr is not None:
         for group in opt.param_groups:
             group["lr"] = lr
     opt.step()
     opt.zero_grad(set_to_none=True)  # the gradients' memory goes back now, not at the next step
     return norm.item()
+
+
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, clip: float, lr: float | None = None) -> float:
+    """backward, clip, step for one batch; -> the gradient norm before clipping."""
+    backward(loss)
+    return apply_gradients(opt, params, clip, lr)
 
 
 def adamw(params, lr: float, device, betas=(0.9, 0.999)) -> torch.optim.AdamW:
@@ -291,9 +435,10 @@ class EMA:
 
 
 def _pack(obj, name: str, tensors: dict):
-    """Nested dicts/lists of tensors and JSON values -> a JSON spec; the tensors go to `tensors`."""
+    """Nested dicts/lists of tensors and JSON values -> a JSON spec; the tensors go to `tensors` (this
+    rank's shard of an FSDP2 tensor)."""
     if isinstance(obj, torch.Tensor):
-        tensors[name] = obj
+        tensors[name] = obj.to_local() if hasattr(obj, "to_local") else obj
         return {"tensor": name}
     if isinstance(obj, dict):
         return {"dict": [[k, _pack(v, f"{name}.{k}", tensors)] for k, v in obj.items()]}
@@ -312,6 +457,28 @@ def _unpack(spec: dict, tensors: dict):
     return spec["value"]
 
 
+def _load_state(obj, value):
+    """load_state_dict, also into FSDP2 shards: a module's tensors are copied into its local shards, an
+    optimizer's per-parameter state is made a DTensor laid out like its parameter."""
+    if isinstance(obj, torch.Generator):
+        return obj.set_state(value)
+    if world() > 1 and isinstance(obj, nn.Module):
+        with torch.no_grad():
+            for k, t in obj.state_dict().items():
+                (t.to_local() if hasattr(t, "to_local") else t).copy_(value[k])
+        return
+    if world() > 1 and isinstance(obj, torch.optim.Optimizer):
+        from torch.distributed.tensor import DTensor
+
+        params = [p for group in obj.param_groups for p in group["params"]]
+        for i, state in value["state"].items():
+            p = params[int(i)]
+            for k, v in state.items():
+                if hasattr(p, "to_local") and v.ndim:
+                    state[k] = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+    obj.load_state_dict(value)
+
+
 class TrainLoop:
     """What every training loop here shares so that no night of training is lost:
 
@@ -326,12 +493,15 @@ class TrainLoop:
     * resume=True continues from `path`: the following steps' losses are those of a run never stopped;
     * a NonFiniteError (NaN/inf loss or gradient; optimizer_step applies nothing then) stops training
       with one line naming the step; the weights are still the last good ones, and are saved;
-    * when all steps are done the state file is deleted (the stage's checkpoint replaces it)."""
+    * when all steps are done the state file is deleted (the stage's checkpoint replaces it);
+    * under torchrun every rank saves its own shard of the state (<path>.rank<r>of<N>.safetensors), a
+      Ctrl-C on any rank stops all of them after the same step, and resuming needs the same world size."""
 
     def __init__(self, path: str, cfg: cv.Config, total: int, state: dict, resume: bool = False,
                  save_every: int = 500, desc: str = "training"):
         if "rng" in state:
             raise ValueError('"rng" is the name of the global RNG state; call yours something else')
+        path = path.replace(".safetensors", f".rank{rank()}of{world()}.safetensors") if world() > 1 else path
         self.path, self.cfg, self.total, self.state = path, cfg, total, state
         self.save_every, self.desc, self.step, self._stop = save_every, desc, 0, False
         if resume and os.path.exists(path):
@@ -342,12 +512,9 @@ class TrainLoop:
 
     def _save(self):
         tensors: dict[str, torch.Tensor] = {}
-        rngs = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rngs["cuda"] = torch.cuda.get_rng_state_all()
         spec = {name: _pack(obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict(), name, tensors)
                 for name, obj in self.state.items()}
-        spec["rng"] = _pack(rngs, "rng", tensors)  # torch's global generators (noise, timesteps)
+        spec["rng"] = _pack(global_rng(), "rng", tensors)  # torch's global generators (noise, timesteps)
         save_checkpoint(self.path, tensors, self.cfg, step=self.step, state=spec)
 
     def _load(self):
@@ -359,12 +526,8 @@ class TrainLoop:
                                   "resume with the same flags, or delete it to start over")
         spec = meta["state"]
         for name, obj in self.state.items():
-            value = _unpack(spec[name], tensors)
-            obj.set_state(value) if isinstance(obj, torch.Generator) else obj.load_state_dict(value)
-        rngs = _unpack(spec["rng"], tensors)
-        torch.set_rng_state(rngs["torch"])
-        if "cuda" in rngs and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rngs["cuda"])
+            _load_state(obj, _unpack(spec[name], tensors))
+        set_global_rng(_unpack(spec["rng"], tensors))
         self.step = meta["step"]
 
     def __enter__(self):
@@ -378,9 +541,14 @@ class TrainLoop:
         return self
 
     def __iter__(self):
-        for step in tqdm(range(self.step, self.total), desc=self.desc, initial=self.step, total=self.total):
+        for step in tqdm(range(self.step, self.total), desc=self.desc, initial=self.step, total=self.total,
+                         disable=rank() > 0):
             yield step
             self.step = step + 1
+            if world() > 1:  # all ranks stop after the same step
+                stop = torch.tensor(float(self._stop))
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+                self._stop = bool(stop)
             if self._stop:
                 self._save()
                 tqdm.write(f"interrupted: saved {self.path} at step {self.step}; continue with --resume")
@@ -415,6 +583,8 @@ def train_flow_matching(model: cv.DiT, text_encoder, cfg: cv.Config, path: str, 
     pretrained video model) and Table 4's causal diffusion baseline (block-causal, one t per chunk:
     diffusion forcing). Shifted logit-normal timesteps; cfg_dropout empty prompts, so CFG works;
     warm-up + cosine learning rate. Trains `model` in place and saves it (EMA weights if any) to `path`."""
+    if world() > 1:
+        raise cv.CausVidError(f"train the {stage} model in one process (python, not torchrun), then run torchrun again")
     emb = embed_prompts(text_encoder, toy.PROMPTS + [""])
     ema = EMA(model, ema_decay) if ema_decay else None
     opt = adamw(model.parameters(), lr, device, betas=(0.9, 0.99))
@@ -682,3 +852,6 @@ def run_cli(main: Callable):
     except cv.CausVidError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
