@@ -15,6 +15,7 @@ then prints markdown tables and writes <run>/study/{results.md, fig8.png, *.gif}
 import argparse
 import dataclasses
 import os
+import shutil
 import time
 
 import numpy as np
@@ -28,6 +29,9 @@ import utils
 from bench import attention_flops
 
 
+PARTS = ["train", "table4", "fig8", "table3", "apps", "successors", "long"]
+
+
 def parse_args(argv=None):
     p = utils.add_common_args(argparse.ArgumentParser(description=__doc__,
                                                       formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -35,8 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--long-frames", type=int, default=48, help="frames of the Fig. 8 videos (default: 48)")
     p.add_argument("--causal-steps", type=int, help="diffusion-forcing fine-tuning steps (default: causal_teacher_steps)")
     p.add_argument("--dmd-steps", type=int, help="DMD iterations of the two ablation runs (default: the preset's)")
-    p.add_argument("--only", choices=["train", "table4", "fig8", "table3", "apps"], action="append",
-                   help="run only these parts (repeatable; default: all)")
+    p.add_argument("--only", choices=PARTS, action="append", help="run only these parts (repeatable; default: all)")
+    p.add_argument("--teacher", help="the bidirectional teacher (default: <run>/teacher.safetensors, else the shipped one)")
+    p.add_argument("--long-video", type=int, default=240, help="frames of the rolling-cache comparison (default: 240)")
     p.add_argument("--num-prompts", type=int, default=48, help="use the first N toy prompts (default: all 48)")
     p.add_argument("--resume", action="store_true", help="continue interrupted baseline training")
     p.add_argument("--save-every", type=int, default=500, help="steps between saves of the resumable state")
@@ -62,6 +67,7 @@ def train_missing(args, cfg, device, run):
         train_ode.get_causal_teacher(args, dataclasses.replace(cfg, causal_teacher_steps=args.causal_steps or cfg.causal_teacher_steps),
                                      utils.load_model(teacher, device=device), utils.load_text_encoder(teacher), device, run)
     common = ["--tiny", "--seed", str(args.seed), "--save-every", str(args.save_every)] + ["--resume"] * args.resume
+    common += [a for item in args.set for a in ("--set", item)]
     common += ["--steps", str(args.dmd_steps)] if args.dmd_steps else []
     common += ["--device", args.device] if args.device else []
     common += ["--batch-size", str(args.batch_size)] if args.batch_size else []
@@ -322,13 +328,94 @@ def applications(run, cfg, device, seed, report, prompts):
     report.append(table([f"w{i}" for i in range(len(w))], [[f"{v:.2f}" for v in w.tolist()]]))
 
 
+# ---------------------------------------------------------------------------------------------
+# CausVid's successors, measured against it (docs/successors.md)
+# ---------------------------------------------------------------------------------------------
+
+SUCCESSORS = [("**CausVid** (the defaults)", ".", []),
+              ("+ Self-Forcing rollout", "self_forcing", ["--set", "self_forcing=true"]),
+              ("+ causal ODE init (Causal Forcing)", "causal_init", ["--set", "causal_ode_init=true"]),
+              ("+ both", "causal_init_self_forcing", ["--set", "causal_ode_init=true", "--set", "self_forcing=true"])]
+
+
+def train_successors(args, run, device):
+    """Each variant's student from the run's teacher. Self-Forcing starts DMD from the ODE student it
+    shares with its base; its DMD gets the wall-clock of the run's own DMD (iterations scaled by the
+    seconds per iteration of a 10-iteration calibration). The causal init trains its own stage 1."""
+    base = utils.load_checkpoint(os.path.join(run, "dmd.safetensors"), keep=lambda k: False)[2]
+    common = ["--tiny", "--seed", str(args.seed), "--teacher", utils.teacher_path(args, run)]
+    common += (["--device", args.device] if args.device else []) + [a for item in args.set for a in ("--set", item)]
+    common += ["--batch-size", str(args.batch_size)] if args.batch_size else []
+    for _, sub, flags in SUCCESSORS[1:]:
+        out = os.path.join(run, sub)
+        if os.path.exists(os.path.join(out, "dmd.safetensors")):
+            continue
+        steps = base["steps"]
+        if "self_forcing=true" in flags:
+            init = os.path.join(run, "causal_init" if "causal_ode_init=true" in flags else "", "ode.safetensors")
+            calibration = os.path.join(out, "calibration")
+            train_dmd.main(common + flags + ["--run", calibration, "--ode", init, "--steps", "10", "--sample-every", "100"])
+            spi = utils.load_checkpoint(os.path.join(calibration, "dmd.safetensors"), keep=lambda k: False)[2]
+            steps = max(1, round(steps * base["seconds_per_iteration"] / spi["seconds_per_iteration"]))
+            flags = flags + ["--ode", init]
+        elif os.path.exists(os.path.join(run, "causal_diffusion.safetensors")):  # the baseline of Table 4 is its teacher
+            os.makedirs(out, exist_ok=True)
+            shutil.copy(os.path.join(run, "causal_diffusion.safetensors"), out)
+        train_dmd.main(common + flags + ["--run", out, "--steps", str(steps)])
+
+
+def successors(args, run, cfg, device, report, base):
+    if "train" in (args.only or PARTS):
+        train_successors(args, run, device)
+    prompts = [p for p in base for _ in range(args.seeds)]
+    header = ["model", "best-fit PSNR (dB)", "prompt accuracy", "steady 1-px motion", "first-chunk pauses",
+              "diversity", "DMD iterations", "DMD s/iteration"]
+    rows = []
+    for label, sub, _ in SUCCESSORS:
+        model, text, uncond = load(os.path.join(run, sub), "dmd.safetensors", "student", device, prompts)
+        meta = utils.load_checkpoint(os.path.join(run, sub, "dmd.safetensors"), keep=lambda k: False)[2]
+        s = toy.score_toy(sample(model, "student", text, uncond, cfg, cfg.num_frames, args.seed, device)[0], prompts)
+        rows.append([label, f"{s['best_fit_psnr']:.2f}", f"{100 * s['prompt_accuracy']:.1f}%",
+                     f"{100 * s['steady_motion']:.1f}%", f"{100 * s['first_chunk_pause']:.1f}%", f"{s['diversity']:.2f}",
+                     meta["steps"], f"{meta['seconds_per_iteration']:.2f}"])
+        print(table(header, rows[-1:]))
+    report.append(f"\n### CausVid and its successors: {len(base)} prompts x {args.seeds} samples, {cfg.num_frames} frames\n")
+    report.append(table(header, rows))
+
+
+@torch.no_grad()
+def long_video(run, cfg, device, seed, frames, report, prompts):
+    """The official re-encoding window against a rolling cache with a sink, on the CausVid student:
+    best-fit PSNR per window and the CPU time of every chunk (a re-encode is a spike)."""
+    student, text, _ = load(run, "dmd.safetensors", "student", device, prompts)
+    K, ts, rows = cfg.chunk_size, cv.student_timesteps(cfg).to(device), []
+    for label, kw in [("re-encoding window (official)", dict(window=cfg.num_frames)),
+                      (f"rolling cache, sink {K}", dict(window=cfg.num_frames, sink=K))]:
+        rng = lambda c: utils.chunk_rng(seed, c, 1, device)
+        noise = torch.cat([torch.randn(len(prompts), K, cfg.channels, cfg.height, cfg.width,
+                                       generator=utils.chunk_rng(seed, c, 0, device)) for c in range(frames // K)], 1)
+        chunks, times, t0 = [], [], time.perf_counter()
+        for chunk in cv.stream_generate(student, noise, text.to(device), ts, rng, **kw):
+            chunks.append(chunk)
+            times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+        w = toy.window_psnr(toy.to_uint8(torch.cat(chunks, 1)), prompts, cfg.num_frames).mean(0)
+        per_chunk = torch.tensor(times[1:])  # the first chunk compiles nothing but warms caches
+        rows.append([label, f"{w[0]:.2f}", f"{w.mean():.2f}", f"{w[-1]:.2f}", f"{(w - w[0]).abs().max():.2f}",
+                     f"{1000 * sum(times) / frames / len(prompts):.2f}", f"{(per_chunk.max() / per_chunk.median()):.2f}"])
+        print(table(["cache"], [rows[-1][:1]]))
+    report.append(f"\n### Long video: {frames} frames, {len(prompts)} prompts, window {cfg.num_frames}\n")
+    report.append(table(["cache", "first window (dB)", "mean over windows", "last window", "largest gap to the first",
+                         "CPU ms per frame and video", "slowest chunk / median chunk"], rows))
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg, device, run = utils.resolve(args)
     if cfg.name != "tiny":
         raise cv.CausVidError("the study runs on the toy world: use --tiny")
     torch.manual_seed(args.seed)
-    parts = args.only or ["train", "table4", "fig8", "table3", "apps"]
+    parts = args.only or PARTS
     utils.writable_dir(os.path.join(run, "study"), "--run")
     if "train" in parts:
         train_missing(args, cfg, device, run)
@@ -342,6 +429,10 @@ def main(argv=None):
         table3(run, cfg, device, args.seed, report)
     if "apps" in parts:
         applications(run, cfg, device, args.seed, report, prompts)
+    if "successors" in parts:
+        successors(args, run, cfg, device, report, prompts)
+    if "long" in parts:
+        long_video(run, cfg, device, args.seed, args.long_video, report, prompts)
     text = "\n".join(report) + "\n"
     name = "results.md" if args.only is None else f"results_{'_'.join(parts)}.md"
     with open(os.path.join(run, "study", name), "w") as f:

@@ -141,7 +141,8 @@ def score_toy(frames: torch.Tensor, prompts: list[str]) -> dict:
     (is the prompt's best fit at least as good as every other prompt's?), and diversity (distinct
     best-fit starts per prompt relative to as many uniform draws from the 121 starts); plus
     steady motion, the share of frame steps that move the object 1 px along the prompt's axis (and
-    motion_steps: the shares that pause, move 1 px, jump 2+ px, or leave the axis), and
+    motion_steps: the shares that pause, move 1 px, jump 2+ px, or leave the axis; first_chunk_pause:
+    the pause share of the three steps from the first chunk's frames, where a causal student pauses), and
     the kinds of error of the wrongly fitted samples (colour, shape, motion axis, direction on the axis)."""
     psnr = psnr_to_all(frames)  # (N, 48, 121)
     steps = motion_steps(frames, prompts)
@@ -167,6 +168,7 @@ def score_toy(frames: torch.Tensor, prompts: list[str]) -> dict:
             expected = 121 * (1 - (120 / 121) ** n)
             diversity.append(len({int(start[i]) for i in rows}) / expected)
     return {"best_fit_psnr": best.mean().item(), "prompt_accuracy": correct.float().mean().item(),
+            "first_chunk_pause": (steps[:, :3] == 0).double().mean().item(),  # frame steps 0-1, 1-2, 2-3
             "diversity": sum(diversity) / len(diversity) if diversity else float("nan"),
             "steady_motion": shares["1 px"], "motion_steps": shares, "errors": errors,
             "per_sample_psnr": best, "per_sample_correct": correct}
@@ -195,7 +197,8 @@ def print_scores(frames: torch.Tensor, prompts: list[str], length: int, several:
     print(f"toy-world score (first {length} frames): best-fit PSNR {s['best_fit_psnr']:.2f} dB | "
           f"prompt accuracy {100 * s['prompt_accuracy']:.1f}% | diversity {diversity} | "
           f"steady 1-px motion {100 * s['steady_motion']:.1f}% of frame steps")
-    print("frame steps along the prompt's axis: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["motion_steps"].items()))
+    print("frame steps along the prompt's axis: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["motion_steps"].items())
+          + f" (pauses in the first chunk's steps: {100 * s['first_chunk_pause']:.1f}%)")
     if not all(s["per_sample_correct"]):
         print(f"wrong prompt fits best for {int((~s['per_sample_correct']).sum())} of {len(prompts)}; they got wrong: "
               + ", ".join(f"{k} {v}" for k, v in s["errors"].items()))

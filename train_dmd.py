@@ -162,7 +162,8 @@ def main(argv=None):
         path = os.path.join(run, "dmd.safetensors")
         # the generator's config is stage 1's; the settings this run trained with go in as run_config
         utils.save_model(path, generator.eval(), text_encoder, stage="dmd", steps=cfg.dmd_steps,
-                         run_config=dataclasses.asdict(cfg), exact_teacher=args.exact_teacher)
+                         run_config=dataclasses.asdict(cfg), exact_teacher=args.exact_teacher,
+                         seconds_per_iteration=(time.time() - t0) / max(1, cfg.dmd_steps - loop.first_step))
         print(f"wrote {path}")
 
 

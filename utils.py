@@ -503,9 +503,10 @@ class TrainLoop:
             raise ValueError('"rng" is the name of the global RNG state; call yours something else')
         path = path.replace(".safetensors", f".rank{rank()}of{world()}.safetensors") if world() > 1 else path
         self.path, self.cfg, self.total, self.state = path, cfg, total, state
-        self.save_every, self.desc, self.step, self._stop = save_every, desc, 0, False
+        self.save_every, self.desc, self.step, self.first_step, self._stop = save_every, desc, 0, 0, False
         if resume and os.path.exists(path):
             self._load()
+            self.first_step = self.step
             print(f"resuming {desc} from {path} at step {self.step}")
         elif resume:
             print(f"--resume: no saved state at {path}; {desc} starts from step 0")
