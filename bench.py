@@ -137,16 +137,18 @@ def training(cfg: cv.Config, device, rows: list):
         sync(device)
         rows.append([label, "", f"{time.perf_counter() - t0:.2f} s / step", "", peak_memory(device)])
 
-    model = student()
+    model, streams = student(), utils.Streams(0, cfg.accumulate)
     opt = utils.adamw(model.parameters(), cfg.lr_ode, device)
-    train_ode.ode_step(model, opt, clip(1, Q + 1), text, timesteps, cfg, device)  # warm-up: optimizer state
-    measure("ODE regression step", lambda: train_ode.ode_step(model, opt, clip(1, Q + 1), text, timesteps, cfg, device))
+    step = lambda: train_ode.ode_step(model, opt, lambda g: (clip(1, Q + 1), text), timesteps, cfg, device, streams)
+    step()  # warm-up: the optimizer's state
+    measure("ODE regression step", step)
     del model, opt
     generator, critic = student(), cv.DiT(cfg).to(device).train()
     teacher = copy.deepcopy(critic).eval().requires_grad_(False).to(utils.inference_dtype(device))
     critic.gradient_checkpointing = cfg.gradient_checkpointing
     opts = utils.adamw(generator.parameters(), cfg.lr_generator, device), utils.adamw(critic.parameters(), cfg.lr_critic, device)
-    step = lambda it: train_dmd.dmd_step(it, generator, critic, teacher, *opts, clip(1), text, text, timesteps, cfg, device, g)
+    step = lambda it: train_dmd.dmd_step(it, generator, critic, teacher, *opts, lambda g: (clip(1), text), text, timesteps,
+                                         cfg, device, streams)
     step(0)  # warm-up: both optimizers' state
     measure("DMD iteration, generator + critic", lambda: step(0))
     measure("DMD iteration, critic only", lambda: step(1))
