@@ -116,7 +116,7 @@ def check_args(args, cfg: cv.Config):
 def main(argv=None):
     args = parse_args(argv)
     cfg, device, run = utils.resolve(args)
-    path = args.ckpt or os.path.join(run, "teacher.safetensors" if args.teacher else "dmd.safetensors")
+    path = args.ckpt or (utils.teacher_path(args, run, cfg) if args.teacher else os.path.join(run, "dmd.safetensors"))
     K, window = cfg.chunk_size, check_args(args, cfg)
     inputs = utils.read_frames(args.video, cfg.height, cfg.width) if args.video else None
     num_frames = args.num_frames if args.num_frames is not None else \

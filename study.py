@@ -54,18 +54,19 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 
 
-def train_missing(args, cfg, device, run):
+def train_missing(args, cfg, device, run, teacher):
     """The causal diffusion model (diffusion forcing: the teacher fine-tuned with the block mask and
     one noise level per chunk, by the one flow-matching loop) and the two DMD ablations."""
-    teacher, ode = os.path.join(run, "teacher.safetensors"), os.path.join(run, "ode.safetensors")
+    ode = os.path.join(run, "ode.safetensors")
     for path in (teacher, ode):
         if not os.path.exists(path):
             raise cv.CausVidError(f"{path!r} not found; run `python train_dmd.py --tiny --run {run}` first")
     causal = os.path.join(run, "causal_diffusion.safetensors")
     if not os.path.exists(causal):  # the same model as causal_ode_init's teacher
         torch.manual_seed(args.seed)
-        train_ode.get_causal_teacher(args, dataclasses.replace(cfg, causal_teacher_steps=args.causal_steps or cfg.causal_teacher_steps),
-                                     utils.load_model(teacher, device=device), utils.load_text_encoder(teacher), device, run)
+        steps = dataclasses.replace(cfg, causal_teacher_steps=args.causal_steps or cfg.causal_teacher_steps)
+        train_ode.get_causal_teacher(args, steps, utils.load_model(teacher, device=device), utils.load_text_encoder(teacher),
+                                     device, run)
     common = ["--tiny", "--seed", str(args.seed), "--save-every", str(args.save_every)] + ["--resume"] * args.resume
     common += [a for item in args.set for a in ("--set", item)]
     common += ["--steps", str(args.dmd_steps)] if args.dmd_steps else []
@@ -81,9 +82,9 @@ def train_missing(args, cfg, device, run):
 # ---------------------------------------------------------------------------------------------
 
 
-def models():
-    """(label, checkpoint, how it samples) for every row of Table 4."""
-    return [("bidirectional teacher (Euler + CFG)", "teacher.safetensors", "teacher"),
+def models(teacher):
+    """(label, checkpoint (relative to the run), how it samples) for every row of Table 4."""
+    return [("bidirectional teacher (Euler + CFG)", teacher, "teacher"),
             ("causal diffusion model (diffusion forcing, Euler + CFG)", "causal_diffusion.safetensors", "causal"),
             ("4-step student, ODE init only", "ode.safetensors", "student"),
             ("DMD without ODE init", "dmd_no_ode/dmd.safetensors", "student"),
@@ -125,23 +126,23 @@ def table(header, rows):
 # ---------------------------------------------------------------------------------------------
 
 
-def table4(run, cfg, device, seeds, seed, report, base):
+def table4(run, teacher, cfg, device, seeds, seed, report, base):
     prompts = [p for p in base for _ in range(seeds)]
     rows, grid = [], {}
     header = ["model", "best-fit PSNR (dB)", "prompt accuracy", "diversity", "steady motion", "forward passes", "CPU s"]
-    for label, ckpt, kind in models():
+    for label, ckpt, kind in models(teacher):
         model, text, uncond = load(run, ckpt, kind, device, prompts)
         frames, _, seconds = sample(model, kind, text, uncond, cfg, cfg.num_frames, seed, device)
         s = toy.score_toy(frames, prompts)
         rows.append([label, f"{s['best_fit_psnr']:.2f}", f"{100 * s['prompt_accuracy']:.1f}%", f"{s['diversity']:.2f}",
                      f"{100 * s['steady_motion']:.1f}%", forward_passes(kind, cfg, cfg.num_frames), f"{seconds:.0f}"])
-        grid[ckpt] = frames
+        grid[kind if kind == "teacher" else ckpt] = frames
         print(table(header, rows[-1:]))
     report.append(f"### Table 4 in miniature: {len(base)} prompts x {seeds} samples, {cfg.num_frames} frames\n")
     report.append(table(header[:-1] + ["CPU s (all samples)"], rows))
     # a GIF grid: teacher vs CausVid, one sample each of 8 prompts (rows: teacher, student)
     pick = [prompts.index(p) for p in base[::6]]
-    both = torch.cat([grid["teacher.safetensors"][pick], grid["dmd.safetensors"][pick]])
+    both = torch.cat([grid["teacher"][pick], grid["dmd.safetensors"][pick]])
     utils.write_video(os.path.join(run, "study", "teacher_vs_causvid.gif"), both)
 
 
@@ -160,7 +161,7 @@ def long_videos(model, kind, text, uncond, cfg, frames, seed, device):
 
 def fig8(run, cfg, device, frames, seed, report, prompts):
     rows, curves = [], {}
-    for label, ckpt, kind in models()[1:]:  # the causal models
+    for label, ckpt, kind in models(None)[1:]:  # the causal models
         model, text, uncond = load(run, ckpt, kind, device, prompts)
         video = long_videos(model, kind, text, uncond, cfg, frames, seed, device)
         w = toy.window_psnr(video, prompts, cfg.num_frames).mean(0)
@@ -201,10 +202,10 @@ def predicted_cache_speedup(cfg, frames):
     return uncached / cached
 
 
-def table3(run, cfg, device, seed, report, repeats=3):
+def table3(run, teacher_path, cfg, device, seed, report, repeats=3):
     prompt = ["a red square moving right"]
     rows = []
-    teacher, text, uncond = load(run, "teacher.safetensors", "teacher", device, prompt)
+    teacher, text, uncond = load(run, teacher_path, "teacher", device, prompt)
     student = load(run, "dmd.safetensors", "student", device, prompt)[0]
     for frames in [cfg.num_frames, 4 * cfg.num_frames]:
         for label, model, kind, cache in [("bidirectional teacher", teacher, "teacher", True),
@@ -338,12 +339,12 @@ SUCCESSORS = [("**CausVid** (the defaults)", ".", []),
               ("+ both", "causal_init_self_forcing", ["--set", "causal_ode_init=true", "--set", "self_forcing=true"])]
 
 
-def train_successors(args, run, device):
+def train_successors(args, run, cfg, device):
     """Each variant's student from the run's teacher. Self-Forcing starts DMD from the ODE student it
     shares with its base; its DMD gets the wall-clock of the run's own DMD (iterations scaled by the
     seconds per iteration of a 10-iteration calibration). The causal init trains its own stage 1."""
     base = utils.load_checkpoint(os.path.join(run, "dmd.safetensors"), keep=lambda k: False)[2]
-    common = ["--tiny", "--seed", str(args.seed), "--teacher", utils.teacher_path(args, run)]
+    common = ["--tiny", "--seed", str(args.seed), "--teacher", utils.teacher_path(args, run, cfg)]
     common += (["--device", args.device] if args.device else []) + [a for item in args.set for a in ("--set", item)]
     common += ["--batch-size", str(args.batch_size)] if args.batch_size else []
     for _, sub, flags in SUCCESSORS[1:]:
@@ -366,7 +367,7 @@ def train_successors(args, run, device):
 
 def successors(args, run, cfg, device, report, base):
     if "train" in (args.only or PARTS):
-        train_successors(args, run, device)
+        train_successors(args, run, cfg, device)
     prompts = [p for p in base for _ in range(args.seeds)]
     header = ["model", "best-fit PSNR (dB)", "prompt accuracy", "steady 1-px motion", "first-chunk pauses",
               "diversity", "DMD iterations", "DMD s/iteration"]
@@ -417,16 +418,17 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     parts = args.only or PARTS
     utils.writable_dir(os.path.join(run, "study"), "--run")
+    teacher = utils.teacher_path(args, run, cfg)
     if "train" in parts:
-        train_missing(args, cfg, device, run)
+        train_missing(args, cfg, device, run, teacher)
     report = [f"## Toy-world study (`python study.py --tiny --run {run}`)\n"]
     prompts = toy.PROMPTS[:args.num_prompts]
     if "table4" in parts:
-        table4(run, cfg, device, args.seeds, args.seed, report, prompts)
+        table4(run, teacher, cfg, device, args.seeds, args.seed, report, prompts)
     if "fig8" in parts:
         fig8(run, cfg, device, args.long_frames, args.seed, report, prompts)
     if "table3" in parts:
-        table3(run, cfg, device, args.seed, report)
+        table3(run, teacher, cfg, device, args.seed, report)
     if "apps" in parts:
         applications(run, cfg, device, args.seed, report, prompts)
     if "successors" in parts:

@@ -113,7 +113,7 @@ def main(argv=None):
     if cfg.self_forcing and cfg.backward_simulation:
         raise cv.CausVidError("self_forcing and backward_simulation are two ways to choose the generator's inputs; set one")
     torch.manual_seed(args.seed)
-    teacher_path = utils.teacher_path(args, run)
+    teacher_path = utils.teacher_path(args, run, cfg)
     print(f"generator init: {ode_path} | teacher and critic init: {teacher_path}")
     generator = utils.load_model(ode_path, causal=True, device=device, expect=cfg).train()  # Alg. 1 line 1
     # the real score keeps the role it was trained in: bidirectional (CausVid), or a causal diffusion

@@ -36,7 +36,7 @@ def parse_args(argv=None):
 def get_teacher(args, cfg: cv.Config, device, run: str):
     """The bidirectional teacher s_data and its text encoder: loaded, or on the toy world pre-trained
     with flow matching if there is none."""
-    path = utils.teacher_path(args, run)
+    path = utils.teacher_path(args, run, cfg)
     if os.path.exists(path):
         print(f"teacher: {path}")
         teacher = utils.load_model(path, causal=False, device=device, expect=cfg)

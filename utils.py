@@ -11,7 +11,6 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, fields, replace
 from typing import Callable
 
@@ -52,7 +51,7 @@ def autocast(device: torch.device, training: bool = False):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
         getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return torch.autocast("cpu", dtype=torch.bfloat16) if training and native else nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16) if training and native else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -837,13 +836,21 @@ def writable_dir(path: str, flag: str) -> str:
     return path
 
 
-def teacher_path(args, run: str) -> str:
-    """The one place that says where the bidirectional teacher comes from: --teacher, else the run's
-    own teacher.safetensors, else the official Wan directory (--model-dir)."""
+SHIPPED_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy_teacher.safetensors")
+
+
+def teacher_path(args, run: str, cfg: cv.Config) -> str:
+    """The one place that says where the bidirectional teacher comes from: --teacher; else the run's own
+    teacher.safetensors; else the official Wan directory (--model-dir); else, on the toy world, the
+    teacher shipped in weights/ -- unless --teacher-steps asks for one pre-trained into the run."""
     own = os.path.join(run, "teacher.safetensors")
-    if args.teacher or os.path.exists(own) or not args.model_dir:
+    if getattr(args, "teacher", None) or os.path.exists(own):
         return args.teacher or own
-    return args.model_dir
+    if args.model_dir:
+        return args.model_dir
+    if cfg.name == "tiny" and getattr(args, "teacher_steps", None) is None and os.path.exists(SHIPPED_TEACHER):
+        return SHIPPED_TEACHER
+    return own
 
 
 def run_cli(main: Callable):
