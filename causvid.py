@@ -74,9 +74,9 @@ class Config:
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False  # recompute each block in backward: one block's activations
     clean_context: bool = True  # Alg. 1's T = {0, t1..tQ}: a chunk may be drawn clean, as context
-    # flow-matching pre-training where no pretrained model exists (the toy teacher)
-    teacher_train_steps: int = 6000
-    lr_teacher: float = 2e-3  # peak; linear warm-up, cosine decay
+    # flow-matching pre-training where no pretrained model exists (the toy teacher; weights/README.md)
+    teacher_train_steps: int = 16000
+    lr_teacher: float = 3e-3  # peak; linear warm-up, cosine decay
     warmup: int = 200
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1  # share of empty prompts, so that CFG works

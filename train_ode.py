@@ -1,8 +1,8 @@
 """Stage 1 of CausVid: ODE initialisation of the block-causal student (Sec. 4.3, Eq. 6; Alg. 1 line 1).
 
-  0. the bidirectional teacher s_data: --teacher PATH, <run>/teacher.safetensors, or the official Wan
-     directory (--model-dir); on the toy world, pre-trained here with flow matching if there is none
-     (a stand-in for a pretrained video model);
+  0. the bidirectional teacher s_data: --teacher PATH, <run>/teacher.safetensors, the official Wan
+     directory (--model-dir), or on the toy world the teacher shipped in weights/ (a stand-in for a
+     pretrained video model; --teacher-steps N pre-trains a new one here with flow matching);
   1. ODE pairs: the teacher's Euler + CFG trajectories from noise, kept at the student's timesteps;
   2. regression of the block-causal student (initialised from the teacher) onto the trajectories'
      end points, every chunk at its own step of Alg. 1's T = {0, t1..tQ} (Eq. 6): a chunk at t = 0
@@ -35,7 +35,7 @@ def parse_args(argv=None):
 
 def get_teacher(args, cfg: cv.Config, device, run: str):
     """The bidirectional teacher s_data and its text encoder: loaded, or on the toy world pre-trained
-    with flow matching if there is none."""
+    with flow matching (--teacher-steps)."""
     path = utils.teacher_path(args, run, cfg)
     if os.path.exists(path):
         print(f"teacher: {path}")
@@ -43,8 +43,8 @@ def get_teacher(args, cfg: cv.Config, device, run: str):
         return teacher.eval().requires_grad_(False), utils.text_encoder_for(path, cfg, device)
     if args.teacher or cfg.name != "tiny":
         raise cv.CausVidError(f"teacher checkpoint {path!r} not found; pass --teacher PATH or --model-dir DIR")
-    print(f"no teacher at {path}: pre-training the toy teacher for {cfg.teacher_train_steps} steps "
-          "(it stands in for a pretrained video model)")
+    print(f"pre-training the toy teacher into {path} for {cfg.teacher_train_steps} steps (it stands in for a "
+          "pretrained video model)")
     text_encoder, teacher = toy.tiny_text_encoder(cfg), cv.DiT(cfg).to(device)
     utils.train_flow_matching(teacher, text_encoder, cfg, path, cfg.teacher_train_steps, cfg.lr_teacher, device,
                               args.seed, "teacher", cfg.ema_decay, resume=args.resume, save_every=args.save_every,
