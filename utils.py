@@ -843,9 +843,11 @@ def teacher_path(args, run: str, cfg: cv.Config) -> str:
     """The one place that says where the bidirectional teacher comes from: --teacher; else the run's own
     teacher.safetensors; else the official Wan directory (--model-dir); else, on the toy world, the
     teacher shipped in weights/ -- unless --teacher-steps asks for one pre-trained into the run."""
-    own = os.path.join(run, "teacher.safetensors")
-    if getattr(args, "teacher", None) or os.path.exists(own):
-        return args.teacher or own
+    own, given = os.path.join(run, "teacher.safetensors"), getattr(args, "teacher", None)
+    if isinstance(given, str):  # train scripts' --teacher PATH (sample.py's --teacher is a switch)
+        return given
+    if os.path.exists(own):
+        return own
     if args.model_dir:
         return args.model_dir
     if cfg.name == "tiny" and getattr(args, "teacher_steps", None) is None and os.path.exists(SHIPPED_TEACHER):
