@@ -383,3 +383,30 @@ def test_train_dmd_with_self_forcing(fresh_run, monkeypatch):
     assert utils.load_checkpoint(str(fresh_run / "dmd.safetensors"), keep=lambda k: False)[2]["run_config"]["self_forcing"]
     with pytest.raises(cv.CausVidError, match="set one"):
         train_dmd.main(args + ["--set", "self_forcing=true", "--set", "backward_simulation=true"])
+
+
+SHIPPED_PROMPTS = toy.PROMPTS[::6]  # 8 prompts: both shapes, every colour and direction
+
+
+def test_the_shipped_teacher_loads_and_scores(tmp_path):
+    """weights/toy_teacher.safetensors (its provenance: weights/README.md) is what sample.py --teacher
+    and both training stages use when a run has no teacher of its own, and it is a good teacher."""
+    tensors, cfg, meta = utils.load_checkpoint(utils.SHIPPED_TEACHER, keep=lambda k: False)
+    assert meta["stage"] == "teacher" and meta["steps"] == cv.get_config("tiny").teacher_train_steps
+    assert cfg == cv.get_config("tiny")  # the toy preset's shape and schedule
+    args = ["--tiny", "--run", str(tmp_path), "--teacher", "--seed", "0", "--name", "t"]
+    score = sample.main(args + [x for p in SHIPPED_PROMPTS for x in ("--prompt", p)])
+    assert not (tmp_path / "teacher.safetensors").exists()
+    assert score["prompt_accuracy"] >= 7 / 8 and score["best_fit_psnr"] > 30 and score["steady_motion"] > 0.85
+
+
+def test_training_starts_from_the_shipped_teacher(tmp_path, capsys):
+    """A fresh --tiny run makes its ODE pairs with the shipped teacher (no pre-training); --teacher-steps
+    N asks for a teacher of its own."""
+    args = ["--tiny", "--run", str(tmp_path), "--batch-size", "2", "--pairs", "2", "--steps", "1", "--set", "warmup=1"]
+    train_ode.main(args)
+    assert f"teacher: {utils.SHIPPED_TEACHER}" in capsys.readouterr().out
+    assert not (tmp_path / "teacher.safetensors").exists() and (tmp_path / "ode.safetensors").exists()
+    own = tmp_path / "own"
+    train_ode.main(args[:2] + [str(own)] + args[3:] + ["--teacher-steps", "2"])
+    assert "pre-training the toy teacher" in capsys.readouterr().out and (own / "teacher.safetensors").exists()
