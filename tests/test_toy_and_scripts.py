@@ -391,7 +391,7 @@ SHIPPED_PROMPTS = toy.PROMPTS[::6]  # 8 prompts: both shapes, every colour and d
 def test_the_shipped_teacher_loads_and_scores(tmp_path):
     """weights/toy_teacher.safetensors (its provenance: weights/README.md) is what sample.py --teacher
     and both training stages use when a run has no teacher of its own, and it is a good teacher."""
-    tensors, cfg, meta = utils.load_checkpoint(utils.SHIPPED_TEACHER, keep=lambda k: False)
+    _, cfg, meta = utils.load_checkpoint(utils.SHIPPED_TEACHER, keep=lambda k: False)
     assert meta["stage"] == "teacher" and meta["steps"] == cv.get_config("tiny").teacher_train_steps
     assert cfg == cv.get_config("tiny")  # the toy preset's shape and schedule
     args = ["--tiny", "--run", str(tmp_path), "--teacher", "--seed", "0", "--name", "t"]
