@@ -85,7 +85,7 @@ class Config:
     ode_steps: int = 600
     lr_ode: float = 1e-4
     # stage 2: DMD (Sec. 4.2, Alg. 1)
-    dmd_steps: int = 1000  # iterations, each a critic update
+    dmd_steps: int = 400  # iterations, each a critic update (docs/experiments.md: the scores level off by 300)
     critic_updates_per_generator: int = 5  # two time-scale update rule (DMD2)
     lr_generator: float = 5e-5
     lr_critic: float = 5e-5

@@ -3,13 +3,14 @@ applications of Sec. 5.3-5.4 (image-to-video, video-to-video, dynamic prompting)
 
     python study.py --tiny --run runs/tiny      # after train_dmd.py --tiny
 
-Trains the baselines that are missing from the run (each is saved and reused):
+Trains the baselines of Table 4 and Fig. 8 that are missing from the run (each is saved and reused):
   causal_diffusion.safetensors  the teacher fine-tuned with the block-causal mask and an independent
                                 noise level per chunk (diffusion forcing, Sec. 4.2): a many-step
                                 causal diffusion model, sampled chunk by chunk with CFG
   dmd_no_ode/dmd.safetensors    DMD with the generator initialised from the teacher, not from stage 1
   dmd_causal_teacher/dmd.safetensors   DMD with the causal diffusion model as the real score
 then prints markdown tables and writes <run>/study/{results.md, fig8.png, *.gif}.
+`--only train --only successors` trains only the successors' students instead (docs/successors.md).
 """
 
 import argparse
@@ -419,7 +420,7 @@ def main(argv=None):
     parts = args.only or PARTS
     utils.writable_dir(os.path.join(run, "study"), "--run")
     teacher = utils.teacher_path(args, run, cfg)
-    if "train" in parts:
+    if "train" in parts and ({"table4", "fig8"} & set(parts) or parts == ["train"]):  # the baselines they compare
         train_missing(args, cfg, device, run, teacher)
     report = [f"## Toy-world study (`python study.py --tiny --run {run}`)\n"]
     prompts = toy.PROMPTS[:args.num_prompts]

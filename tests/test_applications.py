@@ -117,6 +117,25 @@ def test_the_study_runs_end_to_end(run_dir, tmp_path):
     assert 1.0 < study.predicted_cache_speedup(cv.get_config("tiny"), 48) < 20
 
 
+def test_the_successors_study_trains_only_its_own_students(run_dir, tmp_path):
+    """`--only train --only successors` (docs/successors.md) trains what the successors' table needs
+    (here: nothing, their students exist), not Table 4's baselines, and writes its table."""
+    import shutil
+
+    import study
+
+    for name in ["teacher", "ode", "dmd"]:
+        shutil.copy(run_dir / f"{name}.safetensors", tmp_path / f"{name}.safetensors")
+    for sub in ["self_forcing", "causal_init", "causal_init_self_forcing"]:  # stand-ins for the three students
+        (tmp_path / sub).mkdir()
+        shutil.copy(run_dir / "dmd.safetensors", tmp_path / sub / "dmd.safetensors")
+    text = study.main(["--tiny", "--run", str(tmp_path), "--device", "cpu", "--seeds", "1", "--num-prompts", "4",
+                       "--only", "train", "--only", "successors"])
+    for baseline in ["causal_diffusion.safetensors", "dmd_no_ode", "dmd_causal_teacher"]:
+        assert not (tmp_path / baseline).exists(), baseline
+    assert text.count("| + ") == 3 and (tmp_path / "study" / "results_train_successors.md").exists()
+
+
 def test_a_stream_does_not_know_its_length(run_dir, tmp_path):
     """With the same seed, a video is the prefix of every longer one: each chunk's noise (its start
     and its re-noising) depends only on the seed and the chunk's index. Also with a sliding window,
