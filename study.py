@@ -9,7 +9,9 @@ Trains the baselines of Table 4 and Fig. 8 that are missing from the run (each i
                                 causal diffusion model, sampled chunk by chunk with CFG
   dmd_no_ode/dmd.safetensors    DMD with the generator initialised from the teacher, not from stage 1
   dmd_causal_teacher/dmd.safetensors   DMD with the causal diffusion model as the real score
-then prints markdown tables and writes <run>/study/{results.md, fig8.png, *.gif}.
+then prints markdown tables and writes <run>/study/{results.md, fig8.png, *.gif}. `onestep` runs each
+student step once on the teacher's own trajectories (<run>/ode_pairs and new ones in <run>/study/):
+where the error is made (docs/experiments.md).
 `--only train --only successors` trains only the successors' students instead (docs/successors.md).
 """
 
@@ -30,7 +32,7 @@ import utils
 from bench import attention_flops
 
 
-PARTS = ["train", "table4", "fig8", "table3", "apps", "successors", "long"]
+PARTS = ["train", "table4", "fig8", "table3", "apps", "onestep", "successors", "long"]
 
 
 def parse_args(argv=None):
@@ -340,6 +342,51 @@ SUCCESSORS = [("**CausVid** (the defaults)", ".", []),
               ("+ both", "causal_init_self_forcing", ["--set", "causal_ode_init=true", "--set", "self_forcing=true"])]
 
 
+@torch.no_grad()
+def one_step(args, run, cfg, device, report):
+    """Where the students' error is made: each student step run once, fed the teacher's own ODE state
+    at its t (the chunks before it clean, as at inference) or the end point re-noised with fresh noise
+    (as Alg. 2 feeds it), scored against the trajectory's end point -- per step and chunk, on the
+    run's ODE pairs and on new ones (new noise and prompt draw)."""
+    n, teacher = min(128, len(utils.ODEPairs(os.path.join(run, "ode_pairs")))), utils.teacher_path(args, run, cfg)
+    if n == 0:
+        raise cv.CausVidError(f"{run!r} has no ode_pairs/; run `python train_dmd.py --tiny --run {run}` first")
+    held = os.path.join(run, "study", "heldout_pairs")
+    if len(utils.ODEPairs(held)) < n:
+        ns = argparse.Namespace(prompts=None, exact_teacher=False, seed=args.seed + 1000)
+        train_ode.make_ode_pairs(ns, dataclasses.replace(cfg, ode_pairs=n), utils.load_model(teacher, device=device),
+                                 utils.load_text_encoder(teacher).to(device), device, held)
+    start = utils.load_model(teacher, causal=True, device=device)  # the students' first weights
+    students = [("teacher's weights, causal (before stage 1)", start), ("4-step student, ODE init only", "ode.safetensors"),
+                ("CausVid student (ODE init + DMD)", "dmd.safetensors")]
+    ts, K, rows = cv.student_timesteps(cfg).to(device), cfg.chunk_size, []
+    psnr = lambda mse: f"{10 * torch.log10(4 / mse).item():.2f}"  # noqa: E731 -- pixels in [-1, 1]
+    for where, path in [("training", os.path.join(run, "ode_pairs")), ("held-out", held)]:
+        pairs = utils.ODEPairs(path)
+        traj = pairs.get(range(n)).to(device)
+        text = utils.stack_text(utils.embed_prompts(utils.load_text_encoder(teacher), pairs.prompts[:n]), pairs.prompts[:n], device)
+        x0, fresh = traj[:, -1], torch.randn(traj[:, -1].shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
+        for label, model in students:
+            if isinstance(model, str):
+                model = utils.load_model(os.path.join(run, model), causal=True, device=device)
+            for q, t in enumerate(ts.tolist()):
+                mse = torch.zeros(2, cfg.num_frames // K)
+                for i, x in enumerate([traj[:, q], cv.add_noise(x0, fresh, torch.tensor(t, device=device))]):
+                    for c in range(cfg.num_frames // K):
+                        x_in, t_in = x.clone(), torch.full(x.shape[:2], t, device=device)
+                        x_in[:, :c * K], t_in[:, :c * K] = x0[:, :c * K], 0.0
+                        x0_hat = torch.cat([cv.predict_x0(model.eval(), x_in[j:j + 32], t_in[j:j + 32], text[j:j + 32])
+                                            for j in range(0, n, 32)])
+                        mse[i, c] = (x0_hat - x0)[:, c * K:(c + 1) * K].float().pow(2).mean()
+                rows.append([label, f"{where} ({n})", f"{t:.0f}"] + [psnr(m) for m in mse[0]]
+                            + [psnr(mse[0].mean()), psnr(mse[1].mean())])
+            print(table(["model"], [rows[-1][:1]]))
+    report.append("\n### One student step, fed the teacher's trajectory: PSNR (dB) of its x0 prediction against the "
+                  "trajectory's end point (earlier chunks clean)\n")
+    report.append(table(["model", "ODE pairs", "t"] + [f"chunk {c + 1}" for c in range(cfg.num_frames // K)]
+                        + ["mean", "mean, end point re-noised"], rows))
+
+
 def train_successors(args, run, cfg, device):
     """Each variant's student from the run's teacher. Self-Forcing starts DMD from the ODE student it
     shares with its base; its DMD gets the wall-clock of the run's own DMD (iterations scaled by the
@@ -432,6 +479,8 @@ def main(argv=None):
         table3(run, teacher, cfg, device, args.seed, report)
     if "apps" in parts:
         applications(run, cfg, device, args.seed, report, prompts)
+    if "onestep" in parts:
+        one_step(args, run, cfg, device, report)
     if "successors" in parts:
         successors(args, run, cfg, device, report, prompts)
     if "long" in parts:
