@@ -343,47 +343,48 @@ SUCCESSORS = [("**CausVid** (the defaults)", ".", []),
 
 
 @torch.no_grad()
-def one_step(args, run, cfg, device, report):
+def one_step(args, run, teacher, cfg, device, report):
     """Where the students' error is made: each student step run once, fed the teacher's own ODE state
     at its t (the chunks before it clean, as at inference) or the end point re-noised with fresh noise
     (as Alg. 2 feeds it), scored against the trajectory's end point -- per step and chunk, on the
     run's ODE pairs and on new ones (new noise and prompt draw)."""
-    n, teacher = min(128, len(utils.ODEPairs(os.path.join(run, "ode_pairs")))), utils.teacher_path(args, run, cfg)
+    own, held = os.path.join(run, "ode_pairs"), os.path.join(run, "study", "heldout_pairs")
+    n = min(128, len(utils.ODEPairs(own)))
     if n == 0:
         raise cv.CausVidError(f"{run!r} has no ode_pairs/; run `python train_dmd.py --tiny --run {run}` first")
-    held = os.path.join(run, "study", "heldout_pairs")
+    text_encoder = utils.load_text_encoder(teacher).to(device)
     if len(utils.ODEPairs(held)) < n:
         ns = argparse.Namespace(prompts=None, exact_teacher=False, seed=args.seed + 1000)
         train_ode.make_ode_pairs(ns, dataclasses.replace(cfg, ode_pairs=n), utils.load_model(teacher, device=device),
-                                 utils.load_text_encoder(teacher).to(device), device, held)
-    start = utils.load_model(teacher, causal=True, device=device)  # the students' first weights
-    students = [("teacher's weights, causal (before stage 1)", start), ("4-step student, ODE init only", "ode.safetensors"),
-                ("CausVid student (ODE init + DMD)", "dmd.safetensors")]
-    ts, K, rows = cv.student_timesteps(cfg).to(device), cfg.chunk_size, []
+                                 text_encoder, device, held)
+    students = [("teacher's weights, causal (before stage 1)", teacher),  # the students' first weights
+                ("4-step student, ODE init only", os.path.join(run, "ode.safetensors")),
+                ("CausVid student (ODE init + DMD)", os.path.join(run, "dmd.safetensors"))]
+    students = [(label, utils.load_model(path, causal=True, device=device).eval()) for label, path in students]
+    ts, K, C, rows = cv.student_timesteps(cfg).to(device), cfg.chunk_size, cfg.num_frames // cfg.chunk_size, []
     psnr = lambda mse: f"{10 * torch.log10(4 / mse).item():.2f}"  # noqa: E731 -- pixels in [-1, 1]
-    for where, path in [("training", os.path.join(run, "ode_pairs")), ("held-out", held)]:
+    for where, path in [("training", own), ("held-out", held)]:
         pairs = utils.ODEPairs(path)
-        traj = pairs.get(range(n)).to(device)
-        text = utils.stack_text(utils.embed_prompts(utils.load_text_encoder(teacher), pairs.prompts[:n]), pairs.prompts[:n], device)
+        traj, prompts = pairs.get(range(n)).to(device), pairs.prompts[:n]
+        text = utils.stack_text(utils.embed_prompts(text_encoder, prompts), prompts, device)
         x0, fresh = traj[:, -1], torch.randn(traj[:, -1].shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
         for label, model in students:
-            if isinstance(model, str):
-                model = utils.load_model(os.path.join(run, model), causal=True, device=device)
             for q, t in enumerate(ts.tolist()):
-                mse = torch.zeros(2, cfg.num_frames // K)
+                mse = torch.zeros(2, C)
                 for i, x in enumerate([traj[:, q], cv.add_noise(x0, fresh, torch.tensor(t, device=device))]):
-                    for c in range(cfg.num_frames // K):
+                    for c in range(C):
                         x_in, t_in = x.clone(), torch.full(x.shape[:2], t, device=device)
                         x_in[:, :c * K], t_in[:, :c * K] = x0[:, :c * K], 0.0
-                        x0_hat = torch.cat([cv.predict_x0(model.eval(), x_in[j:j + 32], t_in[j:j + 32], text[j:j + 32])
+                        x0_hat = torch.cat([cv.predict_x0(model, x_in[j:j + 32], t_in[j:j + 32], text[j:j + 32])
                                             for j in range(0, n, 32)])
-                        mse[i, c] = (x0_hat - x0)[:, c * K:(c + 1) * K].float().pow(2).mean()
+                        chunk = slice(c * K, (c + 1) * K)
+                        mse[i, c] = (x0_hat[:, chunk] - x0[:, chunk]).float().pow(2).mean()
                 rows.append([label, f"{where} ({n})", f"{t:.0f}"] + [psnr(m) for m in mse[0]]
                             + [psnr(mse[0].mean()), psnr(mse[1].mean())])
             print(table(["model"], [rows[-1][:1]]))
     report.append("\n### One student step, fed the teacher's trajectory: PSNR (dB) of its x0 prediction against the "
                   "trajectory's end point (earlier chunks clean)\n")
-    report.append(table(["model", "ODE pairs", "t"] + [f"chunk {c + 1}" for c in range(cfg.num_frames // K)]
+    report.append(table(["model", "ODE pairs", "t"] + [f"chunk {c + 1}" for c in range(C)]
                         + ["mean", "mean, end point re-noised"], rows))
 
 
@@ -480,7 +481,7 @@ def main(argv=None):
     if "apps" in parts:
         applications(run, cfg, device, args.seed, report, prompts)
     if "onestep" in parts:
-        one_step(args, run, cfg, device, report)
+        one_step(args, run, teacher, cfg, device, report)
     if "successors" in parts:
         successors(args, run, cfg, device, report, prompts)
     if "long" in parts:
