@@ -90,13 +90,19 @@ class Config:
     lr_generator: float = 5e-5
     lr_critic: float = 5e-5
     real_guidance: float = 3.0  # CFG of the real score: uncond + g (cond - uncond)
+    dmd_beta1: float = 0.9  # Adam's beta1 of generator and critic (Self-Forcing: 0)
+    generator_ema: float = 0.0  # > 0: the student saved is an EMA of the generator (Self-Forcing: 0.99) ...
+    generator_ema_start: int = 0  # ... from this iteration on (Self-Forcing: 200)
+    dmd_shift: float = 3.0  # DMD's noising t ~ U[0, 1000) shifted by this (Alg. 1 line 8); the schedule's shift
     dmd_t_min: float = 20.0  # DMD's noising t is kept away from both ends
     dmd_t_max: float = 980.0
+    critic_warmup: int = 0  # critic-only iterations on the frozen stage-1 student's samples before DMD starts
     backward_simulation: bool = False  # DMD2 Sec. 4.5: generator inputs from its own Alg. 2 rollout
     # CausVid's successors, off by default (docs/successors.md)
     self_forcing: bool = False  # Self-Forcing: DMD on the student's own KV-cached rollout, grad through one step
     causal_ode_init: bool = False  # Causal Forcing: ODE pairs from a causal diffusion teacher's own sampler
-    causal_teacher_steps: int = 600  # that teacher's flow-matching fine-tuning from the teacher (toy world)
+    causal_teacher_steps: int = 6000  # toy world: that teacher, fine-tuned from the teacher by teacher forcing
+    lr_causal_teacher: float = 1e-3  # its peak learning rate (warm-up, cosine, EMA as the teacher's)
 
 
 # Wan2.1's default negative prompt (its sample_neg_prompt): CFG's "unconditional" branch
@@ -118,7 +124,7 @@ PRESETS: dict[str, Config] = {
         sink=3,  # long videos keep the first chunk: latent frame 0 (one pixel frame) is unlike the others
         batch_size=1, grad_clip=10.0, gradient_checkpointing=True,
         ode_pairs=1000, ode_steps=3000, lr_ode=2e-6,  # paper: 1000 pairs, 3000 iterations
-        dmd_steps=6000, lr_generator=2e-6, lr_critic=2e-6,
+        dmd_steps=6000, lr_generator=2e-6, lr_critic=2e-6, dmd_shift=8.0,
         real_guidance=4.5,  # the official cond + 3.5 (cond - uncond) is uncond + 4.5 (cond - uncond)
     ),
 }
@@ -705,21 +711,38 @@ def ode_regression_loss(student: Callable, trajectory: torch.Tensor, text, times
     return torch.where(noisy, error, 0.0).sum() / noisy.sum().clamp(min=1)
 
 
+def teacher_forcing_loss(model: Callable, x0: torch.Tensor, t: torch.Tensor, text, chunk: int, chunk_size: int):
+    """Causal Forcing's causal teacher (Zhu et al., arXiv 2602.02214; thu-ml/Causal-Forcing,
+    `teacher_forcing: true`): flow matching (Eq. 2) of a block-causal model on chunk `chunk` of x0
+    (B, F, C, H, W) at t (B,), after the clean chunks before it at t = 0 -- exactly what its sampler's
+    KV cache holds (sample_ode_causal) -- and nothing after it. Its ODE pairs then give every chunk a
+    target fixed by that chunk's own noise and its past, which a causal student can regress onto.
+    (Causal Forcing packs [clean clip; noisy clip] in one masked sequence to train every chunk at once;
+    one chunk per call is the same objective, and needs no second mask.)"""
+    x0 = x0[:, :(chunk + 1) * chunk_size]  # the chunks after `chunk` never enter
+    t_all = torch.zeros(x0.shape[:2], device=x0.device, dtype=t.dtype)
+    t_all[:, -chunk_size:] = t[:, None]
+    eps = torch.randn_like(x0)
+    v = model(add_noise(x0, eps, t_all), t_all, text)[:, -chunk_size:]
+    return F.mse_loss(v.float(), (eps - x0)[:, -chunk_size:].float())
+
+
 # ------------------------------------------------------------------------------------------------
 # 8. Asymmetric distribution matching distillation (Sec. 3.2, 4.2, Alg. 1, Eq. 4)
 # ------------------------------------------------------------------------------------------------
 
 
 def generator_x0(generator: Callable, x0_data: torch.Tensor, text, timesteps: torch.Tensor, chunk_size: int,
-                 clean_context: bool = True) -> torch.Tensor:
+                 clean_context: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Alg. 1 lines 4-7: noise each chunk of a data clip to its own random step of T and let the
-    block-causal student predict the clean clip -> x0_hat (B, F, C, H, W), with grad. A chunk drawn at
-    t = 0 (clean_context) is the data chunk itself: context for the chunks after it, no gradient."""
+    block-causal student predict the clean clip -> (x0_hat (B, F, C, H, W) with grad, the steps t (B, F)
+    it started from). A chunk drawn at t = 0 (clean_context) is the data chunk itself: context for the
+    chunks after it, no gradient."""
     B, Fr = x0_data.shape[:2]
     ts = timesteps.to(x0_data.device)
     ts = with_clean_step(ts) if clean_context else ts
     t = ts[chunkwise_step_indices(B, Fr, chunk_size, len(ts), device=x0_data.device)]
-    return predict_x0(generator, add_noise(x0_data, torch.randn_like(x0_data), t), t, text)
+    return predict_x0(generator, add_noise(x0_data, torch.randn_like(x0_data), t), t, text), t
 
 
 @torch.no_grad()
@@ -776,7 +799,7 @@ def dmd_loss(x0: torch.Tensor, t: torch.Tensor, teacher: Callable, critic: Calla
 
     Why 0.5 * mse(x0, (x0 - grad).detach()) (official #44): its derivative in x0 is grad / n and the
     target is a constant, so backprop delivers exactly grad * dx0/dphi -- Eq. 4 -- to the generator,
-    without differentiating either score model. Returns (loss, logs)."""
+    without differentiating either score model. Returns (loss, grad (B, F, C, H, W))."""
     with torch.no_grad():
         x_t = add_noise(x0, torch.randn_like(x0), t)  # line 9
         fake_x0 = predict_x0(critic, x_t, t, text)
@@ -784,7 +807,7 @@ def dmd_loss(x0: torch.Tensor, t: torch.Tensor, teacher: Callable, critic: Calla
         weight = (x0 - real_x0).abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True)
         grad = torch.nan_to_num((fake_x0 - real_x0) / weight)
     loss = 0.5 * F.mse_loss(x0.double(), (x0.double() - grad.double()).detach())  # line 10
-    return loss, {"dmd_grad_norm": grad.norm().item() / len(x0), "dmd_t": t[:, 0].mean().item()}
+    return loss, grad
 
 
 def critic_loss(critic: Callable, x0_gen: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:

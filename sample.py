@@ -16,7 +16,8 @@ Modes (all through the one streaming loop, causvid.stream_generate):
   long videos        --num-frames N, any multiple of the chunk size; the cache keeps a --window of
                      frames (default: the training length) and re-encodes at positions from 0, or
                      with --set sink=N keeps the first N frames in a rolling cache (Wan's default)
---teacher samples the bidirectional teacher instead (Euler with CFG, the whole clip at once);
+--teacher samples the bidirectional teacher instead (Euler with CFG, the whole clip at once), or with
+--ckpt a causal teacher (causal_ode_init's; Euler with CFG chunk by chunk over the KV cache);
 --no-cache recomputes the past at every step instead of using the cache (Table 3's baseline).
 """
 
@@ -134,7 +135,8 @@ def main(argv=None):
     image = utils.read_frames(args.image, cfg.height, cfg.width)[0, :1] if args.image else None  # (1, H, W, 3)
     out = utils.writable_dir(args.out or run, "--out")
 
-    model = utils.load_model(path, causal=not args.teacher, device=device, expect=cfg)
+    model = utils.load_model(path, causal=None if args.teacher else True, device=device, expect=cfg)  # a teacher keeps its role
+    kind = "student" if not args.teacher else "causal" if model.causal and not args.exact_teacher else "teacher"
     model = utils.prepare_for_inference(model, device, {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype),
                                         args.compile)
     overrides = utils.parse_overrides(args.set)  # the network is the checkpoint's; --set changes how it samples
@@ -161,7 +163,8 @@ def main(argv=None):
     prompts = [p for p in base for _ in range(args.samples_per_prompt)]
     mode = ("image-to-video" if args.image else f"video-to-video from t = {cv.student_timesteps(cfg)[start]:.0f}"
             if args.video else "text-to-video") + (f", prompt switches {switches}" if switches else "")
-    role = "causal student" if not args.teacher else "exact toy teacher" if args.exact_teacher else "bidirectional teacher"
+    role = {"student": "causal student", "causal": "causal teacher, chunk by chunk",
+            "teacher": "exact toy teacher" if args.exact_teacher else "bidirectional teacher"}[kind]
     print(f"model: {path} ({role}), {len(prompts)} videos of {num_frames} frames, {mode}, "
           f"window {window or 'unbounded'}, device {device}")
 
@@ -174,7 +177,7 @@ def main(argv=None):
     context = None if image is None else toy.to_model_space(image).expand(len(prompts), K, -1, -1, -1)  # Sec. 5.3
     video = None if inputs is None else toy.to_model_space(inputs[rows % inputs.shape[0], :num_frames])
     batch = args.batch_size or (64 if cfg.name == "tiny" else 1)
-    sample, first, seconds = utils.generate(model, "teacher" if args.teacher else "student", text, cfg, num_frames,
+    sample, first, seconds = utils.generate(model, kind, text, cfg, num_frames,
                                             args.seed, device, emb[cfg.negative_prompt][None].to(device), context,
                                             video, start, window, sink, not args.no_cache, vae, batch)
     if context is not None:

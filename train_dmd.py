@@ -9,12 +9,16 @@ Generator inputs are data clips noised per chunk to random steps of T = {0, t1..
 time-scale update rule). With --tiny and no stage-1 checkpoint, stage 1 (train_ode.py) runs first,
 so this one command trains everything.
 
-Writes <run>/dmd.safetensors and, on the toy world, <run>/dmd_samples_<iteration>.gif every --sample-every.
+Writes <run>/dmd.safetensors, <run>/dmd_log.jsonl (every log line's means and the diagnostics of
+utils.dmd_diagnostics, one JSON object per line) and, on the toy world, <run>/dmd_samples_<iteration>.gif
+every --sample-every.
 """
 
 import argparse
+import collections
 import copy
 import dataclasses
+import json
 import os
 import time
 
@@ -25,6 +29,9 @@ import causvid as cv
 import toy_world as toy
 import train_ode
 import utils
+
+
+LOGGED = ("dmd", "critic", "critic_fm", "teacher_fm", "distance", "gen_grad", "critic_grad")  # the log line; all: dmd_log.jsonl
 
 
 def parse_args(argv=None):
@@ -40,40 +47,46 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def generator_output(generator, x_data, text, timesteps, cfg: cv.Config, device, g, step: int) -> torch.Tensor:
+def generator_output(generator, x_data, text, timesteps, cfg: cv.Config, device, g, step: int):
     """Alg. 1 lines 4-7: the generator's clean estimate of this iteration's videos (with grad when
     grad is on): noised data chunks (Alg. 1), the states of its own rollout (backward simulation), or
-    the rollout itself (Self-Forcing, through student step `step`)."""
+    the rollout itself (Self-Forcing, through student step `step`). -> (x0 (B, F, C, H, W), the step
+    t (B, F) each frame was made from; 0 for a chunk given clean)."""
     K = cfg.chunk_size
     if cfg.self_forcing:  # the student's own KV-cached rollout from noise, with grad through one step
-        return cv.self_forcing_rollout(generator, torch.randn(x_data.shape, generator=g).to(device), text, timesteps, g,
-                                       step)
+        x0 = cv.self_forcing_rollout(generator, torch.randn(x_data.shape, generator=g).to(device), text, timesteps, g,
+                                     step)
+        return x0, timesteps[step].expand(x0.shape[:2])
     if cfg.backward_simulation:  # DMD2 Sec. 4.5: the inputs come from the student's own rollout
         states = cv.backward_simulation(generator, torch.randn(x_data.shape, generator=g).to(device), text, timesteps, g)
         x_t, t = cv.chunkwise_states(states, timesteps, K, cfg.clean_context)
-        return cv.predict_x0(generator, x_t, t, text)
+        return cv.predict_x0(generator, x_t, t, text), t
     return cv.generator_x0(generator, x_data.to(device), text, timesteps, K, cfg.clean_context)  # lines 5-7
 
 
 def dmd_step(it: int, generator, critic, real, opt_g, opt_c, micro_batch, uncond, timesteps, cfg: cv.Config, device,
              streams: utils.Streams) -> dict:
     """One iteration of Alg. 1 (lines 4-14) under DMD2's two time-scale rule -- the critic learns every
-    iteration, the generator every critic_updates_per_generator-th -- over this rank's cfg.accumulate
+    iteration, the generator every critic_updates_per_generator-th after the first critic_warmup (then
+    only the critic learns, on the stage-1 student's samples) -- over this rank's cfg.accumulate
     micro-batches, micro_batch(generator) -> (videos, text). -> what to log, averaged over all of them."""
-    A, generator_turn, samples, logs = cfg.accumulate, it % cfg.critic_updates_per_generator == 0, [], []
-    dmd_t = lambda x: cv.dmd_timesteps(len(x), x.shape[1], cfg.shift, cfg.dmd_t_min, cfg.dmd_t_max, device)
+    A, samples, logs = cfg.accumulate, [], []
+    generator_turn = it >= cfg.critic_warmup and (it - cfg.critic_warmup) % cfg.critic_updates_per_generator == 0
+    dmd_t = lambda x: cv.dmd_timesteps(len(x), x.shape[1], cfg.dmd_shift, cfg.dmd_t_min, cfg.dmd_t_max, device)
     step = int(torch.randint(len(timesteps), (1,), generator=torch.Generator().manual_seed(streams.seed * 7919 + it)))
     for a in range(A):  # the same Self-Forcing step on every rank: they run the same forwards
         with streams.use(a) as g:
             x_data, text = micro_batch(g)  # line 4
             with utils.autocast(device, training=True), torch.set_grad_enabled(generator_turn):
-                x0 = generator_output(generator, x_data, text, timesteps, cfg, device, g, step)
+                x0, t_in = generator_output(generator, x_data, text, timesteps, cfg, device, g, step)
             if generator_turn:  # lines 8-10
                 with utils.autocast(device, training=True), utils.gradient_sync(generator, a + 1 == A):
-                    loss_g, info = cv.dmd_loss(x0, dmd_t(x0), real, critic, text, uncond, cfg.real_guidance)
-                    logs.append({"dmd": utils.backward(loss_g, 1 / A), **info})
+                    t = dmd_t(x0)
+                    loss_g, grad = cv.dmd_loss(x0, t, real, critic, text, uncond, cfg.real_guidance)
+                    logs.append({"dmd": utils.backward(loss_g, 1 / A), "dmd_t": t[:, 0].mean().item(),
+                                 **utils.dmd_diagnostics(x0, t_in, grad, real, critic, text, timesteps, cfg.chunk_size)})
         samples.append((x0.detach(), text))
-    out = {k: utils.mean_over_ranks(sum(log[k] for log in logs) / A) for k in logs[0]} if logs else {}
+    out = {k: utils.nanmean_over_ranks([log[k] for log in logs]) for k in (logs[0] if logs else ())}
     if generator_turn:
         out["gen_grad"] = utils.apply_gradients(opt_g, generator.parameters(), cfg.grad_clip)
     critic_losses = []
@@ -134,24 +147,40 @@ def main(argv=None):
     generator, critic = utils.shard(generator), utils.shard(critic)  # under torchrun: split over the ranks
     real = utils.shard(real) if real is teacher else real  # the frozen teacher too
 
-    opt_g = utils.adamw(generator.parameters(), cfg.lr_generator, device)
-    opt_c = utils.adamw(critic.parameters(), cfg.lr_critic, device)
-    timesteps, t0, logs = cv.student_timesteps(cfg).to(device), time.time(), {}
+    betas = (cfg.dmd_beta1, 0.999)
+    opt_g = utils.adamw(generator.parameters(), cfg.lr_generator, device, betas)
+    opt_c = utils.adamw(critic.parameters(), cfg.lr_critic, device, betas)
+    ema = utils.EMA(generator, cfg.generator_ema) if cfg.generator_ema else None  # Self-Forcing's recipe
+    timesteps, t0 = cv.student_timesteps(cfg).to(device), time.time()
     streams = utils.Streams(args.seed + 2, cfg.accumulate)
+    init = [(p.to_local() if hasattr(p, "to_local") else p).detach().float().cpu().clone() for p in generator.parameters()]
+    total, logs, log_path = cfg.critic_warmup + cfg.dmd_steps, collections.defaultdict(list), os.path.join(run, "dmd_log.jsonl")
 
     def micro_batch(g):
         x_data, prompts = data(g)
         return x_data, utils.stack_text(emb, prompts, device)
 
-    state = {"generator": generator, "critic": critic, "opt_g": opt_g, "opt_c": opt_c, "data": streams}
-    with utils.TrainLoop(os.path.join(run, "dmd_state.safetensors"), cfg, cfg.dmd_steps, state, args.resume,
+    state = {"generator": generator, "critic": critic, "opt_g": opt_g, "opt_c": opt_c, "data": streams,
+             **({"ema": ema} if ema else {})}
+    with utils.TrainLoop(os.path.join(run, "dmd_state.safetensors"), cfg, total, state, args.resume,
                          args.save_every, "DMD") as loop:
+        if utils.rank() == 0 and loop.first_step == 0:
+            open(log_path, "w").close()  # a fresh run's log (a resumed one appends)
         for it in loop:
-            logs.update(dmd_step(it, generator, critic, real, opt_g, opt_c, micro_batch, uncond, timesteps, cfg, device,
-                                 streams))
-            if (it + 1) % args.log_every == 0 or it + 1 == cfg.dmd_steps:
-                utils.log("dmd", it + 1, cfg.dmd_steps, t0, **logs)
-            if cfg.name == "tiny" and ((it + 1) % args.sample_every == 0 or it + 1 == cfg.dmd_steps):
+            out = dmd_step(it, generator, critic, real, opt_g, opt_c, micro_batch, uncond, timesteps, cfg, device, streams)
+            if ema and "gen_grad" in out:  # after a generator update; until generator_ema_start the EMA is the weights
+                ema.update(generator) if it >= cfg.generator_ema_start else ema.load_state_dict(generator.state_dict())
+            for k, v in out.items():
+                logs[k].append(v)
+            if (it + 1) % args.log_every == 0 or it + 1 == total:  # the means since the last log line
+                row = {k: float(torch.tensor(v, dtype=torch.float64).nanmean()) for k, v in logs.items()}
+                row["distance"] = utils.distance_from(generator, init)  # from the stage-1 weights
+                logs.clear()
+                utils.log("dmd", it + 1, total, t0, **{k: row[k] for k in LOGGED if k in row})
+                if utils.rank() == 0:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"iteration": it + 1, "seconds": round(time.time() - t0, 1), **row}) + "\n")
+            if cfg.name == "tiny" and ((it + 1) % args.sample_every == 0 or it + 1 == total):
                 path = os.path.join(run, f"dmd_samples_{it + 1:06d}.gif")
                 prompts = toy.PROMPTS[::6]  # a few streamed samples, to watch training progress
                 video = utils.generate(generator, "student", utils.stack_text(emb, prompts, "cpu"), cfg,
@@ -159,11 +188,13 @@ def main(argv=None):
                 if utils.rank() == 0:  # (every rank sampled: the sharded generator needs them all)
                     utils.write_video(path, toy.to_uint8(video))
                     tqdm.write(f"wrote {path}")
+        if ema:
+            generator.load_state_dict(ema.shadow)
         path = os.path.join(run, "dmd.safetensors")
         # the generator's config is stage 1's; the settings this run trained with go in as run_config
         utils.save_model(path, generator.eval(), text_encoder, stage="dmd", steps=cfg.dmd_steps,
                          run_config=dataclasses.asdict(cfg), exact_teacher=args.exact_teacher,
-                         seconds_per_iteration=(time.time() - t0) / max(1, cfg.dmd_steps - loop.first_step))
+                         seconds_per_iteration=(time.time() - t0) / max(1, total - loop.first_step))
         print(f"wrote {path}")
 
 

@@ -55,20 +55,21 @@ def get_teacher(args, cfg: cv.Config, device, run: str):
 def get_causal_teacher(args, cfg: cv.Config, teacher, text_encoder, device, run: str) -> cv.DiT:
     """Causal Forcing's teacher (Zhu et al., arXiv 2602.02214; thu-ml/Causal-Forcing): a block-causal
     diffusion model whose own sampler makes the ODE pairs, so that no chunk's target depends on the
-    noise of the chunks after it. <run>/causal_diffusion.safetensors, or on the toy world the teacher
-    fine-tuned with the block mask and a noise level per chunk (diffusion forcing; the study's
-    baseline) by the one flow-matching loop."""
-    path = os.path.join(run, "causal_diffusion.safetensors")
+    noise of the chunks after it. <run>/causal_diffusion.safetensors; else on the toy world the one
+    shipped in weights/ -- unless --causal-teacher-steps N asks for one trained into the run: the
+    teacher fine-tuned with the block mask by teacher forcing (cv.teacher_forcing_loss), EMA weights."""
+    path = utils.causal_teacher_path(args, run, cfg)
     if os.path.exists(path):
         print(f"causal teacher: {path}")
         return utils.load_model(path, causal=True, device=device, expect=cfg).eval().requires_grad_(False)
     if cfg.name != "tiny":
         raise cv.CausVidError(f"causal_ode_init needs a causal diffusion model at {path!r}")
+    print(f"training the causal teacher into {path} for {cfg.causal_teacher_steps} steps (teacher forcing)")
     model = copy.deepcopy(teacher).train().requires_grad_(True)
     model.causal = True
-    utils.train_flow_matching(model, text_encoder, cfg, path, cfg.causal_teacher_steps, cfg.lr_ode, device, args.seed + 3,
-                              "causal diffusion", per_chunk=True, resume=args.resume, save_every=args.save_every,
-                              log_every=args.log_every)
+    utils.train_flow_matching(model, text_encoder, cfg, path, cfg.causal_teacher_steps, cfg.lr_causal_teacher, device,
+                              args.seed + 3, "causal teacher", cfg.ema_decay, "teacher_forcing", resume=args.resume,
+                              save_every=args.save_every, log_every=args.log_every)
     return model.requires_grad_(False)
 
 

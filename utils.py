@@ -575,22 +575,66 @@ def log(stage: str, step: int, total: int, t0: float, **values):
     tqdm.write(f"{stage} step {step}/{total} | {items} | {time.time() - t0:.0f} s")
 
 
+@torch.no_grad()
+def dmd_diagnostics(x0, t_in, grad, real, critic, text, timesteps, chunk_size: int) -> dict:
+    """What DMD sees on one batch of generator samples x0 (B, F, C, H, W), made from steps t_in (B, F),
+    with DMD's normalised gradient `grad` on them (docs/experiments.md charts these):
+      critic_fm, teacher_fm  the flow-matching loss (Eq. 2) of the critic (s_gen) and of the frozen teacher
+                             (s_data, conditional) on the same samples, noise and t ~ U(0, 1000): the
+                             critic knows the generator's distribution while its loss is the lower one;
+      grad_chunk<i>          root-mean-square of the gradient on chunk i;
+      grad_step<j>           the same over the chunks the generator made from student step j, and
+      grad_clean             over the chunks it was given clean (context: their gradient moves nothing)."""
+    t = torch.rand(len(x0), device=x0.device)[:, None].expand(x0.shape[:2]) * 1000
+    eps = torch.randn_like(x0)
+    x_t, target = cv.add_noise(x0, eps, t), (eps - x0).float()
+    out = {"critic_fm": F.mse_loss(critic(x_t, t, text).float(), target).item(),
+           "teacher_fm": F.mse_loss(real(x_t, t, text).float(), target).item()}
+    power = grad.float().pow(2).flatten(2).mean(2)  # (B, F)
+    for i, chunk in enumerate(power.split(chunk_size, 1)):
+        out[f"grad_chunk{i}"] = chunk.mean().sqrt().item()
+    for name, step in [*((f"grad_step{j}", t) for j, t in enumerate(timesteps.tolist())), ("grad_clean", 0.0)]:
+        out[name] = power[t_in == step].mean().sqrt().item()  # NaN where no chunk was made from that step
+    return out
+
+
+def distance_from(model, init: list[torch.Tensor]) -> float:
+    """||phi - phi_init|| / ||phi_init||: how far the generator has moved from its stage-1 weights
+    (init: CPU copies of its parameters, or of this rank's shards of them)."""
+    local = lambda p: (p.to_local() if hasattr(p, "to_local") else p).detach().float().cpu()
+    moved = sum(float((local(p) - p0).pow(2).sum()) for p, p0 in zip(model.parameters(), init))
+    return math.sqrt(mean_over_ranks(moved) / mean_over_ranks(sum(float(p0.pow(2).sum()) for p0 in init)))
+
+
+def nanmean_over_ranks(values: list[float]) -> float:
+    """The mean of this rank's values and every other rank's, NaNs left out (NaN if all are)."""
+    v = torch.tensor(values, dtype=torch.float64)
+    count = mean_over_ranks((~v.isnan()).sum())
+    return mean_over_ranks(v.nansum()) / count if count else math.nan
+
+
 def train_flow_matching(model: cv.DiT, text_encoder, cfg: cv.Config, path: str, steps: int, lr: float, device,
-                        seed: int, stage: str, ema_decay: float | None = None, per_chunk: bool = False,
+                        seed: int, stage: str, ema_decay: float | None = None, objective: str = "clip",
                         resume: bool = False, save_every: int = 500, log_every: int = 100) -> cv.DiT:
     """The one flow-matching training loop (Eq. 2) on the toy world, for the models that exist before
-    CausVid starts: the teacher (bidirectional, one t per clip, EMA weights; a stand-in for a
-    pretrained video model) and Table 4's causal diffusion baseline (block-causal, one t per chunk:
-    diffusion forcing). Shifted logit-normal timesteps; cfg_dropout empty prompts, so CFG works;
-    warm-up + cosine learning rate. Trains `model` in place and saves it (EMA weights if any) to `path`."""
+    CausVid starts. objective:
+      "clip"               one t per clip: the bidirectional teacher (a stand-in for a pretrained
+                           video model; EMA weights);
+      "diffusion_forcing"  block-causal, one t per chunk: Table 4's causal diffusion baseline;
+      "teacher_forcing"    block-causal, one noisy chunk after clean ones (cv.teacher_forcing_loss):
+                           Causal Forcing's causal teacher, the one whose pairs causal_ode_init uses.
+    Shifted logit-normal timesteps; cfg_dropout empty prompts, so CFG works; warm-up + cosine learning
+    rate. Trains `model` in place and saves it (EMA weights if any) to `path`."""
+    if objective not in ("clip", "diffusion_forcing", "teacher_forcing"):
+        raise ValueError(f"unknown flow-matching objective {objective!r}")
     if world() > 1:
         raise cv.CausVidError(f"train the {stage} model in one process (python, not torchrun), then run torchrun again")
     emb = embed_prompts(text_encoder, toy.PROMPTS + [""])
     ema = EMA(model, ema_decay) if ema_decay else None
     opt = adamw(model.parameters(), lr, device, betas=(0.9, 0.99))
     g = torch.Generator().manual_seed(seed)
-    t0, B, Fr = time.time(), cfg.batch_size, cfg.num_frames
-    n = Fr // cfg.chunk_size if per_chunk else 1  # independent noise levels per clip
+    t0, B, Fr, K = time.time(), cfg.batch_size, cfg.num_frames, cfg.chunk_size
+    n = Fr // K if objective == "diffusion_forcing" else 1  # independent noise levels per clip
     state = {"model": model, "opt": opt, "data": g, **({"ema": ema} if ema else {})}
     with TrainLoop(path.replace(".safetensors", "_state.safetensors"), cfg, steps, state, resume, save_every,
                    f"{stage} training") as loop:
@@ -598,9 +642,13 @@ def train_flow_matching(model: cv.DiT, text_encoder, cfg: cv.Config, path: str, 
             x0, prompts = toy.toy_batch(B, Fr, g)
             drop = torch.rand(B, generator=g) < cfg.cfg_dropout
             text = stack_text(emb, ["" if d else p for p, d in zip(prompts, drop)], device)
-            t = cv.shift_timesteps(torch.sigmoid(torch.randn(B, n, generator=g)) * 1000, cfg.shift)
+            t = cv.shift_timesteps(torch.sigmoid(torch.randn(B, n, generator=g)) * 1000, cfg.shift).to(device)
             with autocast(device, training=True):
-                loss = cv.flow_matching_loss(model, x0.to(device), t.repeat_interleave(Fr // n, 1).to(device), text)
+                if objective == "teacher_forcing":  # one chunk per step, the same for the whole batch
+                    chunk = int(torch.randint(Fr // K, (1,), generator=g))
+                    loss = cv.teacher_forcing_loss(model, x0.to(device), t[:, 0], text, chunk, K)
+                else:
+                    loss = cv.flow_matching_loss(model, x0.to(device), t.repeat_interleave(Fr // n, 1), text)
             norm = optimizer_step(loss, opt, model.parameters(), cfg.grad_clip, lr_at(step, steps, lr, cfg.warmup))
             if ema:
                 ema.update(model)
@@ -768,6 +816,8 @@ def add_training_args(p):
                                      "with --model-dir the Wan directory itself)")
     p.add_argument("--teacher-steps", type=int, help="toy world: pre-train the teacher for this many steps if "
                                                      "there is none (default: the preset's teacher_train_steps)")
+    p.add_argument("--causal-teacher-steps", type=int, help="toy world, causal_ode_init: train the causal teacher "
+                   "for this many steps if the run has none (default: the one shipped in weights/)")
     p.add_argument("--pairs", type=int, help="number of ODE pairs (default: the preset's ode_pairs)")
     p.add_argument("--prompts", help="prompt file, one per line, for the ODE pairs (default: the 48 toy "
                                      "prompts; required for Wan)")
@@ -803,6 +853,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 # flags that set a Config field: (argparse dest, field)
 FLAG_FIELDS = [("batch_size", "batch_size"), ("teacher_steps", "teacher_train_steps"), ("pairs", "ode_pairs"),
+               ("causal_teacher_steps", "causal_teacher_steps"),
                ("ode_steps", "ode_steps"), ("dmd_steps", "dmd_steps")]
 
 
@@ -853,6 +904,19 @@ def teacher_path(args, run: str, cfg: cv.Config) -> str:
     if cfg.name == "tiny" and getattr(args, "teacher_steps", None) is None and os.path.exists(SHIPPED_TEACHER):
         return SHIPPED_TEACHER
     return own
+
+
+SHIPPED_CAUSAL_TEACHER = os.path.join(os.path.dirname(SHIPPED_TEACHER), "toy_causal_teacher.safetensors")
+
+
+def causal_teacher_path(args, run: str, cfg: cv.Config) -> str:
+    """Where causal_ode_init's causal teacher comes from: the run's causal_diffusion.safetensors; else, on
+    the toy world, the one shipped in weights/ -- unless --causal-teacher-steps asks for one trained into
+    the run."""
+    own = os.path.join(run, "causal_diffusion.safetensors")
+    if os.path.exists(own) or cfg.name != "tiny" or getattr(args, "causal_teacher_steps", None) is not None:
+        return own
+    return SHIPPED_CAUSAL_TEACHER if os.path.exists(SHIPPED_CAUSAL_TEACHER) else own
 
 
 def run_cli(main: Callable):

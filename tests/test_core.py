@@ -570,6 +570,75 @@ def test_dmd_loss_value_and_gradient_form():
     assert (g > 0).all()
 
 
+def test_dmd_timesteps_follow_their_shift():
+    """Alg. 1 line 8's t ~ U[0, 1000) shifted: dmd_shift 1 is uniform, a larger shift moves mass to high noise."""
+    torch.manual_seed(0)
+    for shift, median in [(1.0, 500.0), (3.0, 750.0), (8.0, 8000 / 9)]:  # shift_timesteps of the uniform median 500
+        t = cv.dmd_timesteps(20000, 3, shift, 0.0, 1000.0)
+        assert t.shape == (20000, 3) and (t == t[:, :1]).all()
+        assert abs(t[:, 0].median().item() - median) < 10, shift
+
+
+def test_dmd_diagnostics_read_what_dmd_sees():
+    """utils.dmd_diagnostics: the critic that knows the generator's distribution fits its samples
+    better than the teacher does (equal when the critic is the teacher); the gradient's RMS per chunk,
+    per student step it was made from, and over the chunks given clean."""
+    torch.manual_seed(0)
+    cfg, mu, a, teacher, gen, critic = dmd_gaussian_setup()
+    x0 = gen(torch.randn(4096, 2, 2, 1, 1)).detach()  # 2 frames, chunks of 1
+    grad = torch.ones_like(x0)
+    grad[:, 1] = 2.0
+    ts = torch.tensor([1000.0, 500.0])
+    t_in = torch.tensor([1000.0, 0.0]).expand(4096, 2)  # chunk 0 made from step 0, chunk 1 given clean
+    d = utils.dmd_diagnostics(x0, t_in, grad, teacher, critic, None, ts, chunk_size=1)
+    assert d["critic_fm"] < 0.9 * d["teacher_fm"]
+    assert d["grad_chunk0"] == pytest.approx(1.0) and d["grad_chunk1"] == pytest.approx(2.0)
+    assert d["grad_step0"] == pytest.approx(1.0) and d["grad_clean"] == pytest.approx(2.0)
+    assert math.isnan(d["grad_step1"])  # nothing was made from t = 500
+    same = utils.dmd_diagnostics(x0, t_in, grad, teacher, teacher, None, ts, chunk_size=1)
+    assert same["critic_fm"] == pytest.approx(same["teacher_fm"], rel=1e-6)
+
+
+def test_distance_from_the_initial_weights():
+    model = torch.nn.Linear(3, 2)
+    init = [p.detach().clone() for p in model.parameters()]
+    assert utils.distance_from(model, init) == 0.0
+    with torch.no_grad():
+        model.bias += torch.tensor([3.0, 4.0])
+    norm = math.sqrt(sum(float(p.pow(2).sum()) for p in init))
+    assert utils.distance_from(model, init) == pytest.approx(5.0 / norm, rel=1e-5)
+
+
+def test_teacher_forcing_loss_is_the_cached_samplers_step():
+    """Causal Forcing's objective: chunk c's flow-matching loss equals that of the model run on chunk c
+    over a KV cache filled with the clean chunks before it -- what sample_ode_causal runs -- and the
+    chunks after c never enter (changing them changes neither the loss nor its gradient)."""
+    cfg = small_config()
+    model = make_model(causal=True, cfg=cfg)
+    x0, _, text = inputs(cfg)
+    t, K = torch.tensor([300.0, 800.0]), cfg.chunk_size
+    for c in range(cfg.num_frames // K):
+        torch.manual_seed(c)
+        loss = cv.teacher_forcing_loss(model, x0, t, text, c, K)
+        torch.manual_seed(c)
+        eps = torch.randn_like(x0[:, :(c + 1) * K])[:, -K:]
+        cache = cv.KVCache()
+        if c:
+            cv.fill_cache(model, cache, x0[:, :c * K], text)
+        chunk, tc = x0[:, c * K:(c + 1) * K], t[:, None].expand(-1, K)
+        v = model(cv.add_noise(chunk, eps, tc), tc, text, cache=cache)
+        assert torch.allclose(loss, torch.nn.functional.mse_loss(v, eps - chunk), rtol=1e-5, atol=1e-7), c
+    later = x0.clone()
+    later[:, K:] = torch.randn_like(later[:, K:]) * 5  # everything after chunk 0
+    grads = []
+    for x in (x0, later):
+        model.zero_grad()
+        torch.manual_seed(0)
+        cv.teacher_forcing_loss(model, x, t, text, 0, K).backward()
+        grads.append(model.head.head.weight.grad.clone())
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+
+
 def test_critic_loss_trains_only_the_critic():
     cfg = small_config()
     critic = make_model(causal=False, cfg=cfg)
@@ -665,12 +734,13 @@ def test_clean_context_chunks_in_dmd_generator_input():
         seen.append((x_t, t))
         return weight * x_t
 
-    x0 = cv.generator_x0(generator, data, None, ts, K, clean_context=True)
+    x0, t_in = cv.generator_x0(generator, data, None, ts, K, clean_context=True)
     x_t, t = seen[-1]
     clean = t == 0
     assert 0.1 < clean.float().mean() < 0.3
     assert (t.view(B, Fr // K, K) == t.view(B, Fr // K, K)[..., :1]).all()  # per chunk
     assert torch.equal(x_t[clean], data[clean]) and torch.equal(x0[clean], data[clean])
+    assert torch.equal(t_in, t)  # it says which step each frame was made from
     assert not torch.equal(x_t[~clean], data[~clean])
     x0[clean].sum().backward()
     assert weight.grad == 0  # clean chunks pass no gradient to the generator

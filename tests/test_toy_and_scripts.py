@@ -1,6 +1,7 @@
 """The toy world follows shared/toy_world.md to the pixel, its scores mean what they say, and the
 three scripts run end to end with --tiny into a temporary directory."""
 
+import json
 import shutil
 
 import imageio.v2 as imageio
@@ -351,10 +352,11 @@ def test_ode_pairs_are_written_in_shards_resumed_and_read_lazily(fresh_run, tmp_
 
 def test_causal_ode_init_makes_its_pairs_with_the_causal_sampler(fresh_run):
     """--set causal_ode_init=true (Causal Forcing): a causal diffusion model is fine-tuned from the
-    teacher, its own chunk-by-chunk sampler makes the ODE pairs, and the student starts from its
-    weights; pairs of the bidirectional teacher are not reused."""
+    teacher (--causal-teacher-steps: in the run, by teacher forcing), its own chunk-by-chunk sampler
+    makes the ODE pairs, and the student starts from its weights; pairs of the bidirectional teacher
+    are not reused."""
     args = ["--tiny", "--run", str(fresh_run), "--batch-size", "2", "--device", "cpu", "--set", "warmup=1", "--steps", "1",
-            "--pairs", "2", "--set", "causal_ode_init=true", "--set", "causal_teacher_steps=2"]
+            "--pairs", "2", "--set", "causal_ode_init=true", "--causal-teacher-steps", "2"]
     with pytest.raises(cv.CausVidError, match="pairs of the trained teacher"):
         train_ode.main(args)
     shutil.rmtree(fresh_run / "ode_pairs")
@@ -370,6 +372,47 @@ def test_causal_ode_init_makes_its_pairs_with_the_causal_sampler(fresh_run):
     _, expected = cv.sample_ode_causal(causal, noise, utils.stack_text(emb, pairs.prompts, "cpu"), emb[""][None],
                                        cfg.teacher_guidance, cfg.teacher_steps, cfg.shift, keep=cfg.student_step_indices)
     assert torch.equal(pairs.get(range(2)), expected)  # the pairs are the causal sampler's trajectories
+
+
+def test_dmd_shift_critic_warmup_and_the_log(fresh_run, monkeypatch):
+    """--set dmd_shift=1 reaches DMD's t alone (the generator's steps stay the schedule's); --set
+    critic_warmup=3 runs 3 critic-only iterations before the first generator update, which leave the
+    generator where stage 1 left it; every log line, diagnostics included, goes to dmd_log.jsonl."""
+    shifts, steps, dmd_calls = [], [], []
+    dmd_t, make, loss = cv.dmd_timesteps, cv.generator_x0, cv.dmd_loss
+    monkeypatch.setattr(cv, "dmd_timesteps", lambda B, F, shift, *a: shifts.append(shift) or dmd_t(B, F, shift, *a))
+    monkeypatch.setattr(cv, "generator_x0", lambda g, x, text, ts, *a: steps.append(ts) or make(g, x, text, ts, *a))
+    monkeypatch.setattr(cv, "dmd_loss", lambda *a: dmd_calls.append(len(shifts)) or loss(*a))
+    train_dmd.main(["--tiny", "--run", str(fresh_run), "--steps", "2", "--batch-size", "2", "--device", "cpu",
+                    "--set", "dmd_shift=1", "--set", "critic_warmup=3", "--log-every", "1", "--sample-every", "100"])
+    assert shifts == [1.0] * 6  # 5 critic updates and 1 generator update, all at DMD's own shift
+    assert all(torch.equal(ts, cv.student_timesteps(cv.get_config("tiny"))) for ts in steps) and len(steps) == 5
+    assert dmd_calls == [4]  # the generator learns first at iteration 4 (3 warm-up + 1), once in 2 (ratio 5)
+    rows = [json.loads(line) for line in (fresh_run / "dmd_log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(r["distance"] == 0 for r in rows[:3]) and rows[3]["distance"] > 0  # the warm-up trains the critic alone
+    for key in ["critic_fm", "teacher_fm", "dmd", "gen_grad", "grad_chunk0", "grad_chunk3", "grad_clean"]:
+        assert key in rows[3] and key not in rows[0], key
+    assert all("critic" in r for r in rows)
+
+
+def test_self_forcings_optimiser_and_ema(fresh_run, monkeypatch):
+    """Self-Forcing's recipe as settings: --set dmd_beta1=0 reaches both optimisers; --set generator_ema=0.5
+    --set generator_ema_start=3 saves the EMA of the generator updates from iteration 3 on, started from
+    the weights of the update before it: here 0.5 (after update 1) + 0.5 (after update 2)."""
+    betas, adamw = [], utils.adamw
+    monkeypatch.setattr(utils, "adamw", lambda params, lr, device, b: betas.append(b) or adamw(params, lr, device, b))
+    args = ["--tiny", "--batch-size", "2", "--device", "cpu", "--sample-every", "100", "--ode",
+            str(fresh_run / "ode.safetensors"), "--set", "dmd_beta1=0"]
+    weights = {}
+    for name, extra in [("one", ["--steps", "1"]), ("two", ["--steps", "6"]),
+                        ("ema", ["--steps", "6", "--set", "generator_ema=0.5", "--set", "generator_ema_start=3"])]:
+        train_dmd.main(args + ["--run", str(fresh_run / name)] + extra)
+        weights[name] = utils.load_model(str(fresh_run / name / "dmd.safetensors")).state_dict()
+    assert betas == [(0.0, 0.999)] * 6
+    for key, w in weights["ema"].items():  # generator updates at iterations 0 and 5 (critic ratio 5)
+        assert torch.allclose(w, 0.5 * (weights["one"][key] + weights["two"][key]), atol=1e-6), key
+    assert not torch.equal(weights["one"]["head.head.weight"], weights["two"]["head.head.weight"])
 
 
 def test_train_dmd_with_self_forcing(fresh_run, monkeypatch):
