@@ -4,8 +4,9 @@ applications of Sec. 5.3-5.4 (image-to-video, video-to-video, dynamic prompting)
     python study.py --tiny --run runs/tiny      # after train_dmd.py --tiny
 
 Trains the baselines of Table 4 and Fig. 8 that are missing from the run (each is saved and reused):
-  causal_diffusion.safetensors  the teacher fine-tuned with the block-causal mask and an independent
-                                noise level per chunk (diffusion forcing, Sec. 4.2): a many-step
+  the causal teacher            causal_ode_init's: weights/toy_causal_teacher.safetensors, or with
+                                --causal-teacher-steps N <run>/causal_diffusion.safetensors, the teacher
+                                fine-tuned with the block-causal mask by teacher forcing: a many-step
                                 causal diffusion model, sampled chunk by chunk with CFG
   dmd_no_ode/dmd.safetensors    DMD with the generator initialised from the teacher, not from stage 1
   dmd_causal_teacher/dmd.safetensors   DMD with the causal diffusion model as the real score
@@ -17,6 +18,8 @@ where the error is made (docs/experiments.md).
 
 import argparse
 import dataclasses
+import glob
+import json
 import os
 import shutil
 import time
@@ -32,7 +35,7 @@ import utils
 from bench import attention_flops
 
 
-PARTS = ["train", "table4", "fig8", "table3", "apps", "onestep", "successors", "long"]
+PARTS = ["train", "table4", "fig8", "table3", "apps", "onestep", "successors", "long", "dmdlog"]
 
 
 def parse_args(argv=None):
@@ -40,7 +43,8 @@ def parse_args(argv=None):
                                                       formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--seeds", type=int, default=4, help="samples per prompt for Table 4 (default: 4)")
     p.add_argument("--long-frames", type=int, default=48, help="frames of the Fig. 8 videos (default: 48)")
-    p.add_argument("--causal-steps", type=int, help="diffusion-forcing fine-tuning steps (default: causal_teacher_steps)")
+    p.add_argument("--causal-teacher-steps", type=int, help="train the causal teacher into the run for this many "
+                   "steps (default: the run's, else the one shipped in weights/)")
     p.add_argument("--dmd-steps", type=int, help="DMD iterations of the two ablation runs (default: the preset's)")
     p.add_argument("--only", choices=PARTS, action="append", help="run only these parts (repeatable; default: all)")
     p.add_argument("--teacher", help="the bidirectional teacher (default: <run>/teacher.safetensors, else the shipped one)")
@@ -58,17 +62,16 @@ def parse_args(argv=None):
 
 
 def train_missing(args, cfg, device, run, teacher):
-    """The causal diffusion model (diffusion forcing: the teacher fine-tuned with the block mask and
-    one noise level per chunk, by the one flow-matching loop) and the two DMD ablations."""
+    """The causal diffusion model (causal_ode_init's teacher: the run's, the shipped one, or one trained
+    here by teacher forcing) and the two DMD ablations."""
     ode = os.path.join(run, "ode.safetensors")
     for path in (teacher, ode):
         if not os.path.exists(path):
             raise cv.CausVidError(f"{path!r} not found; run `python train_dmd.py --tiny --run {run}` first")
-    causal = os.path.join(run, "causal_diffusion.safetensors")
+    causal = utils.causal_teacher_path(args, run, cfg)
     if not os.path.exists(causal):  # the same model as causal_ode_init's teacher
         torch.manual_seed(args.seed)
-        steps = dataclasses.replace(cfg, causal_teacher_steps=args.causal_steps or cfg.causal_teacher_steps)
-        train_ode.get_causal_teacher(args, steps, utils.load_model(teacher, device=device), utils.load_text_encoder(teacher),
+        train_ode.get_causal_teacher(args, cfg, utils.load_model(teacher, device=device), utils.load_text_encoder(teacher),
                                      device, run)
     common = ["--tiny", "--seed", str(args.seed), "--save-every", str(args.save_every)] + ["--resume"] * args.resume
     common += [a for item in args.set for a in ("--set", item)]
@@ -85,10 +88,10 @@ def train_missing(args, cfg, device, run, teacher):
 # ---------------------------------------------------------------------------------------------
 
 
-def models(teacher):
+def models(teacher, causal):
     """(label, checkpoint (relative to the run), how it samples) for every row of Table 4."""
     return [("bidirectional teacher (Euler + CFG)", teacher, "teacher"),
-            ("causal diffusion model (diffusion forcing, Euler + CFG)", "causal_diffusion.safetensors", "causal"),
+            ("causal diffusion model (teacher forcing, Euler + CFG)", causal, "causal"),
             ("4-step student, ODE init only", "ode.safetensors", "student"),
             ("DMD without ODE init", "dmd_no_ode/dmd.safetensors", "student"),
             ("DMD with the causal teacher", "dmd_causal_teacher/dmd.safetensors", "student"),
@@ -129,11 +132,11 @@ def table(header, rows):
 # ---------------------------------------------------------------------------------------------
 
 
-def table4(run, teacher, cfg, device, seeds, seed, report, base):
+def table4(run, teacher, causal, cfg, device, seeds, seed, report, base):
     prompts = [p for p in base for _ in range(seeds)]
     rows, grid = [], {}
     header = ["model", "best-fit PSNR (dB)", "prompt accuracy", "diversity", "steady motion", "forward passes", "CPU s"]
-    for label, ckpt, kind in models(teacher):
+    for label, ckpt, kind in models(teacher, causal):
         model, text, uncond = load(run, ckpt, kind, device, prompts)
         frames, _, seconds = sample(model, kind, text, uncond, cfg, cfg.num_frames, seed, device)
         s = toy.score_toy(frames, prompts)
@@ -162,9 +165,9 @@ def long_videos(model, kind, text, uncond, cfg, frames, seed, device):
     return video
 
 
-def fig8(run, cfg, device, frames, seed, report, prompts):
+def fig8(run, causal, cfg, device, frames, seed, report, prompts):
     rows, curves = [], {}
-    for label, ckpt, kind in models(None)[1:]:  # the causal models
+    for label, ckpt, kind in models(None, causal)[1:]:  # the causal models
         model, text, uncond = load(run, ckpt, kind, device, prompts)
         video = long_videos(model, kind, text, uncond, cfg, frames, seed, device)
         w = toy.window_psnr(video, prompts, cfg.num_frames).mean(0)
@@ -459,6 +462,50 @@ def long_video(run, cfg, device, seed, frames, report, prompts):
                          "CPU ms per frame and video", "slowest chunk / median chunk"], rows))
 
 
+# ---------------------------------------------------------------------------------------------
+# What DMD saw (train_dmd.py's dmd_log.jsonl)
+# ---------------------------------------------------------------------------------------------
+
+
+def dmd_logs(run, report):
+    """A table (about ten rows) and a chart, study/dmd_log_<name>.png, of every DMD run under `run`
+    (its own dmd_log.jsonl and its subdirectories'): the critic's and the teacher's flow-matching loss
+    on the generator's samples, DMD's gradient per chunk and per student step, the distance moved."""
+    paths = sorted(glob.glob(os.path.join(run, "dmd_log.jsonl")) + glob.glob(os.path.join(run, "*", "dmd_log.jsonl")))
+    if not paths:
+        raise cv.CausVidError(f"no dmd_log.jsonl in {run!r} or its subdirectories; run train_dmd.py first")
+    for path in paths:
+        rows = [r for r in map(json.loads, open(path)) if "critic_fm" in r]  # the lines with a generator update
+        if not rows:
+            continue
+        name = os.path.relpath(os.path.dirname(path), run).replace(os.sep, "_").replace(".", "run")
+        keys = [k for k in rows[0] if k in ("critic_fm", "teacher_fm", "distance") or k.startswith("grad_")]
+        report.append(f"\n### What DMD saw: {os.path.relpath(path)} (flow-matching losses on the generator's samples, "
+                      "RMS of DMD's gradient, distance from the stage-1 weights)\n")
+        every = max(1, len(rows) // 10)
+        report.append(table(["iteration"] + keys, [[r["iteration"]] + [f"{r[k]:.4g}" for k in keys]
+                                                   for r in rows[every - 1::every]]))
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            continue
+        fig, axes = plt.subplots(1, 4, figsize=(14, 3))
+        panels = [("flow-matching loss", ("critic_fm", "teacher_fm")), ("gradient RMS per chunk", "grad_chunk"),
+                  ("gradient RMS per student step", "grad_step"), ("distance from stage 1", ("distance",))]
+        for ax, (title, which) in zip(axes, panels):
+            for k in [k for k in keys if (k in which if isinstance(which, tuple) else k.startswith(which))]:
+                ax.plot([r["iteration"] for r in rows], [r[k] for r in rows], label=k)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("iteration")
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(os.path.join(run, "study", f"dmd_log_{name}.png"), dpi=110)
+        plt.close(fig)
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg, device, run = utils.resolve(args)
@@ -467,15 +514,15 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     parts = args.only or PARTS
     utils.writable_dir(os.path.join(run, "study"), "--run")
-    teacher = utils.teacher_path(args, run, cfg)
+    teacher, causal = utils.teacher_path(args, run, cfg), utils.causal_teacher_path(args, run, cfg)
     if "train" in parts and ({"table4", "fig8"} & set(parts) or parts == ["train"]):  # the baselines they compare
         train_missing(args, cfg, device, run, teacher)
     report = [f"## Toy-world study (`python study.py --tiny --run {run}`)\n"]
     prompts = toy.PROMPTS[:args.num_prompts]
     if "table4" in parts:
-        table4(run, teacher, cfg, device, args.seeds, args.seed, report, prompts)
+        table4(run, teacher, causal, cfg, device, args.seeds, args.seed, report, prompts)
     if "fig8" in parts:
-        fig8(run, cfg, device, args.long_frames, args.seed, report, prompts)
+        fig8(run, causal, cfg, device, args.long_frames, args.seed, report, prompts)
     if "table3" in parts:
         table3(run, teacher, cfg, device, args.seed, report)
     if "apps" in parts:
@@ -486,6 +533,8 @@ def main(argv=None):
         successors(args, run, cfg, device, report, prompts)
     if "long" in parts:
         long_video(run, cfg, device, args.seed, args.long_video, report, prompts)
+    if "dmdlog" in parts:
+        dmd_logs(run, report)
     text = "\n".join(report) + "\n"
     name = "results.md" if args.only is None else f"results_{'_'.join(parts)}.md"
     with open(os.path.join(run, "study", name), "w") as f:

@@ -9,16 +9,14 @@ Generator inputs are data clips noised per chunk to random steps of T = {0, t1..
 time-scale update rule). With --tiny and no stage-1 checkpoint, stage 1 (train_ode.py) runs first,
 so this one command trains everything.
 
-Writes <run>/dmd.safetensors, <run>/dmd_log.jsonl (every log line's means and the diagnostics of
-utils.dmd_diagnostics, one JSON object per line) and, on the toy world, <run>/dmd_samples_<iteration>.gif
-every --sample-every.
+Writes <run>/dmd.safetensors, <run>/dmd_log.jsonl (each log line's means, utils.dmd_diagnostics's
+included) and on the toy world <run>/dmd_samples_<iteration>.gif every --sample-every.
 """
 
 import argparse
 import collections
 import copy
 import dataclasses
-import json
 import os
 import time
 
@@ -43,6 +41,8 @@ def parse_args(argv=None):
                                  "a teacher checkpoint here is 'DMD without ODE init'")
     p.add_argument("--ode-steps", type=int, help="stage-1 regression steps, if stage 1 runs first (default: the preset's)")
     p.add_argument("--sample-every", type=int, default=500, help="iterations between sample GIFs (default: 500)")
+    p.add_argument("--checkpoint-every", type=int, help="also keep the generator every N iterations as "
+                                                        "<run>/dmd_<iteration>.safetensors (a length curve)")
     p.set_defaults(log_every=50)
     return p.parse_args(argv)
 
@@ -147,14 +147,13 @@ def main(argv=None):
     generator, critic = utils.shard(generator), utils.shard(critic)  # under torchrun: split over the ranks
     real = utils.shard(real) if real is teacher else real  # the frozen teacher too
 
-    betas = (cfg.dmd_beta1, 0.999)
-    opt_g = utils.adamw(generator.parameters(), cfg.lr_generator, device, betas)
-    opt_c = utils.adamw(critic.parameters(), cfg.lr_critic, device, betas)
+    opt_g, opt_c = (utils.adamw(model.parameters(), lr, device, (cfg.dmd_beta1, 0.999))
+                    for model, lr in ((generator, cfg.lr_generator), (critic, cfg.lr_critic)))
     ema = utils.EMA(generator, cfg.generator_ema) if cfg.generator_ema else None  # Self-Forcing's recipe
     timesteps, t0 = cv.student_timesteps(cfg).to(device), time.time()
     streams = utils.Streams(args.seed + 2, cfg.accumulate)
-    init = [(p.to_local() if hasattr(p, "to_local") else p).detach().float().cpu().clone() for p in generator.parameters()]
-    total, logs, log_path = cfg.critic_warmup + cfg.dmd_steps, collections.defaultdict(list), os.path.join(run, "dmd_log.jsonl")
+    init, logs = utils.local_parameters(generator), collections.defaultdict(list)  # init: to log how far G moves
+    total, log_path = cfg.critic_warmup + cfg.dmd_steps, os.path.join(run, "dmd_log.jsonl")
 
     def micro_batch(g):
         x_data, prompts = data(g)
@@ -174,12 +173,11 @@ def main(argv=None):
                 logs[k].append(v)
             if (it + 1) % args.log_every == 0 or it + 1 == total:  # the means since the last log line
                 row = {k: float(torch.tensor(v, dtype=torch.float64).nanmean()) for k, v in logs.items()}
-                row["distance"] = utils.distance_from(generator, init)  # from the stage-1 weights
                 logs.clear()
-                utils.log("dmd", it + 1, total, t0, **{k: row[k] for k in LOGGED if k in row})
-                if utils.rank() == 0:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"iteration": it + 1, "seconds": round(time.time() - t0, 1), **row}) + "\n")
+                utils.log("dmd", it + 1, total, t0, log_path, LOGGED, **row, distance=utils.distance_from(generator, init))
+            if args.checkpoint_every and (it + 1) % args.checkpoint_every == 0 and it + 1 < total:
+                utils.save_model(os.path.join(run, f"dmd_{it + 1:06d}.safetensors"), generator, text_encoder,
+                                 stage="dmd", steps=it + 1, run_config=dataclasses.asdict(cfg))
             if cfg.name == "tiny" and ((it + 1) % args.sample_every == 0 or it + 1 == total):
                 path = os.path.join(run, f"dmd_samples_{it + 1:06d}.gif")
                 prompts = toy.PROMPTS[::6]  # a few streamed samples, to watch training progress

@@ -569,10 +569,14 @@ class TrainLoop:
         return False
 
 
-def log(stage: str, step: int, total: int, t0: float, **values):
-    """One line per log step: `ode step 100/600 | loss 0.031 | grad_norm 0.4 | 48 s`."""
-    items = " | ".join(f"{k} {v:.4g}" for k, v in values.items())
+def log(stage: str, step: int, total: int, t0: float, record: str | None = None, shown=None, **values):
+    """One line per log step: `ode step 100/600 | loss 0.031 | grad_norm 0.4 | 48 s`, of the values
+    named in `shown` (default: all); record: a file to which all of them go as one JSON line."""
+    items = " | ".join(f"{k} {v:.4g}" for k, v in values.items() if shown is None or k in shown)
     tqdm.write(f"{stage} step {step}/{total} | {items} | {time.time() - t0:.0f} s")
+    if record and rank() == 0:
+        with open(record, "a") as f:
+            f.write(json.dumps({"iteration": step, "seconds": round(time.time() - t0, 1), **values}) + "\n")
 
 
 @torch.no_grad()
@@ -598,11 +602,16 @@ def dmd_diagnostics(x0, t_in, grad, real, critic, text, timesteps, chunk_size: i
     return out
 
 
-def distance_from(model, init: list[torch.Tensor]) -> float:
-    """||phi - phi_init|| / ||phi_init||: how far the generator has moved from its stage-1 weights
-    (init: CPU copies of its parameters, or of this rank's shards of them)."""
-    local = lambda p: (p.to_local() if hasattr(p, "to_local") else p).detach().float().cpu()
-    moved = sum(float((local(p) - p0).pow(2).sum()) for p, p0 in zip(model.parameters(), init))
+def local_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """fp32 CPU copies of the model's parameters (under FSDP2: of this rank's shards)."""
+    return [(p.to_local() if hasattr(p, "to_local") else p).detach().to("cpu", torch.float32, copy=True)
+            for p in model.parameters()]
+
+
+def distance_from(model: nn.Module, init: list[torch.Tensor]) -> float:
+    """||phi - phi_init|| / ||phi_init||: how far the generator has moved from init = local_parameters(it)
+    taken at the start (its stage-1 weights)."""
+    moved = sum(float((p - p0).pow(2).sum()) for p, p0 in zip(local_parameters(model), init))
     return math.sqrt(mean_over_ranks(moved) / mean_over_ranks(sum(float(p0.pow(2).sum()) for p0 in init)))
 
 

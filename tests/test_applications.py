@@ -104,15 +104,15 @@ def test_the_study_runs_end_to_end(run_dir, tmp_path):
         shutil.copy(run_dir / f"{name}.safetensors", tmp_path / f"{name}.safetensors")
     shutil.copytree(run_dir / "ode_pairs", tmp_path / "ode_pairs")
     text = study.main(["--tiny", "--run", str(tmp_path), "--device", "cpu", "--seeds", "2", "--num-prompts", "8",
-                       "--causal-steps", "2", "--dmd-steps", "2", "--long-frames", "24", "--batch-size", "2",
+                       "--causal-teacher-steps", "2", "--dmd-steps", "2", "--long-frames", "24", "--batch-size", "2",
                        "--long-video", "36", "--set", "ode_pairs=3", "--set", "ode_steps=2", "--set", "warmup=1"])
     for name in ["causal_diffusion.safetensors", "dmd_no_ode/dmd.safetensors", "dmd_causal_teacher/dmd.safetensors",
                  "study/results.md", "study/teacher_vs_causvid.gif", "self_forcing/dmd.safetensors",
                  "causal_init/ode_pairs", "causal_init/dmd.safetensors", "causal_init_self_forcing/dmd.safetensors",
-                 "study/heldout_pairs"]:
+                 "study/heldout_pairs", "study/dmd_log_dmd_no_ode.png", "study/dmd_log_causal_init.png"]:
         assert (tmp_path / name).exists(), name
     for heading in ["Table 4", "Fig. 8", "Table 3", "Image-to-video", "Video-to-video", "Dynamic prompting",
-                    "Long video", "successors", "rolling cache, sink 3", "One student step"]:
+                    "Long video", "successors", "rolling cache, sink 3", "One student step", "What DMD saw"]:
         assert heading in text
     assert text.count("| held-out (3) |") == 3 * 4  # three models x four student steps, on three new pairs
     assert utils.ODEPairs(str(tmp_path / "causal_init" / "ode_pairs")).teachers == {"causal"}

@@ -601,7 +601,7 @@ def test_dmd_diagnostics_read_what_dmd_sees():
 
 def test_distance_from_the_initial_weights():
     model = torch.nn.Linear(3, 2)
-    init = [p.detach().clone() for p in model.parameters()]
+    init = utils.local_parameters(model)
     assert utils.distance_from(model, init) == 0.0
     with torch.no_grad():
         model.bias += torch.tensor([3.0, 4.0])

@@ -377,14 +377,16 @@ def test_causal_ode_init_makes_its_pairs_with_the_causal_sampler(fresh_run):
 def test_dmd_shift_critic_warmup_and_the_log(fresh_run, monkeypatch):
     """--set dmd_shift=1 reaches DMD's t alone (the generator's steps stay the schedule's); --set
     critic_warmup=3 runs 3 critic-only iterations before the first generator update, which leave the
-    generator where stage 1 left it; every log line, diagnostics included, goes to dmd_log.jsonl."""
+    generator where stage 1 left it; every log line, diagnostics included, goes to dmd_log.jsonl;
+    --checkpoint-every keeps the generator along the way."""
     shifts, steps, dmd_calls = [], [], []
     dmd_t, make, loss = cv.dmd_timesteps, cv.generator_x0, cv.dmd_loss
     monkeypatch.setattr(cv, "dmd_timesteps", lambda B, F, shift, *a: shifts.append(shift) or dmd_t(B, F, shift, *a))
     monkeypatch.setattr(cv, "generator_x0", lambda g, x, text, ts, *a: steps.append(ts) or make(g, x, text, ts, *a))
     monkeypatch.setattr(cv, "dmd_loss", lambda *a: dmd_calls.append(len(shifts)) or loss(*a))
     train_dmd.main(["--tiny", "--run", str(fresh_run), "--steps", "2", "--batch-size", "2", "--device", "cpu",
-                    "--set", "dmd_shift=1", "--set", "critic_warmup=3", "--log-every", "1", "--sample-every", "100"])
+                    "--set", "dmd_shift=1", "--set", "critic_warmup=3", "--log-every", "1", "--sample-every", "100",
+                    "--checkpoint-every", "2"])
     assert shifts == [1.0] * 6  # 5 critic updates and 1 generator update, all at DMD's own shift
     assert all(torch.equal(ts, cv.student_timesteps(cv.get_config("tiny"))) for ts in steps) and len(steps) == 5
     assert dmd_calls == [4]  # the generator learns first at iteration 4 (3 warm-up + 1), once in 2 (ratio 5)
@@ -394,6 +396,9 @@ def test_dmd_shift_critic_warmup_and_the_log(fresh_run, monkeypatch):
     for key in ["critic_fm", "teacher_fm", "dmd", "gen_grad", "grad_chunk0", "grad_chunk3", "grad_clean"]:
         assert key in rows[3] and key not in rows[0], key
     assert all("critic" in r for r in rows)
+    kept = sorted(p.name for p in fresh_run.glob("dmd_0*.safetensors"))  # --checkpoint-every 2: a length curve
+    assert kept == ["dmd_000002.safetensors", "dmd_000004.safetensors"]
+    assert utils.load_checkpoint(str(fresh_run / kept[1]), keep=lambda k: False)[2]["steps"] == 4
 
 
 def test_self_forcings_optimiser_and_ema(fresh_run, monkeypatch):
