@@ -7,7 +7,7 @@ The method, in the order this file defines it: 1. config and presets; 2. flow ma
 3-5. the DiT (Wan2.1's architecture, so official weights load), the block-causal mask (Sec. 4.1,
 Eq. 5) and the KV cache; 6. streaming generation (Sec. 4.4, Alg. 2); 7. ODE initialisation (Sec. 4.3,
 Eq. 6); 8. asymmetric distribution matching distillation (Sec. 3.2, 4.2, Eq. 4, Alg. 1), and the
-successors' options (Self-Forcing's rollout, Causal Forcing's pairs, a rolling cache with a sink).
+successors' options (Self-Forcing's rollout, Causal Forcing's teacher and pairs, a rolling cache).
 
 Shape letters: B batch, F frames, C channels, H height, W width (of the latent frame), N tokens
 per frame, S tokens in a sequence, L text tokens, D model width, K frames per chunk, Q student steps.
@@ -163,11 +163,6 @@ def velocity_to_x0(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch
     return x_t - _s(t, x_t) * v
 
 
-def x0_to_velocity(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Inverse of velocity_to_x0 (undefined at t = 0)."""
-    return (x_t - x0) / _s(t, x_t)
-
-
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     """Wan's timestep shift: a larger shift spends more of the schedule at high noise."""
     s = t / 1000
@@ -181,7 +176,6 @@ def sampling_schedule(steps: int, shift: float) -> torch.Tensor:
 
 def student_timesteps(cfg: Config) -> torch.Tensor:
     """The student's few steps (Alg. 1's T without 0, Alg. 2's t_Q..t_1), high noise first, float32.
-
     They are picked from the teacher's shifted schedule by index -- the official [0, 36, 44] of 50 steps
     with shift 8 gives t = [1000, 757, 522] (official #53) -- so every student timestep is a point the
     teacher's ODE trajectory passes through and the ODE pairs need no interpolation."""
@@ -210,7 +204,6 @@ def guided_velocity(model: Callable, x, t, text, uncond, guidance: float) -> tor
 @torch.no_grad()
 def sample_ode(model: Callable, noise, text, uncond=None, guidance=1.0, steps=50, shift=1.0, keep=()):
     """Euler integration of the probability-flow ODE dx/ds = v from s = 1 (noise) to s = 0.
-
     keep: indices into the schedule at which to record the state (the ODE pairs of Sec. 4.3).
     Returns x0 (B, F, C, H, W) and the kept states followed by x0, stacked along dim 1."""
     ts = torch.cat([sampling_schedule(steps, shift), torch.zeros(1, dtype=torch.float64)])
@@ -282,7 +275,6 @@ def gate(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def block_causal_mask(num_frames: int, chunk_size: int, tokens_per_frame: int = 1, device=None,
                       cached_frames: int = 0) -> torch.Tensor:
     """Eq. 5: frame i may attend to frame j iff floor(j / k) <= floor(i / k).
-
     Bidirectional inside a chunk, causal across chunks. Returns a boolean (S, S_all) mask, True =
     attend, rows are queries, S = num_frames * tokens_per_frame; cached_frames earlier frames (a KV
     cache) come first in the columns and are seen by every query."""
@@ -512,7 +504,6 @@ class DiT(nn.Module):
 
     def forward(self, x, t, text, cache: KVCache | None = None, write_cache: bool = False):
         """The velocity v = eps - x0 of x_t.
-
         x (B, F, C, H, W) noisy frames; t (B, F) their timesteps; text (B, L, D_text).
         cache=None: the frames are a whole clip; the student masks attention block-causally (Eq. 5).
         cache given: the frames continue the cached context and attend to it plus themselves
@@ -712,16 +703,13 @@ def ode_regression_loss(student: Callable, trajectory: torch.Tensor, text, times
 
 
 def teacher_forcing_loss(model: Callable, x0: torch.Tensor, t: torch.Tensor, text, chunk: int, chunk_size: int):
-    """Causal Forcing's causal teacher (Zhu et al., arXiv 2602.02214; thu-ml/Causal-Forcing,
-    `teacher_forcing: true`): flow matching (Eq. 2) of a block-causal model on chunk `chunk` of x0
-    (B, F, C, H, W) at t (B,), after the clean chunks before it at t = 0 -- exactly what its sampler's
-    KV cache holds (sample_ode_causal) -- and nothing after it. Its ODE pairs then give every chunk a
-    target fixed by that chunk's own noise and its past, which a causal student can regress onto.
-    (Causal Forcing packs [clean clip; noisy clip] in one masked sequence to train every chunk at once;
-    one chunk per call is the same objective, and needs no second mask.)"""
+    """Causal Forcing's causal teacher (Zhu et al., arXiv 2602.02214; thu-ml/Causal-Forcing, teacher
+    forcing): Eq. 2 for a block-causal model on chunk `chunk` of x0 (B, F, C, H, W) at t (B,), after the
+    clean chunks before it at t = 0 -- what its sampler's KV cache holds (sample_ode_causal) -- with
+    nothing after it. So every chunk's ODE target is set by its own noise and its past alone. (Causal
+    Forcing packs [clean clip; noisy clip] in one masked sequence; one chunk per call is the same loss.)"""
     x0 = x0[:, :(chunk + 1) * chunk_size]  # the chunks after `chunk` never enter
-    t_all = torch.zeros(x0.shape[:2], device=x0.device, dtype=t.dtype)
-    t_all[:, -chunk_size:] = t[:, None]
+    t_all = torch.cat([t.new_zeros(len(t), chunk * chunk_size), t[:, None].expand(-1, chunk_size)], 1)
     eps = torch.randn_like(x0)
     v = model(add_noise(x0, eps, t_all), t_all, text)[:, -chunk_size:]
     return F.mse_loss(v.float(), (eps - x0)[:, -chunk_size:].float())
@@ -734,10 +722,9 @@ def teacher_forcing_loss(model: Callable, x0: torch.Tensor, t: torch.Tensor, tex
 
 def generator_x0(generator: Callable, x0_data: torch.Tensor, text, timesteps: torch.Tensor, chunk_size: int,
                  clean_context: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Alg. 1 lines 4-7: noise each chunk of a data clip to its own random step of T and let the
-    block-causal student predict the clean clip -> (x0_hat (B, F, C, H, W) with grad, the steps t (B, F)
-    it started from). A chunk drawn at t = 0 (clean_context) is the data chunk itself: context for the
-    chunks after it, no gradient."""
+    """Alg. 1 lines 4-7: noise each chunk of a data clip to its own random step of T; the block-causal
+    student predicts the clean clip -> (x0_hat (B, F, C, H, W) with grad, each frame's step t (B, F)). A
+    chunk drawn at t = 0 (clean_context) is the data chunk itself: context, no gradient."""
     B, Fr = x0_data.shape[:2]
     ts = timesteps.to(x0_data.device)
     ts = with_clean_step(ts) if clean_context else ts
@@ -760,12 +747,10 @@ def backward_simulation(generator: DiT, noise, text, timesteps, rng: torch.Gener
 
 def self_forcing_rollout(generator: DiT, noise, text, timesteps, rng: torch.Generator | None = None,
                          step: int | None = None) -> torch.Tensor:
-    """Self-Forcing (Huang et al., arXiv 2506.08009; guandeh17/Self-Forcing, self_forcing_training.py):
-    DMD's generator input is the student's own Alg. 2 rollout from noise, KV cache included, exactly as
-    at inference. One student step s is drawn per call, shared by all chunks: each chunk runs steps
-    0..s-1 without gradient and step s with it, and its x0 there is the chunk's output, which is then
-    written to the cache at t = 0 without gradient. -> the clip (B, F, C, H, W), with gradient through
-    step s of every chunk and nowhere else."""
+    """Self-Forcing (Huang et al., arXiv 2506.08009; guandeh17/Self-Forcing): DMD's generator input is
+    the student's own Alg. 2 rollout from noise, KV cache included, as at inference. One student step s
+    is drawn per call for all chunks: each runs steps 0..s-1 without gradient and step s with it, and its
+    x0 there is its output, cached at t = 0 without gradient. -> the clip (B, F, C, H, W)."""
     s = int(torch.randint(len(timesteps), (1,), generator=rng)) if step is None else step
     cache, chunks = KVCache(), []
     for x in noise.split(generator.cfg.chunk_size, dim=1):
@@ -778,9 +763,8 @@ def self_forcing_rollout(generator: DiT, noise, text, timesteps, rng: torch.Gene
     return torch.cat(chunks, 1)
 
 
-def dmd_timesteps(B: int, num_frames: int, shift: float, t_min: float = 20.0, t_max: float = 980.0,
-                  device=None) -> torch.Tensor:
-    """Alg. 1 line 8: one t per sample for the whole clip, t ~ U[0, 1000) shifted like the schedule and
+def dmd_timesteps(B: int, num_frames: int, shift: float, t_min=20.0, t_max=980.0, device=None) -> torch.Tensor:
+    """Alg. 1 line 8: one t per sample for the whole clip, t ~ U[0, 1000) shifted (cfg.dmd_shift) and
     clamped to [t_min, t_max] (near the ends real and fake scores barely differ) -> (B, F)."""
     t = shift_timesteps(torch.rand(B, device=device) * 1000, shift).clamp(t_min, t_max)
     return t[:, None].expand(B, num_frames)

@@ -16,9 +16,8 @@ Modes (all through the one streaming loop, causvid.stream_generate):
   long videos        --num-frames N, any multiple of the chunk size; the cache keeps a --window of
                      frames (default: the training length) and re-encodes at positions from 0, or
                      with --set sink=N keeps the first N frames in a rolling cache (Wan's default)
---teacher samples the bidirectional teacher instead (Euler with CFG, the whole clip at once), or with
---ckpt a causal teacher (causal_ode_init's; Euler with CFG chunk by chunk over the KV cache);
---no-cache recomputes the past at every step instead of using the cache (Table 3's baseline).
+--teacher samples the teacher (Euler + CFG; a causal one, --ckpt, chunk by chunk); --no-cache recomputes
+the past at every step instead of using the cache (Table 3's baseline).
 """
 
 import argparse
@@ -134,8 +133,7 @@ def main(argv=None):
     start = student_start(cfg, args.strength) if args.video else 0
     image = utils.read_frames(args.image, cfg.height, cfg.width)[0, :1] if args.image else None  # (1, H, W, 3)
     out = utils.writable_dir(args.out or run, "--out")
-
-    model = utils.load_model(path, causal=None if args.teacher else True, device=device, expect=cfg)  # a teacher keeps its role
+    model = utils.load_model(path, causal=None if args.teacher else True, device=device, expect=cfg)  # teachers: their role
     kind = "student" if not args.teacher else "causal" if model.causal and not args.exact_teacher else "teacher"
     model = utils.prepare_for_inference(model, device, {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype),
                                         args.compile)
@@ -163,8 +161,8 @@ def main(argv=None):
     prompts = [p for p in base for _ in range(args.samples_per_prompt)]
     mode = ("image-to-video" if args.image else f"video-to-video from t = {cv.student_timesteps(cfg)[start]:.0f}"
             if args.video else "text-to-video") + (f", prompt switches {switches}" if switches else "")
-    role = {"student": "causal student", "causal": "causal teacher, chunk by chunk",
-            "teacher": "exact toy teacher" if args.exact_teacher else "bidirectional teacher"}[kind]
+    role = {"student": "causal student", "causal": "causal teacher", "teacher": "bidirectional teacher"}[kind]
+    role = "exact toy teacher" if args.exact_teacher else role
     print(f"model: {path} ({role}), {len(prompts)} videos of {num_frames} frames, {mode}, "
           f"window {window or 'unbounded'}, device {device}")
 

@@ -632,6 +632,9 @@ def train_flow_matching(model: cv.DiT, text_encoder, cfg: cv.Config, path: str, 
       "diffusion_forcing"  block-causal, one t per chunk: Table 4's causal diffusion baseline;
       "teacher_forcing"    block-causal, one noisy chunk after clean ones (cv.teacher_forcing_loss):
                            Causal Forcing's causal teacher, the one whose pairs causal_ode_init uses.
+                           Chunk c is drawn with probability proportional to 1 / (c + 1): every chunk
+                           gets the same share of the compute, and chunk 0 -- no context, the
+                           prompt alone sets its motion -- about half of the steps.
     Shifted logit-normal timesteps; cfg_dropout empty prompts, so CFG works; warm-up + cosine learning
     rate. Trains `model` in place and saves it (EMA weights if any) to `path`."""
     if objective not in ("clip", "diffusion_forcing", "teacher_forcing"):
@@ -653,8 +656,8 @@ def train_flow_matching(model: cv.DiT, text_encoder, cfg: cv.Config, path: str, 
             text = stack_text(emb, ["" if d else p for p, d in zip(prompts, drop)], device)
             t = cv.shift_timesteps(torch.sigmoid(torch.randn(B, n, generator=g)) * 1000, cfg.shift).to(device)
             with autocast(device, training=True):
-                if objective == "teacher_forcing":  # one chunk per step, the same for the whole batch
-                    chunk = int(torch.randint(Fr // K, (1,), generator=g))
+                if objective == "teacher_forcing":  # one chunk per step; chunk c costs c + 1 chunks' compute, so
+                    chunk = int(torch.multinomial(1 / torch.arange(1.0, Fr // K + 1), 1, generator=g))  # P ~ 1/(c+1)
                     loss = cv.teacher_forcing_loss(model, x0.to(device), t[:, 0], text, chunk, K)
                 else:
                     loss = cv.flow_matching_loss(model, x0.to(device), t.repeat_interleave(Fr // n, 1), text)

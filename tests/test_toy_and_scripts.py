@@ -462,3 +462,25 @@ def test_training_starts_from_the_shipped_teacher(tmp_path, capsys):
     own = tmp_path / "own"
     train_ode.main(args[:2] + [str(own)] + args[3:] + ["--teacher-steps", "2"])
     assert "pre-training the toy teacher" in capsys.readouterr().out and (own / "teacher.safetensors").exists()
+
+
+def test_the_shipped_causal_teacher_loads_and_scores(tmp_path):
+    """weights/toy_causal_teacher.safetensors (weights/README.md) is causal_ode_init's teacher when a run
+    has none: the shipped teacher fine-tuned with the block mask by teacher forcing. Sampled chunk by
+    chunk over its KV cache (sample.py --teacher --ckpt), it is a good causal teacher."""
+    _, cfg, meta = utils.load_checkpoint(utils.SHIPPED_CAUSAL_TEACHER, keep=lambda k: False)
+    assert meta["causal"] and meta["stage"] == "causal teacher" and meta["steps"] == cv.get_config("tiny").causal_teacher_steps
+    args = ["--tiny", "--run", str(tmp_path), "--teacher", "--ckpt", utils.SHIPPED_CAUSAL_TEACHER, "--seed", "0"]
+    score = sample.main(args + [x for p in SHIPPED_PROMPTS for x in ("--prompt", p)])
+    assert score["prompt_accuracy"] >= CAUSAL_FLOOR[0] and score["best_fit_psnr"] > CAUSAL_FLOOR[1] \
+        and score["steady_motion"] > CAUSAL_FLOOR[2], score
+
+
+def test_causal_ode_init_starts_from_the_shipped_causal_teacher(tmp_path, capsys):
+    """--set causal_ode_init=true in a fresh run makes its pairs with the shipped causal teacher (no
+    training); --causal-teacher-steps N trains one into the run instead (test above)."""
+    train_ode.main(["--tiny", "--run", str(tmp_path), "--batch-size", "2", "--pairs", "2", "--steps", "1",
+                    "--set", "causal_ode_init=true"])
+    assert f"causal teacher: {utils.SHIPPED_CAUSAL_TEACHER}" in capsys.readouterr().out
+    assert not (tmp_path / "causal_diffusion.safetensors").exists()
+    assert utils.ODEPairs(str(tmp_path / "ode_pairs")).teachers == {"causal"}
