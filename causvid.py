@@ -93,7 +93,7 @@ class Config:
     dmd_beta1: float = 0.9  # Adam's beta1 of generator and critic (Self-Forcing: 0)
     generator_ema: float = 0.0  # > 0: the student saved is an EMA of the generator (Self-Forcing: 0.99) ...
     generator_ema_start: int = 0  # ... from this iteration on (Self-Forcing: 200)
-    dmd_shift: float = 3.0  # DMD's noising t ~ U[0, 1000) shifted by this (Alg. 1 line 8); the schedule's shift
+    dmd_shift: float = 0.0  # DMD's noising t ~ U[0, 1000) shifted by this (Alg. 1 line 8); 0: by `shift`
     dmd_t_min: float = 20.0  # DMD's noising t is kept away from both ends
     dmd_t_max: float = 980.0
     critic_warmup: int = 0  # critic-only iterations on the frozen stage-1 student's samples before DMD starts
@@ -124,7 +124,7 @@ PRESETS: dict[str, Config] = {
         sink=3,  # long videos keep the first chunk: latent frame 0 (one pixel frame) is unlike the others
         batch_size=1, grad_clip=10.0, gradient_checkpointing=True,
         ode_pairs=1000, ode_steps=3000, lr_ode=2e-6,  # paper: 1000 pairs, 3000 iterations
-        dmd_steps=6000, lr_generator=2e-6, lr_critic=2e-6, dmd_shift=8.0,
+        dmd_steps=6000, lr_generator=2e-6, lr_critic=2e-6,
         real_guidance=4.5,  # the official cond + 3.5 (cond - uncond) is uncond + 4.5 (cond - uncond)
     ),
 }
@@ -707,7 +707,7 @@ def teacher_forcing_loss(model: Callable, x0: torch.Tensor, t: torch.Tensor, tex
     forcing): Eq. 2 for a block-causal model on chunk `chunk` of x0 (B, F, C, H, W) at t (B,), after the
     clean chunks before it at t = 0 -- what its sampler's KV cache holds (sample_ode_causal) -- with
     nothing after it. So every chunk's ODE target is set by its own noise and its past alone. (Causal
-    Forcing packs [clean clip; noisy clip] in one masked sequence; one chunk per call is the same loss.)"""
+    Forcing packs [clean clip; noisy clip] in one masked sequence, every chunk at its own t, per step.)"""
     x0 = x0[:, :(chunk + 1) * chunk_size]  # the chunks after `chunk` never enter
     t_all = torch.cat([t.new_zeros(len(t), chunk * chunk_size), t[:, None].expand(-1, chunk_size)], 1)
     eps = torch.randn_like(x0)
@@ -764,7 +764,7 @@ def self_forcing_rollout(generator: DiT, noise, text, timesteps, rng: torch.Gene
 
 
 def dmd_timesteps(B: int, num_frames: int, shift: float, t_min=20.0, t_max=980.0, device=None) -> torch.Tensor:
-    """Alg. 1 line 8: one t per sample for the whole clip, t ~ U[0, 1000) shifted (cfg.dmd_shift) and
+    """Alg. 1 line 8: one t per sample for the whole clip, t ~ U[0, 1000) shifted (cfg.dmd_shift or shift) and
     clamped to [t_min, t_max] (near the ends real and fake scores barely differ) -> (B, F)."""
     t = shift_timesteps(torch.rand(B, device=device) * 1000, shift).clamp(t_min, t_max)
     return t[:, None].expand(B, num_frames)

@@ -467,12 +467,12 @@ def long_video(run, cfg, device, seed, frames, report, prompts):
 # ---------------------------------------------------------------------------------------------
 
 
-def dmd_logs(run, report):
+def dmd_logs(run, report, asked: bool):
     """A table (about ten rows) and a chart, study/dmd_log_<name>.png, of every DMD run under `run`
     (its own dmd_log.jsonl and its subdirectories'): the critic's and the teacher's flow-matching loss
     on the generator's samples, DMD's gradient per chunk and per student step, the distance moved."""
     paths = sorted(glob.glob(os.path.join(run, "dmd_log.jsonl")) + glob.glob(os.path.join(run, "*", "dmd_log.jsonl")))
-    if not paths:
+    if not paths and asked:
         raise cv.CausVidError(f"no dmd_log.jsonl in {run!r} or its subdirectories; run train_dmd.py first")
     for path in paths:
         rows = [r for r in map(json.loads, open(path)) if "critic_fm" in r]  # the lines with a generator update
@@ -534,7 +534,7 @@ def main(argv=None):
     if "long" in parts:
         long_video(run, cfg, device, args.seed, args.long_video, report, prompts)
     if "dmdlog" in parts:
-        dmd_logs(run, report)
+        dmd_logs(run, report, asked=args.only is not None)
     text = "\n".join(report) + "\n"
     name = "results.md" if args.only is None else f"results_{'_'.join(parts)}.md"
     with open(os.path.join(run, "study", name), "w") as f:

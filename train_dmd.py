@@ -41,8 +41,8 @@ def parse_args(argv=None):
                                  "a teacher checkpoint here is 'DMD without ODE init'")
     p.add_argument("--ode-steps", type=int, help="stage-1 regression steps, if stage 1 runs first (default: the preset's)")
     p.add_argument("--sample-every", type=int, default=500, help="iterations between sample GIFs (default: 500)")
-    p.add_argument("--checkpoint-every", type=int, help="also keep the generator every N iterations as "
-                                                        "<run>/dmd_<iteration>.safetensors (a length curve)")
+    p.add_argument("--checkpoint-every", type=int, help="also keep the generator (not its EMA) every N iterations, "
+                   "critic warm-up included, as <run>/dmd_<iteration>.safetensors (a length curve)")
     p.set_defaults(log_every=50)
     return p.parse_args(argv)
 
@@ -67,12 +67,12 @@ def generator_output(generator, x_data, text, timesteps, cfg: cv.Config, device,
 def dmd_step(it: int, generator, critic, real, opt_g, opt_c, micro_batch, uncond, timesteps, cfg: cv.Config, device,
              streams: utils.Streams) -> dict:
     """One iteration of Alg. 1 (lines 4-14) under DMD2's two time-scale rule -- the critic learns every
-    iteration, the generator every critic_updates_per_generator-th after the first critic_warmup (then
-    only the critic learns, on the stage-1 student's samples) -- over this rank's cfg.accumulate
+    iteration, the generator every critic_updates_per_generator-th after the first critic_warmup (during
+    which only the critic learns, on the stage-1 student's samples) -- over this rank's cfg.accumulate
     micro-batches, micro_batch(generator) -> (videos, text). -> what to log, averaged over all of them."""
     A, samples, logs = cfg.accumulate, [], []
     generator_turn = it >= cfg.critic_warmup and (it - cfg.critic_warmup) % cfg.critic_updates_per_generator == 0
-    dmd_t = lambda x: cv.dmd_timesteps(len(x), x.shape[1], cfg.dmd_shift, cfg.dmd_t_min, cfg.dmd_t_max, device)
+    dmd_t = lambda x: cv.dmd_timesteps(len(x), x.shape[1], cfg.dmd_shift or cfg.shift, cfg.dmd_t_min, cfg.dmd_t_max, device)
     step = int(torch.randint(len(timesteps), (1,), generator=torch.Generator().manual_seed(streams.seed * 7919 + it)))
     for a in range(A):  # the same Self-Forcing step on every rank: they run the same forwards
         with streams.use(a) as g:
@@ -84,7 +84,7 @@ def dmd_step(it: int, generator, critic, real, opt_g, opt_c, micro_batch, uncond
                     t = dmd_t(x0)
                     loss_g, grad = cv.dmd_loss(x0, t, real, critic, text, uncond, cfg.real_guidance)
                     logs.append({"dmd": utils.backward(loss_g, 1 / A), "dmd_t": t[:, 0].mean().item(),
-                                 **utils.dmd_diagnostics(x0, t_in, grad, real, critic, text, timesteps, cfg.chunk_size)})
+                                 **utils.dmd_diagnostics(x0, t_in, grad, t, real, critic, text, timesteps, cfg.chunk_size)})
         samples.append((x0.detach(), text))
     out = {k: utils.nanmean_over_ranks([log[k] for log in logs]) for k in (logs[0] if logs else ())}
     if generator_turn:
@@ -172,9 +172,8 @@ def main(argv=None):
             for k, v in out.items():
                 logs[k].append(v)
             if (it + 1) % args.log_every == 0 or it + 1 == total:  # the means since the last log line
-                row = {k: float(torch.tensor(v, dtype=torch.float64).nanmean()) for k, v in logs.items()}
-                logs.clear()
-                utils.log("dmd", it + 1, total, t0, log_path, LOGGED, **row, distance=utils.distance_from(generator, init))
+                utils.log("dmd", it + 1, total, t0, log_path, LOGGED, **utils.interval_means(logs),
+                          distance=utils.distance_from(generator, init))
             if args.checkpoint_every and (it + 1) % args.checkpoint_every == 0 and it + 1 < total:
                 utils.save_model(os.path.join(run, f"dmd_{it + 1:06d}.safetensors"), generator, text_encoder,
                                  stage="dmd", steps=it + 1, run_config=dataclasses.asdict(cfg))

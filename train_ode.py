@@ -68,7 +68,7 @@ def get_causal_teacher(args, cfg: cv.Config, teacher, text_encoder, device, run:
     model = copy.deepcopy(teacher).train().requires_grad_(True)
     model.causal = True
     utils.train_flow_matching(model, text_encoder, cfg, path, cfg.causal_teacher_steps, cfg.lr_causal_teacher, device,
-                              args.seed + 3, "causal teacher", cfg.ema_decay, "teacher_forcing", resume=args.resume,
+                              args.seed + 3, "causal teacher", cfg.ema_decay, teacher_forcing=True, resume=args.resume,
                               save_every=args.save_every, log_every=args.log_every)
     return model.requires_grad_(False)
 

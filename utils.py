@@ -428,9 +428,10 @@ class EMA:
     def state_dict(self) -> dict:
         return self.shadow
 
-    def load_state_dict(self, state: dict):
+    def load_state_dict(self, state: dict):  # (resuming under FSDP2: state holds this rank's local shards)
         for k, v in state.items():
-            self.shadow[k].copy_(v)
+            shadow = self.shadow[k]
+            (shadow.to_local() if hasattr(shadow, "to_local") and not hasattr(v, "to_local") else shadow).copy_(v)
 
 
 def _pack(obj, name: str, tensors: dict):
@@ -580,16 +581,15 @@ def log(stage: str, step: int, total: int, t0: float, record: str | None = None,
 
 
 @torch.no_grad()
-def dmd_diagnostics(x0, t_in, grad, real, critic, text, timesteps, chunk_size: int) -> dict:
+def dmd_diagnostics(x0, t_in, grad, t, real, critic, text, timesteps, chunk_size: int) -> dict:
     """What DMD sees on one batch of generator samples x0 (B, F, C, H, W), made from steps t_in (B, F),
-    with DMD's normalised gradient `grad` on them (docs/experiments.md charts these):
+    with DMD's normalised gradient `grad` on them at its noise level t (B, F) (docs/experiments.md):
       critic_fm, teacher_fm  the flow-matching loss (Eq. 2) of the critic (s_gen) and of the frozen teacher
-                             (s_data, conditional) on the same samples, noise and t ~ U(0, 1000): the
+                             (s_data, conditional) on the same samples, fresh noise and the same t: the
                              critic knows the generator's distribution while its loss is the lower one;
       grad_chunk<i>          root-mean-square of the gradient on chunk i;
       grad_step<j>           the same over the chunks the generator made from student step j, and
       grad_clean             over the chunks it was given clean (context: their gradient moves nothing)."""
-    t = torch.rand(len(x0), device=x0.device)[:, None].expand(x0.shape[:2]) * 1000
     eps = torch.randn_like(x0)
     x_t, target = cv.add_noise(x0, eps, t), (eps - x0).float()
     out = {"critic_fm": F.mse_loss(critic(x_t, t, text).float(), target).item(),
@@ -603,9 +603,10 @@ def dmd_diagnostics(x0, t_in, grad, real, critic, text, timesteps, chunk_size: i
 
 
 def local_parameters(model: nn.Module) -> list[torch.Tensor]:
-    """fp32 CPU copies of the model's parameters (under FSDP2: of this rank's shards)."""
+    """fp32 CPU copies of the model's weights (under FSDP2: of this rank's shards; its state_dict is
+    sharded even where a forward left the parameters gathered)."""
     return [(p.to_local() if hasattr(p, "to_local") else p).detach().to("cpu", torch.float32, copy=True)
-            for p in model.parameters()]
+            for p in model.state_dict().values()]
 
 
 def distance_from(model: nn.Module, init: list[torch.Tensor]) -> float:
@@ -613,6 +614,14 @@ def distance_from(model: nn.Module, init: list[torch.Tensor]) -> float:
     taken at the start (its stage-1 weights)."""
     moved = sum(float((p - p0).pow(2).sum()) for p, p0 in zip(local_parameters(model), init))
     return math.sqrt(mean_over_ranks(moved) / mean_over_ranks(sum(float(p0.pow(2).sum()) for p0 in init)))
+
+
+def interval_means(logs: dict[str, list[float]]) -> dict[str, float]:
+    """The mean of every value logged since the last log line; a value that was NaN every time (no
+    chunk made from that student step) is left out. Empties `logs`."""
+    means = {k: float(torch.tensor(v, dtype=torch.float64).nanmean()) for k, v in logs.items()}
+    logs.clear()
+    return {k: v for k, v in means.items() if not math.isnan(v)}
 
 
 def nanmean_over_ranks(values: list[float]) -> float:
@@ -623,22 +632,16 @@ def nanmean_over_ranks(values: list[float]) -> float:
 
 
 def train_flow_matching(model: cv.DiT, text_encoder, cfg: cv.Config, path: str, steps: int, lr: float, device,
-                        seed: int, stage: str, ema_decay: float | None = None, objective: str = "clip",
+                        seed: int, stage: str, ema_decay: float | None = None, teacher_forcing: bool = False,
                         resume: bool = False, save_every: int = 500, log_every: int = 100) -> cv.DiT:
     """The one flow-matching training loop (Eq. 2) on the toy world, for the models that exist before
-    CausVid starts. objective:
-      "clip"               one t per clip: the bidirectional teacher (a stand-in for a pretrained
-                           video model; EMA weights);
-      "diffusion_forcing"  block-causal, one t per chunk: Table 4's causal diffusion baseline;
-      "teacher_forcing"    block-causal, one noisy chunk after clean ones (cv.teacher_forcing_loss):
-                           Causal Forcing's causal teacher, the one whose pairs causal_ode_init uses.
-                           Chunk c is drawn with probability proportional to 1 / (c + 1): every chunk
-                           gets the same share of the compute, and chunk 0 -- no context, the
-                           prompt alone sets its motion -- about half of the steps.
-    Shifted logit-normal timesteps; cfg_dropout empty prompts, so CFG works; warm-up + cosine learning
-    rate. Trains `model` in place and saves it (EMA weights if any) to `path`."""
-    if objective not in ("clip", "diffusion_forcing", "teacher_forcing"):
-        raise ValueError(f"unknown flow-matching objective {objective!r}")
+    CausVid starts: the bidirectional teacher (one t per clip; a stand-in for a pretrained video model)
+    and, with teacher_forcing, causal_ode_init's causal teacher (block-causal, one noisy chunk after
+    clean ones: cv.teacher_forcing_loss). Chunk c is drawn with probability proportional to 1 / (c + 1):
+    every chunk gets the same share of the compute, and chunk 0 -- no context, the prompt alone sets its
+    motion -- about half of the steps. Shifted logit-normal timesteps; cfg_dropout empty prompts, so CFG
+    works; warm-up + cosine learning rate; EMA if ema_decay. Trains `model` in place and saves it (EMA
+    weights if any) to `path`."""
     if world() > 1:
         raise cv.CausVidError(f"train the {stage} model in one process (python, not torchrun), then run torchrun again")
     emb = embed_prompts(text_encoder, toy.PROMPTS + [""])
@@ -646,7 +649,6 @@ def train_flow_matching(model: cv.DiT, text_encoder, cfg: cv.Config, path: str, 
     opt = adamw(model.parameters(), lr, device, betas=(0.9, 0.99))
     g = torch.Generator().manual_seed(seed)
     t0, B, Fr, K = time.time(), cfg.batch_size, cfg.num_frames, cfg.chunk_size
-    n = Fr // K if objective == "diffusion_forcing" else 1  # independent noise levels per clip
     state = {"model": model, "opt": opt, "data": g, **({"ema": ema} if ema else {})}
     with TrainLoop(path.replace(".safetensors", "_state.safetensors"), cfg, steps, state, resume, save_every,
                    f"{stage} training") as loop:
@@ -654,13 +656,13 @@ def train_flow_matching(model: cv.DiT, text_encoder, cfg: cv.Config, path: str, 
             x0, prompts = toy.toy_batch(B, Fr, g)
             drop = torch.rand(B, generator=g) < cfg.cfg_dropout
             text = stack_text(emb, ["" if d else p for p, d in zip(prompts, drop)], device)
-            t = cv.shift_timesteps(torch.sigmoid(torch.randn(B, n, generator=g)) * 1000, cfg.shift).to(device)
+            t = cv.shift_timesteps(torch.sigmoid(torch.randn(B, 1, generator=g)) * 1000, cfg.shift).to(device)
             with autocast(device, training=True):
-                if objective == "teacher_forcing":  # one chunk per step; chunk c costs c + 1 chunks' compute, so
-                    chunk = int(torch.multinomial(1 / torch.arange(1.0, Fr // K + 1), 1, generator=g))  # P ~ 1/(c+1)
+                if teacher_forcing:  # one chunk per step; chunk c costs c + 1 chunks' compute, so P ~ 1 / (c + 1)
+                    chunk = int(torch.multinomial(1 / torch.arange(1.0, Fr // K + 1), 1, generator=g))
                     loss = cv.teacher_forcing_loss(model, x0.to(device), t[:, 0], text, chunk, K)
                 else:
-                    loss = cv.flow_matching_loss(model, x0.to(device), t.repeat_interleave(Fr // n, 1), text)
+                    loss = cv.flow_matching_loss(model, x0.to(device), t.expand(B, Fr), text)
             norm = optimizer_step(loss, opt, model.parameters(), cfg.grad_clip, lr_at(step, steps, lr, cfg.warmup))
             if ema:
                 ema.update(model)

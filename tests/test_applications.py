@@ -1,6 +1,8 @@
 """Sec. 5.3-5.4 through sample.py: image-to-video, video-to-video, dynamic prompting, long videos
 (their quality is measured by study.py on a trained model; here: that each mode does what it says)."""
 
+import importlib.util
+
 import imageio.v2 as imageio
 import numpy as np
 import pytest
@@ -109,11 +111,13 @@ def test_the_study_runs_end_to_end(run_dir, tmp_path):
     for name in ["causal_diffusion.safetensors", "dmd_no_ode/dmd.safetensors", "dmd_causal_teacher/dmd.safetensors",
                  "study/results.md", "study/teacher_vs_causvid.gif", "self_forcing/dmd.safetensors",
                  "causal_init/ode_pairs", "causal_init/dmd.safetensors", "causal_init_self_forcing/dmd.safetensors",
-                 "study/heldout_pairs", "study/dmd_log_dmd_no_ode.png", "study/dmd_log_causal_init.png"]:
+                 "study/heldout_pairs"]:
         assert (tmp_path / name).exists(), name
     for heading in ["Table 4", "Fig. 8", "Table 3", "Image-to-video", "Video-to-video", "Dynamic prompting",
                     "Long video", "successors", "rolling cache, sink 3", "One student step", "What DMD saw"]:
         assert heading in text
+    if importlib.util.find_spec("matplotlib"):  # (requirements-bench.txt) the charts of what DMD saw
+        assert (tmp_path / "study" / "dmd_log_dmd_no_ode.png").exists() and (tmp_path / "study" / "dmd_log_causal_init.png").exists()
     assert text.count("| held-out (3) |") == 3 * 4  # three models x four student steps, on three new pairs
     assert utils.ODEPairs(str(tmp_path / "causal_init" / "ode_pairs")).teachers == {"causal"}
     assert text.count("CausVid** (ODE init") == 2  # a row of Table 4 and of Fig. 8

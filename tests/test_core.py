@@ -595,13 +595,19 @@ def test_dmd_diagnostics_read_what_dmd_sees():
     grad[:, 1] = 2.0
     ts = torch.tensor([1000.0, 500.0])
     t_in = torch.tensor([1000.0, 0.0]).expand(4096, 2)  # chunk 0 made from step 0, chunk 1 given clean
-    d = utils.dmd_diagnostics(x0, t_in, grad, teacher, critic, None, ts, chunk_size=1)
+    t = torch.rand(4096, 1).expand(-1, 2) * 1000
+    d = utils.dmd_diagnostics(x0, t_in, grad, t, teacher, critic, None, ts, chunk_size=1)
     assert d["critic_fm"] < 0.9 * d["teacher_fm"]
     assert d["grad_chunk0"] == pytest.approx(1.0) and d["grad_chunk1"] == pytest.approx(2.0)
     assert d["grad_step0"] == pytest.approx(1.0) and d["grad_clean"] == pytest.approx(2.0)
     assert math.isnan(d["grad_step1"])  # nothing was made from t = 500
-    same = utils.dmd_diagnostics(x0, t_in, grad, teacher, teacher, None, ts, chunk_size=1)
+    same = utils.dmd_diagnostics(x0, t_in, grad, t, teacher, teacher, None, ts, chunk_size=1)
     assert same["critic_fm"] == pytest.approx(same["teacher_fm"], rel=1e-6)
+
+
+def test_interval_means_leave_out_what_never_happened():
+    logs = {"critic": [1.0, 2.0, 3.0], "grad_step2": [math.nan, 4.0, math.nan], "grad_step3": [math.nan] * 3}
+    assert utils.interval_means(logs) == {"critic": 2.0, "grad_step2": 4.0} and logs == {}
 
 
 def test_distance_from_the_initial_weights():
