@@ -479,11 +479,12 @@ def dmd_logs(run, report, asked: bool):
         if not rows:
             continue
         name = os.path.relpath(os.path.dirname(path), run).replace(os.sep, "_").replace(".", "run")
-        keys = [k for k in rows[0] if k in ("critic_fm", "teacher_fm", "distance") or k.startswith("grad_")]
+        keys = [k for k in dict.fromkeys(k for r in rows for k in r)  # (a step no chunk was made from is absent)
+                if k in ("critic_fm", "teacher_fm", "distance") or k.startswith("grad_")]
         report.append(f"\n### What DMD saw: {os.path.relpath(path)} (flow-matching losses on the generator's samples, "
                       "RMS of DMD's gradient, distance from the stage-1 weights)\n")
         every = max(1, len(rows) // 10)
-        report.append(table(["iteration"] + keys, [[r["iteration"]] + [f"{r[k]:.4g}" for k in keys]
+        report.append(table(["iteration"] + keys, [[r["iteration"]] + [f"{r[k]:.4g}" if k in r else "" for k in keys]
                                                    for r in rows[every - 1::every]]))
         try:
             import matplotlib
@@ -497,7 +498,7 @@ def dmd_logs(run, report, asked: bool):
                   ("gradient RMS per student step", "grad_step"), ("distance from stage 1", ("distance",))]
         for ax, (title, which) in zip(axes, panels):
             for k in [k for k in keys if (k in which if isinstance(which, tuple) else k.startswith(which))]:
-                ax.plot([r["iteration"] for r in rows], [r[k] for r in rows], label=k)
+                ax.plot([r["iteration"] for r in rows if k in r], [r[k] for r in rows if k in r], label=k)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("iteration")
             ax.legend(fontsize=6)
