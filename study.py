@@ -122,6 +122,19 @@ def forward_passes(kind, cfg, frames):
     return f"{Q * chunks} + {chunks - 1} cache x {cfg.chunk_size} frames"
 
 
+def pyplot(figure: str):
+    """matplotlib.pyplot with a file backend, or None (and a note that `figure` is skipped) without it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed (pip install -r requirements-bench.txt): no {figure}")
+        return None
+    return plt
+
+
 def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
@@ -181,13 +194,8 @@ def fig8(run, causal, cfg, device, frames, seed, report, prompts):
                   f"sliding window of {cfg.num_frames} frames; best-fit PSNR (dB) per {cfg.num_frames}-frame window\n")
     report.append(table(["model"] + [f"frames {i * cfg.num_frames}-{(i + 1) * cfg.num_frames - 1}" for i in range(n)]
                         + ["last - first"], rows))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -r requirements-bench.txt): no fig8.png")
+    plt = pyplot("fig8.png")
+    if plt is None:
         return
     plt.figure(figsize=(6, 3.5))
     for label, ys in curves.items():
@@ -486,12 +494,8 @@ def dmd_logs(run, report, asked: bool):
         every = max(1, len(rows) // 10)
         report.append(table(["iteration"] + keys, [[r["iteration"]] + [f"{r[k]:.4g}" if k in r else "" for k in keys]
                                                    for r in rows[every - 1::every]]))
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = pyplot(f"dmd_log_{name}.png")
+        if plt is None:
             continue
         fig, axes = plt.subplots(1, 4, figsize=(14, 3))
         panels = [("flow-matching loss", ("critic_fm", "teacher_fm")), ("gradient RMS per chunk", "grad_chunk"),
