@@ -1,7 +1,7 @@
 """The evidence study: the paper's Table 4, Fig. 8 and Table 3 in miniature on the toy world, plus the
 applications of Sec. 5.3-5.4 (image-to-video, video-to-video, dynamic prompting), measured.
 
-    python study.py --tiny --run runs/tiny      # after train_dmd.py --tiny
+    python study.py --tiny --run-dir runs/tiny      # after train_dmd.py --tiny
 
 Trains the baselines of Table 4 and Fig. 8 that are missing from the run (each is saved and reused):
   the causal teacher            causal_ode_init's: weights/toy_causal_teacher.safetensors, or with
@@ -67,7 +67,7 @@ def train_missing(args, cfg, device, run, teacher):
     ode = os.path.join(run, "ode.safetensors")
     for path in (teacher, ode):
         if not os.path.exists(path):
-            raise cv.CausVidError(f"{path!r} not found; run `python train_dmd.py --tiny --run {run}` first")
+            raise cv.CausVidError(f"{path!r} not found; run `python train_dmd.py --tiny --run-dir {run}` first")
     causal = utils.causal_teacher_path(args, run, cfg)
     if not os.path.exists(causal):  # the same model as causal_ode_init's teacher
         torch.manual_seed(args.seed)
@@ -80,7 +80,7 @@ def train_missing(args, cfg, device, run, teacher):
     common += ["--batch-size", str(args.batch_size)] if args.batch_size else []
     for name, init, real in [("dmd_no_ode", teacher, teacher), ("dmd_causal_teacher", ode, causal)]:
         if not os.path.exists(os.path.join(run, name, "dmd.safetensors")):
-            train_dmd.main(common + ["--run", os.path.join(run, name), "--ode", init, "--teacher", real])
+            train_dmd.main(common + ["--run-dir", os.path.join(run, name), "--ode", init, "--teacher", real])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +362,7 @@ def one_step(args, run, teacher, cfg, device, report):
     own, held = os.path.join(run, "ode_pairs"), os.path.join(run, "study", "heldout_pairs")
     n = min(128, len(utils.ODEPairs(own)))
     if n == 0:
-        raise cv.CausVidError(f"{run!r} has no ode_pairs/; run `python train_dmd.py --tiny --run {run}` first")
+        raise cv.CausVidError(f"{run!r} has no ode_pairs/; run `python train_dmd.py --tiny --run-dir {run}` first")
     text_encoder = utils.load_text_encoder(teacher).to(device)
     if len(utils.ODEPairs(held)) < n:
         ns = argparse.Namespace(prompts=None, exact_teacher=False, seed=args.seed + 1000)
@@ -415,14 +415,14 @@ def train_successors(args, run, cfg, device):
         if "self_forcing=true" in flags:
             init = os.path.join(run, "causal_init" if "causal_ode_init=true" in flags else "", "ode.safetensors")
             calibration = os.path.join(out, "calibration")
-            train_dmd.main(common + flags + ["--run", calibration, "--ode", init, "--steps", "10", "--sample-every", "100"])
+            train_dmd.main(common + flags + ["--run-dir", calibration, "--ode", init, "--steps", "10", "--sample-every", "100"])
             spi = utils.load_checkpoint(os.path.join(calibration, "dmd.safetensors"), keep=lambda k: False)[2]
             steps = max(1, round(steps * base["seconds_per_iteration"] / spi["seconds_per_iteration"]))
             flags = flags + ["--ode", init]
         elif os.path.exists(os.path.join(run, "causal_diffusion.safetensors")):  # the baseline of Table 4 is its teacher
             os.makedirs(out, exist_ok=True)
             shutil.copy(os.path.join(run, "causal_diffusion.safetensors"), out)
-        train_dmd.main(common + flags + ["--run", out, "--steps", str(steps)])
+        train_dmd.main(common + flags + ["--run-dir", out, "--steps", str(steps)])
 
 
 def successors(args, run, cfg, device, report, base):
@@ -518,11 +518,11 @@ def main(argv=None):
         raise cv.CausVidError("the study runs on the toy world: use --tiny")
     torch.manual_seed(args.seed)
     parts = args.only or PARTS
-    utils.writable_dir(os.path.join(run, "study"), "--run")
+    utils.writable_dir(os.path.join(run, "study"), "--run-dir")
     teacher, causal = utils.teacher_path(args, run, cfg), utils.causal_teacher_path(args, run, cfg)
     if "train" in parts and ({"table4", "fig8"} & set(parts) or parts == ["train"]):  # the baselines they compare
         train_missing(args, cfg, device, run, teacher)
-    report = [f"## Toy-world study (`python study.py --tiny --run {run}`)\n"]
+    report = [f"## Toy-world study (`python study.py --tiny --run-dir {run}`)\n"]
     prompts = toy.PROMPTS[:args.num_prompts]
     if "table4" in parts:
         table4(run, teacher, causal, cfg, device, args.seeds, args.seed, report, prompts)

@@ -116,7 +116,7 @@ def main(argv=None):
     args = parse_args(argv)
     cfg, device, run = utils.resolve(args)
     device = utils.init_distributed(device)
-    utils.writable_dir(run, "--run")
+    utils.writable_dir(run, "--run-dir")
     ode_path = args.ode or os.path.join(run, "ode.safetensors")
     if not os.path.exists(ode_path):
         if args.ode or cfg.name != "tiny":
@@ -161,7 +161,7 @@ def main(argv=None):
 
     state = {"generator": generator, "critic": critic, "opt_g": opt_g, "opt_c": opt_c, "data": streams,
              **({"ema": ema} if ema else {})}
-    with utils.TrainLoop(os.path.join(run, "dmd_state.safetensors"), cfg, total, state, args.resume,
+    with utils.TrainLoop(os.path.join(run, "dmd_state"), cfg, total, state, args.resume,
                          args.save_every, "DMD") as loop:
         if utils.rank() == 0 and loop.first_step == 0:
             open(log_path, "w").close()  # a fresh run's log (a resumed one appends)

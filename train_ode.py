@@ -8,7 +8,8 @@
      end points, every chunk at its own step of Alg. 1's T = {0, t1..tQ} (Eq. 6): a chunk at t = 0
      is clean context for the chunks after it, as inference sees it.
 
-Writes <run>/teacher.safetensors (if pre-trained here), <run>/ode_pairs/ (shards), <run>/ode.safetensors.
+Writes <run>/teacher.safetensors (if pre-trained here), <run>/ode_pairs/ (shards), <run>/ode.safetensors,
+<run>/ode_log.jsonl.
 """
 
 import argparse
@@ -93,10 +94,10 @@ def make_ode_pairs(args, cfg: cv.Config, teacher, text_encoder, device, path: st
     sampler = cv.sample_ode_causal if getattr(real, "causal", False) else cv.sample_ode  # Causal Forcing: chunk by chunk
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what the teacher computes in
     done = collections.Counter(shard for shard, _ in utils.ODEPairs(path).rows)  # rows per shard written
-    for b in tqdm(range(0, cfg.ode_pairs, batch), desc="ODE pairs", disable=utils.rank() > 0):
-        p = prompts[b:b + batch]
-        if done[utils.ODEPairs.shard(path, b // batch)] == len(p) or (b // batch) % utils.world() != utils.rank():
-            continue  # written already, or another rank's
+    pending = [b for b in range(0, cfg.ode_pairs, batch)
+               if done[utils.ODEPairs.shard(path, b // batch)] < len(prompts[b:b + batch])]
+    for b in tqdm(pending[utils.rank()::utils.world()], desc="ODE pairs", disable=utils.rank() > 0):
+        p = prompts[b:b + batch]  # the shards still missing, split evenly over the ranks
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + b // batch)
         noise = torch.randn(len(p), cfg.num_frames, cfg.channels, cfg.height, cfg.width, generator=g).to(device)
         with utils.autocast(device):
@@ -114,7 +115,7 @@ def get_ode_pairs(args, cfg: cv.Config, teacher, text_encoder, device, run: str)
         utils.check_preset(pairs.cfg, cfg, path)
         if pairs.teachers != {made_by}:
             raise cv.CausVidError(f"{path!r} holds pairs of the {'/'.join(sorted(pairs.teachers))} teacher, this run's "
-                                  f"is the {made_by} one; pass another --run, or delete the directory")
+                                  f"is the {made_by} one; pass another --run-dir, or delete the directory")
     if len(pairs) < cfg.ode_pairs:
         make_ode_pairs(args, cfg, teacher, text_encoder, device, path)
         utils.barrier()  # every rank's shards are written
@@ -154,13 +155,16 @@ def regress_student(args, cfg: cv.Config, teacher, text_encoder, pairs: utils.OD
         return pairs.get(idx).to(device), utils.stack_text(emb, [pairs.prompts[i] for i in idx], device)
 
     t0, steps = time.time(), cfg.ode_steps
-    with utils.TrainLoop(path.replace(".safetensors", "_state.safetensors"), cfg, steps,
+    with utils.TrainLoop(path.replace(".safetensors", "_state"), cfg, steps,
                          {"student": student, "opt": opt, "data": streams}, args.resume, args.save_every,
                          "ODE regression") as loop:
+        log_path = os.path.join(os.path.dirname(path), "ode_log.jsonl")  # every log line, as JSON
+        if utils.rank() == 0 and loop.first_step == 0:
+            open(log_path, "w").close()
         for step in loop:
             loss, norm = ode_step(student, opt, micro_batch, timesteps, cfg, device, streams)
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
-                utils.log("ode", step + 1, steps, t0, loss=loss, grad_norm=norm)
+                utils.log("ode", step + 1, steps, t0, log_path, loss=loss, grad_norm=norm)
         utils.save_model(path, student.eval(), text_encoder, stage="ode", steps=steps)
     print(f"wrote {path}")
 
@@ -178,7 +182,7 @@ def run(args, cfg: cv.Config, device, run_dir: str):
 def main(argv=None):
     args = parse_args(argv)
     cfg, device, run_dir = utils.resolve(args)
-    run(args, cfg, utils.init_distributed(device), utils.writable_dir(run_dir, "--run"))
+    run(args, cfg, utils.init_distributed(device), utils.writable_dir(run_dir, "--run-dir"))
 
 
 if __name__ == "__main__":

@@ -7,11 +7,14 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, fields, replace
+from datetime import timedelta
 from typing import Callable
 
 import torch
@@ -24,6 +27,9 @@ from tqdm.auto import tqdm
 import causvid as cv
 import toy_world as toy
 import wan
+
+# DCP says on every save and load without a process group that it assumes one process: it is right
+warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
 
 # ------------------------------------------------------------------------------------------------
 # Devices and precision
@@ -46,11 +52,13 @@ def inference_dtype(device: torch.device) -> torch.dtype:
 def autocast(device: torch.device, training: bool = False):
     """bf16 autocast on CUDA. On a CPU only for training steps, and only where the CPU computes in
     bf16 natively (AVX512-BF16 or AMX: about 15-20% faster per toy teacher step); sampling on a CPU,
-    and training on other CPUs, stays fp32."""
+    and training on other CPUs, stays fp32 -- as does all of it with CAUSVID_CPU_FP32=1 (the same
+    numbers on every CPU)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    native = os.environ.get("CAUSVID_CPU_FP32") != "1" and (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
     return torch.autocast("cpu", dtype=torch.bfloat16) if training and native else contextlib.nullcontext()
 
 
@@ -59,16 +67,25 @@ def autocast(device: torch.device, training: bool = False):
 # ------------------------------------------------------------------------------------------------
 
 
+def backend(device: torch.device) -> str:
+    """The process group's backends: on GPUs NCCL for CUDA tensors beside gloo for the CPU ones (the
+    logged losses, the stop flag), so no collective here needs to know where its tensor lives."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init_distributed(device: torch.device) -> torch.device:
-    """Under torchrun (WORLD_SIZE > 1): join the process group -- NCCL on GPUs (one per process, the
-    local rank's), gloo on CPUs -- and silence the other ranks' prints (rank 0 logs). -> the device."""
+    """Under torchrun (WORLD_SIZE > 1): join the process group (one GPU per process, the local rank's)
+    and silence the other ranks' prints (rank 0 logs). -> the device. The timeout (1 h, NCCL's default
+    is 10 min) covers the longest any rank waits for the others: rank 0 writing a Wan checkpoint, the
+    last ODE-pair shards."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend(device), timeout=timedelta(hours=1),
+                                device_id=device if device.type == "cuda" else None)
     if dist.get_rank() > 0:
         sys.stdout = open(os.devnull, "w")
     return device
@@ -87,15 +104,26 @@ def barrier():
         dist.barrier()
 
 
+def mixed_precision(device: torch.device):
+    """FSDP2's precision: on GPUs the gathered weights in bf16 (what autocast computes in anyway: half the
+    all-gather) and the gradients reduced in fp32; on CPUs fp32 throughout."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if device.type != "cuda":
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
 def shard(model: nn.Module) -> nn.Module:
     """FSDP2 (torch.distributed.fsdp.fully_shard): each DiT block, then the rest, split over the ranks,
     parameters gathered per block as the forward reaches it (the official release also wraps per block)."""
     if world() > 1:
         from torch.distributed.fsdp import fully_shard
 
+        policy = mixed_precision(next(model.parameters()).device)
         for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
     return model
 
 
@@ -135,12 +163,16 @@ class Streams:
     functions from torch's global generator in state m. Stream 0 is the process's own global state, so
     one process with accumulate 1 is the plain loop; the others are seeded from (seed, m). Any split of
     the global batch over ranks and accumulation draws the same numbers: N ranks x A micro-batches log
-    the losses of one process with N x A."""
+    the losses of one process with N x A, and a run saved on one split resumes on another."""
 
     def __init__(self, seed: int, accumulate: int):
         self.seed, self.index = seed, [rank() * accumulate + a for a in range(accumulate)]
         self.data = [torch.Generator().manual_seed(self.stream_seed(m)) for m in self.index]
-        self.torch = {m: None for m in self.index if m}  # torch's global states of streams m > 0
+        outer, self.torch = global_rng(), {}  # torch's global states of streams m > 0
+        for m in self.index[1 if self.index[0] == 0 else 0:]:
+            torch.manual_seed(self.stream_seed(m))
+            self.torch[m] = global_rng()
+        set_global_rng(outer)
 
     def stream_seed(self, m: int) -> int:
         return self.seed if m == 0 else self.seed * 1_000_003 + m
@@ -153,30 +185,33 @@ class Streams:
             yield self.data[a]
             return
         outer = global_rng()
-        torch.manual_seed(self.stream_seed(m)) if self.torch[m] is None else set_global_rng(self.torch[m])
+        set_global_rng(self.torch[m])
         try:
             yield self.data[a]
         finally:
             self.torch[m] = global_rng()
             set_global_rng(outer)
 
-    def state_dict(self) -> dict:
-        return {"data": [g.get_state() for g in self.data], "torch": {str(m): s for m, s in self.torch.items() if s}}
+    def state_dict(self) -> dict:  # keyed by stream, not by rank: any rank may load any stream
+        return {**{f"data{m}": g.get_state() for m, g in zip(self.index, self.data)},
+                **{f"torch{m}.{k}": v for m, state in self.torch.items() for k, v in state.items()}}
 
     def load_state_dict(self, state: dict):
-        for g, s in zip(self.data, state["data"]):
-            g.set_state(s)
-        self.torch.update({int(m): s for m, s in state["torch"].items()})
+        for m, g in zip(self.index, self.data):
+            g.set_state(state[f"data{m}"])
+        for m, rng in self.torch.items():
+            self.torch[m] = {k: state[f"torch{m}.{k}"] for k in rng}
 
 
 def global_rng() -> dict:
-    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
+    """torch's global generators: the CPU's and the current GPU's (each rank draws on its own GPU)."""
+    return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
 
 
 def set_global_rng(state: dict):
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -226,13 +261,13 @@ def load_checkpoint(path: str, keep: Callable[[str], bool] = lambda key: True) -
 def save_model(path: str, model: cv.DiT, text_encoder: wan.TextEncoder | None = None, **meta):
     """The DiT's weights, role (causal or not) and config; with the tiny text encoder also its weights
     (prefix "text_encoder."), so the file alone rebuilds both. Wan's UMT5 stays in its own directory.
-    Every rank calls; the shards are gathered and rank 0 writes one file."""
+    Every rank calls; the shards are gathered, rank 0 writes one file, the others wait for it."""
     tensors = dict(full_state_dict(model))
-    if rank() > 0:
-        return
-    if text_encoder is not None and model.cfg.text_encoder == "tiny":
-        tensors.update({f"text_encoder.{k}": v for k, v in text_encoder.encoder.state_dict().items()})
-    save_checkpoint(path, tensors, model.cfg, causal=model.causal, **meta)
+    if rank() == 0:
+        if text_encoder is not None and model.cfg.text_encoder == "tiny":
+            tensors.update({f"text_encoder.{k}": v for k, v in text_encoder.encoder.state_dict().items()})
+        save_checkpoint(path, tensors, model.cfg, causal=model.causal, **meta)
+    barrier()  # the file is whole before any rank reads it (stage 1 -> stage 2)
 
 
 def check_preset(cfg: cv.Config, expected: cv.Config | None, path: str):
@@ -428,55 +463,10 @@ class EMA:
     def state_dict(self) -> dict:
         return self.shadow
 
-    def load_state_dict(self, state: dict):  # (resuming under FSDP2: state holds this rank's local shards)
+    @torch.no_grad()
+    def load_state_dict(self, state: dict):
         for k, v in state.items():
-            shadow = self.shadow[k]
-            (shadow.to_local() if hasattr(shadow, "to_local") and not hasattr(v, "to_local") else shadow).copy_(v)
-
-
-def _pack(obj, name: str, tensors: dict):
-    """Nested dicts/lists of tensors and JSON values -> a JSON spec; the tensors go to `tensors` (this
-    rank's shard of an FSDP2 tensor)."""
-    if isinstance(obj, torch.Tensor):
-        tensors[name] = obj.to_local() if hasattr(obj, "to_local") else obj
-        return {"tensor": name}
-    if isinstance(obj, dict):
-        return {"dict": [[k, _pack(v, f"{name}.{k}", tensors)] for k, v in obj.items()]}
-    if isinstance(obj, (list, tuple)):
-        return {"list": [_pack(v, f"{name}.{i}", tensors) for i, v in enumerate(obj)]}
-    return {"value": obj}
-
-
-def _unpack(spec: dict, tensors: dict):
-    if "tensor" in spec:
-        return tensors[spec["tensor"]]
-    if "dict" in spec:
-        return {k: _unpack(v, tensors) for k, v in spec["dict"]}
-    if "list" in spec:
-        return [_unpack(v, tensors) for v in spec["list"]]
-    return spec["value"]
-
-
-def _load_state(obj, value):
-    """load_state_dict, also into FSDP2 shards: a module's tensors are copied into its local shards, an
-    optimizer's per-parameter state is made a DTensor laid out like its parameter."""
-    if isinstance(obj, torch.Generator):
-        return obj.set_state(value)
-    if world() > 1 and isinstance(obj, nn.Module):
-        with torch.no_grad():
-            for k, t in obj.state_dict().items():
-                (t.to_local() if hasattr(t, "to_local") else t).copy_(value[k])
-        return
-    if world() > 1 and isinstance(obj, torch.optim.Optimizer):
-        from torch.distributed.tensor import DTensor
-
-        params = [p for group in obj.param_groups for p in group["params"]]
-        for i, state in value["state"].items():
-            p = params[int(i)]
-            for k, v in state.items():
-                if hasattr(p, "to_local") and v.ndim:
-                    state[k] = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-    obj.load_state_dict(value)
+            self.shadow[k].copy_(v)
 
 
 class TrainLoop:
@@ -486,59 +476,106 @@ class TrainLoop:
           for step in loop:        # step = 0, 1, ... (from the saved step when resuming)
               ...one training step...
 
-    * the state -- anything with state_dict()/load_state_dict() (models, optimizers, EMA) and
-      torch.Generators, plus torch's global RNG and the step -- is written atomically to `path`
-      every `save_every` steps and on Ctrl-C (SIGINT) after the step in progress ends, which then
-      exits with code 130; a second Ctrl-C stops at once;
-    * resume=True continues from `path`: the following steps' losses are those of a run never stopped;
-    * a NonFiniteError (NaN/inf loss or gradient; optimizer_step applies nothing then) stops training
-      with one line naming the step; the weights are still the last good ones, and are saved;
-    * when all steps are done the state file is deleted (the stage's checkpoint replaces it);
-    * under torchrun every rank saves its own shard of the state (<path>.rank<r>of<N>.safetensors), a
-      Ctrl-C on any rank stops all of them after the same step, and resuming needs the same world size."""
+    * the state -- models, optimizers, EMA, random streams, torch.Generators, the global RNG, the step
+      -- is saved every `save_every` steps, and on Ctrl-C (SIGINT) or SIGTERM (a cluster's
+      preemption) after the step in progress, which then exits with code 128 + the signal (130, 143);
+      a second signal stops at once. The state is a torch.distributed.checkpoint directory `path`
+      (each rank writes its shards; written beside it and renamed): a run saved on N ranks resumes on
+      any number whose ranks x accumulate keep the global batch (DCP reshards, the streams are per
+      micro-batch); the following steps' losses are those of a run never stopped;
+    * a NonFiniteError (NaN/inf loss or gradient; nothing of that step is applied) stops training
+      with one line naming the step and saves the last good state;
+    * when all steps are done the state is deleted (the stage's checkpoint replaces it)."""
 
     def __init__(self, path: str, cfg: cv.Config, total: int, state: dict, resume: bool = False,
                  save_every: int = 500, desc: str = "training"):
         if "rng" in state:
             raise ValueError('"rng" is the name of the global RNG state; call yours something else')
-        path = path.replace(".safetensors", f".rank{rank()}of{world()}.safetensors") if world() > 1 else path
         self.path, self.cfg, self.total, self.state = path, cfg, total, state
-        self.save_every, self.desc, self.step, self.first_step, self._stop = save_every, desc, 0, 0, False
-        if resume and os.path.exists(path):
+        self.save_every, self.desc, self.step, self.first_step, self._stop = save_every, desc, 0, 0, 0
+        if resume and os.path.exists(os.path.join(path, "run.json")):
             self._load()
             self.first_step = self.step
             print(f"resuming {desc} from {path} at step {self.step}")
         elif resume:
             print(f"--resume: no saved state at {path}; {desc} starts from step 0")
 
+    def _state_dict(self) -> dict:
+        """Everything to save, as DCP state dicts (models and optimizers by parameter name, resharded on
+        load); rank 0 alone holds stream 0's global RNG."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        out = {}
+        for name, obj in self.state.items():
+            if isinstance(obj, nn.Module):
+                out[name] = get_model_state_dict(obj)
+            elif isinstance(obj, torch.optim.Optimizer):
+                out[name] = get_optimizer_state_dict(self._model_of(obj), obj)
+            else:
+                out[name] = {"state": obj.get_state()} if isinstance(obj, torch.Generator) else obj.state_dict()
+        return {**out, **({"rng": global_rng()} if rank() == 0 else {})}
+
+    def _model_of(self, opt: torch.optim.Optimizer) -> nn.Module:
+        first = opt.param_groups[0]["params"][0]
+        return next(m for m in self.state.values() if isinstance(m, nn.Module) and any(p is first for p in m.parameters()))
+
     def _save(self):
-        tensors: dict[str, torch.Tensor] = {}
-        spec = {name: _pack(obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict(), name, tensors)
-                for name, obj in self.state.items()}
-        spec["rng"] = _pack(global_rng(), "rng", tensors)  # torch's global generators (noise, timesteps)
-        save_checkpoint(self.path, tensors, self.cfg, step=self.step, state=spec)
+        import torch.distributed.checkpoint as dcp
+
+        tmp, old = f"{self.path}.tmp", f"{self.path}.old"
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        dcp.save(self._state_dict(), checkpoint_id=tmp, no_dist=world() == 1)
+        if rank() == 0:
+            with open(os.path.join(tmp, "run.json"), "w") as f:  # what it was saved with, as JSON
+                json.dump({"step": self.step, "ranks": world(), "config": asdict(self.cfg)}, f)
+            if os.path.exists(self.path):
+                os.replace(self.path, old)
+            os.replace(tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        barrier()
 
     def _load(self):
-        tensors, cfg, meta = load_checkpoint(self.path)
-        if cfg != self.cfg:
-            diff = {f.name: (getattr(cfg, f.name), getattr(self.cfg, f.name)) for f in fields(cv.Config)
-                    if getattr(cfg, f.name) != getattr(self.cfg, f.name)}
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        with open(os.path.join(self.path, "run.json")) as f:
+            saved = json.load(f)
+        cfg = cv.config_from_dict(saved["config"])
+        diff = {f.name: (getattr(cfg, f.name), getattr(self.cfg, f.name)) for f in fields(cv.Config)
+                if f.name != "accumulate" and getattr(cfg, f.name) != getattr(self.cfg, f.name)}
+        if diff:
             raise cv.CausVidError(f"{self.path!r} was saved with another config ({diff}, saved vs now); "
                                   "resume with the same flags, or delete it to start over")
-        spec = meta["state"]
+        if saved["ranks"] * cfg.accumulate != world() * self.cfg.accumulate:
+            raise cv.CausVidError(f"{self.path!r} was saved by {saved['ranks']} rank(s) x accumulate {cfg.accumulate}; "
+                                  f"resume with ranks x accumulate = {saved['ranks'] * cfg.accumulate} (the same global "
+                                  f"batch), e.g. --set accumulate={saved['ranks'] * cfg.accumulate // world()} on "
+                                  f"{world()} rank(s)")
+        state = self._state_dict()
+        dcp.load(state, checkpoint_id=self.path, no_dist=world() == 1)
         for name, obj in self.state.items():
-            _load_state(obj, _unpack(spec[name], tensors))
-        set_global_rng(_unpack(spec["rng"], tensors))
-        self.step = meta["step"]
+            if isinstance(obj, nn.Module):
+                set_model_state_dict(obj, state[name])
+            elif isinstance(obj, torch.optim.Optimizer):
+                set_optimizer_state_dict(self._model_of(obj), obj, state[name])
+            else:
+                obj.set_state(state[name]["state"]) if isinstance(obj, torch.Generator) else obj.load_state_dict(state[name])
+        if rank() == 0:
+            set_global_rng(state["rng"])
+        self.step = saved["step"]
 
     def __enter__(self):
-        def on_sigint(signum, frame):
-            if self._stop:  # the second Ctrl-C: stop now
+        def on_signal(signum, frame):
+            if self._stop:  # the second signal: stop now
                 raise KeyboardInterrupt
-            self._stop = True
-            tqdm.write(f"Ctrl-C: stopping after step {self.step + 1}, saving {self.path} (Ctrl-C again to quit now)")
+            self._stop = signum
+            tqdm.write(f"{signal.Signals(signum).name}: stopping after step {self.step + 1}, saving {self.path} "
+                       "(again to quit now)")
 
-        self._old = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+        main = threading.current_thread() is threading.main_thread()
+        self._old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
         return self
 
     def __iter__(self):
@@ -549,24 +586,24 @@ class TrainLoop:
             if world() > 1:  # all ranks stop after the same step
                 stop = torch.tensor(float(self._stop))
                 dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-                self._stop = bool(stop)
+                self._stop = int(stop)
             if self._stop:
                 self._save()
                 tqdm.write(f"interrupted: saved {self.path} at step {self.step}; continue with --resume")
-                raise SystemExit(130)
+                raise SystemExit(128 + self._stop)
             if self.step % self.save_every == 0 and self.step < self.total:
                 self._save()
 
     def __exit__(self, kind, error, tb):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
         if isinstance(error, NonFiniteError):
             self._save()
             raise NonFiniteError(f"{self.desc} stopped at step {self.step + 1}: {error}; nothing of that step "
                                  f"was applied and the last good state (after step {self.step}) is in {self.path} "
                                  "-- lower the learning rate or clip harder, and continue with --resume") from None
-        if error is None and self.step >= self.total and os.path.exists(self.path):
-            os.remove(self.path)
+        if error is None and self.step >= self.total and rank() == 0:
+            shutil.rmtree(self.path, ignore_errors=True)
         return False
 
 
@@ -650,7 +687,7 @@ def train_flow_matching(model: cv.DiT, text_encoder, cfg: cv.Config, path: str, 
     g = torch.Generator().manual_seed(seed)
     t0, B, Fr, K = time.time(), cfg.batch_size, cfg.num_frames, cfg.chunk_size
     state = {"model": model, "opt": opt, "data": g, **({"ema": ema} if ema else {})}
-    with TrainLoop(path.replace(".safetensors", "_state.safetensors"), cfg, steps, state, resume, save_every,
+    with TrainLoop(path.replace(".safetensors", "_state"), cfg, steps, state, resume, save_every,
                    f"{stage} training") as loop:
         for step in loop:
             x0, prompts = toy.toy_batch(B, Fr, g)
@@ -809,7 +846,7 @@ def add_common_args(p):
     """The flags every script shares."""
     p.add_argument("--tiny", action="store_true", help="the toy-world preset: runs on a CPU")
     p.add_argument("--config", choices=sorted(cv.PRESETS), help="a named preset (--tiny is --config tiny)")
-    p.add_argument("--run", help="the run directory: checkpoints are read from and written to it "
+    p.add_argument("--run-dir", dest="run", help="the run directory: checkpoints are read from and written to it "
                                  "(default: runs/<config>)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
@@ -837,8 +874,8 @@ def add_training_args(p):
                                      "prompts; required for Wan)")
     p.add_argument("--exact-teacher", action="store_true", help="toy world: the world's exact denoiser plays the "
                                                                 "teacher (ODE pairs, DMD's real score)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from <run>/<stage>_state"
-                                                         ".safetensors (models, optimizers, step, RNG)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from <run>/<stage>_state/"
+                                                         "(models, optimizers, step, RNG)")
     p.add_argument("--save-every", type=int, default=500, help="steps between saves of the resumable state "
                                                                "(default: 500; Ctrl-C also saves)")
     p.add_argument("--log-every", type=int, default=100, help="steps between log lines (default: 100)")

@@ -17,7 +17,7 @@ P = "a green circle moving right"
 
 
 def run(run_dir, *extra):
-    return sample.main(["--tiny", "--run", str(run_dir), "--device", "cpu", "--name", "app", *extra])
+    return sample.main(["--tiny", "--run-dir", str(run_dir), "--device", "cpu", "--name", "app", *extra])
 
 
 def frames_of(run_dir):
@@ -105,7 +105,7 @@ def test_the_study_runs_end_to_end(run_dir, tmp_path):
     for name in ["teacher", "ode", "dmd"]:
         shutil.copy(run_dir / f"{name}.safetensors", tmp_path / f"{name}.safetensors")
     shutil.copytree(run_dir / "ode_pairs", tmp_path / "ode_pairs")
-    text = study.main(["--tiny", "--run", str(tmp_path), "--device", "cpu", "--seeds", "2", "--num-prompts", "8",
+    text = study.main(["--tiny", "--run-dir", str(tmp_path), "--device", "cpu", "--seeds", "2", "--num-prompts", "8",
                        "--causal-teacher-steps", "2", "--dmd-steps", "2", "--long-frames", "24", "--batch-size", "2",
                        "--long-video", "36", "--set", "ode_pairs=3", "--set", "ode_steps=2", "--set", "warmup=1"])
     for name in ["causal_diffusion.safetensors", "dmd_no_ode/dmd.safetensors", "dmd_causal_teacher/dmd.safetensors",
@@ -136,7 +136,7 @@ def test_the_successors_study_trains_only_its_own_students(run_dir, tmp_path):
     for sub in ["self_forcing", "causal_init", "causal_init_self_forcing"]:  # stand-ins for the three students
         (tmp_path / sub).mkdir()
         shutil.copy(run_dir / "dmd.safetensors", tmp_path / sub / "dmd.safetensors")
-    text = study.main(["--tiny", "--run", str(tmp_path), "--device", "cpu", "--seeds", "1", "--num-prompts", "4",
+    text = study.main(["--tiny", "--run-dir", str(tmp_path), "--device", "cpu", "--seeds", "1", "--num-prompts", "4",
                        "--only", "train", "--only", "successors"])
     for baseline in ["causal_diffusion.safetensors", "dmd_no_ode", "dmd_causal_teacher"]:
         assert not (tmp_path / baseline).exists(), baseline

@@ -1,6 +1,8 @@
 """The scripts fail well and recover: one-line errors for bad input, atomic checkpoints, --resume that
 continues exactly, determinism, and a guard against NaN."""
 
+import json
+import math
 import os
 import re
 import shutil
@@ -29,7 +31,7 @@ PROMPT = "a red square moving up"
 
 
 def sample_args(run_dir, *extra):
-    return ["--tiny", "--run", str(run_dir), "--device", "cpu", "--prompt", PROMPT, *extra]
+    return ["--tiny", "--run-dir", str(run_dir), "--device", "cpu", "--prompt", PROMPT, *extra]
 
 
 def test_missing_checkpoint(run_dir, tmp_path):
@@ -56,7 +58,7 @@ def test_not_a_checkpoint_and_truncated(run_dir, tmp_path):
 
 def test_checkpoint_of_another_preset(run_dir):
     with pytest.raises(cv.CausVidError, match="holds a 'tiny' model but the preset asked for is 'wan2.1-t2v-1.3b'"):
-        sample.main(["--config", "wan2.1-t2v-1.3b", "--run", str(run_dir), "--device", "cpu",
+        sample.main(["--config", "wan2.1-t2v-1.3b", "--run-dir", str(run_dir), "--device", "cpu",
                      "--ckpt", str(run_dir / "dmd.safetensors"), "--prompt", PROMPT])
 
 
@@ -68,7 +70,7 @@ def test_bad_frame_counts(run_dir, frames):
 
 def test_bad_prompts(run_dir):
     with pytest.raises(cv.CausVidError, match="is empty; give a text prompt"):
-        sample.main(["--tiny", "--run", str(run_dir), "--prompt", "  "])
+        sample.main(["--tiny", "--run-dir", str(run_dir), "--prompt", "  "])
     enc = utils.load_text_encoder(str(run_dir / "teacher.safetensors"))
     for bad in [[], "a red square moving up", [PROMPT, 3], None]:
         with pytest.raises(cv.CausVidError, match="prompts must be a non-empty list of strings"):
@@ -89,14 +91,14 @@ def test_long_prompt_is_truncated_with_a_warning(run_dir):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda(run_dir):
     with pytest.raises(cv.CausVidError, match="torch sees no CUDA GPU; use --device cpu"):
-        sample.main(["--tiny", "--run", str(run_dir), "--device", "cuda"])
+        sample.main(["--tiny", "--run-dir", str(run_dir), "--device", "cuda"])
 
 
 def test_unwritable_out(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a directory")
-    with pytest.raises(cv.CausVidError, match="cannot write to --run .* pass a directory you can write to"):
-        train_ode.main(["--tiny", "--run", str(blocker / "run")])
+    with pytest.raises(cv.CausVidError, match="cannot write to --run-dir .* pass a directory you can write to"):
+        train_ode.main(["--tiny", "--run-dir", str(blocker / "run")])
 
 
 def test_contradicting_presets():
@@ -108,7 +110,7 @@ def test_contradicting_presets():
 
 def test_the_scripts_print_one_line_and_exit_2(tmp_path):
     for script in ["sample.py", "train_dmd.py"]:
-        r = subprocess.run([sys.executable, script, "--tiny", "--run", str(tmp_path), "--device", "cpu",
+        r = subprocess.run([sys.executable, script, "--tiny", "--run-dir", str(tmp_path), "--device", "cpu",
                             "--ckpt" if script == "sample.py" else "--ode", str(tmp_path / "missing.safetensors")],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2
@@ -194,22 +196,22 @@ def test_ode_resume_gives_the_same_losses(fresh_run, tmp_path_factory, monkeypat
     common = ["--tiny", "--device", "cpu", "--steps", "6", "--batch-size", "2", "--log-every", "1", "--pairs", "3"]
 
     straight = record_logs(monkeypatch)
-    train_ode.main(common + ["--run", str(fresh_run)])
+    train_ode.main(common + ["--run-dir", str(fresh_run)])
     monkeypatch.undo()
 
     resumed = record_logs(monkeypatch)
     interrupt_at_call(monkeypatch, cv, "ode_regression_loss", 4)
     with pytest.raises(SystemExit) as stop:
-        train_ode.main(common + ["--run", str(other)])
-    assert stop.value.code == 130 and (other / "ode_state.safetensors").exists()
+        train_ode.main(common + ["--run-dir", str(other)])
+    assert stop.value.code == 130 and (other / "ode_state" / "run.json").exists()
     assert not (other / "ode.safetensors").exists() and max(s for _, s in resumed) == 4
     monkeypatch.undo()
     resumed = record_logs(monkeypatch)
-    train_ode.main(common + ["--run", str(other), "--resume"])
+    train_ode.main(common + ["--run-dir", str(other), "--resume"])
     assert sorted(resumed) == [("ode", 5), ("ode", 6)]
     for key in resumed:
         assert resumed[key] == straight[key]  # bit-identical losses and gradient norms
-    assert not (other / "ode_state.safetensors").exists()  # done: the checkpoint replaces the state
+    assert not (other / "ode_state").exists()  # done: the checkpoint replaces the state
     a, b = utils.load_model(str(fresh_run / "ode.safetensors")), utils.load_model(str(other / "ode.safetensors"))
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
@@ -221,15 +223,15 @@ def test_dmd_resume_gives_the_same_losses(fresh_run, tmp_path_factory, monkeypat
     common = ["--tiny", "--device", "cpu", "--steps", "7", "--batch-size", "2", "--log-every", "1",
               "--sample-every", "1000"]
     straight = record_logs(monkeypatch)
-    train_dmd.main(common + ["--run", str(fresh_run)])
+    train_dmd.main(common + ["--run-dir", str(fresh_run)])
     monkeypatch.undo()
 
     interrupt_at_call(monkeypatch, cv, "critic_loss", 3)
     with pytest.raises(SystemExit):
-        train_dmd.main(common + ["--run", str(other)])
+        train_dmd.main(common + ["--run-dir", str(other)])
     monkeypatch.undo()
     resumed = record_logs(monkeypatch)
-    train_dmd.main(common + ["--run", str(other), "--resume"])
+    train_dmd.main(common + ["--run-dir", str(other), "--resume"])
     assert sorted(s for _, s in resumed) == [4, 5, 6, 7]  # step 6 is a generator step (ratio 5)
     for key, values in resumed.items():  # every value, the diagnostics and the distance moved included
         assert values == straight[key]
@@ -240,10 +242,10 @@ def test_resume_refuses_another_config(fresh_run, monkeypatch):
     os.remove(fresh_run / "ode.safetensors")
     interrupt_at_call(monkeypatch, cv, "ode_regression_loss", 1)
     with pytest.raises(SystemExit):
-        train_ode.main(["--tiny", "--run", str(fresh_run), "--steps", "4", "--batch-size", "2", "--pairs", "3"])
+        train_ode.main(["--tiny", "--run-dir", str(fresh_run), "--steps", "4", "--batch-size", "2", "--pairs", "3"])
     monkeypatch.undo()
     with pytest.raises(cv.CausVidError, match="saved with another config .*batch_size.*resume with the same flags"):
-        train_ode.main(["--tiny", "--run", str(fresh_run), "--steps", "4", "--batch-size", "3", "--pairs", "3", "--resume"])
+        train_ode.main(["--tiny", "--run-dir", str(fresh_run), "--steps", "4", "--batch-size", "3", "--pairs", "3", "--resume"])
 
 
 def test_nan_stops_training_naming_the_step(fresh_run, monkeypatch):
@@ -258,10 +260,15 @@ def test_nan_stops_training_naming_the_step(fresh_run, monkeypatch):
     monkeypatch.setattr(cv, "ode_regression_loss", poisoned)
     with pytest.raises(utils.NonFiniteError, match=r"ODE regression stopped at step 3: the loss is nan; .*"
                                                 r"last good state \(after step 2\) is in .*ode_state"):
-        train_ode.main(["--tiny", "--run", str(fresh_run), "--steps", "5", "--batch-size", "2", "--pairs", "3"])
-    tensors, _, meta = utils.load_checkpoint(str(fresh_run / "ode_state.safetensors"))
-    assert meta["step"] == 2 and all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
+        train_ode.main(["--tiny", "--run-dir", str(fresh_run), "--steps", "5", "--batch-size", "2", "--pairs", "3"])
+    assert json.loads((fresh_run / "ode_state" / "run.json").read_text())["step"] == 2
     assert not (fresh_run / "ode.safetensors").exists()
+    monkeypatch.undo()  # the last good state resumes to finite losses and a finite student
+    logs = record_logs(monkeypatch)
+    train_ode.main(["--tiny", "--run-dir", str(fresh_run), "--steps", "5", "--batch-size", "2", "--pairs", "3", "--resume",
+                    "--log-every", "1"])
+    assert sorted(logs) == [("ode", 3), ("ode", 4), ("ode", 5)] and all(math.isfinite(v["loss"]) for v in logs.values())
+    assert all(torch.isfinite(v).all() for v in utils.load_model(str(fresh_run / "ode.safetensors")).state_dict().values())
 
 
 def test_nan_gradient_is_not_applied():

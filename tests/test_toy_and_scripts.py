@@ -161,7 +161,7 @@ def test_train_dmd_with_backward_simulation(fresh_run, monkeypatch):
     """--set backward_simulation=true: the generator's inputs come from its own rollout, not data."""
     calls, simulate = [], cv.backward_simulation
     monkeypatch.setattr(cv, "backward_simulation", lambda *a, **kw: calls.append(a[2].shape) or simulate(*a, **kw))
-    train_dmd.main(["--tiny", "--run", str(fresh_run), "--steps", "2", "--batch-size", "2", "--device", "cpu",
+    train_dmd.main(["--tiny", "--run-dir", str(fresh_run), "--steps", "2", "--batch-size", "2", "--device", "cpu",
                     "--set", "warmup=1", "--set", "backward_simulation=true", "--sample-every", "5"])
     assert len(calls) == 2  # one rollout per iteration, shared by the generator and the critic
     assert utils.load_model(str(fresh_run / "dmd.safetensors")).causal
@@ -171,7 +171,7 @@ def test_train_dmd_with_backward_simulation(fresh_run, monkeypatch):
 
 def test_sample_writes_npz_and_video(run_dir):
     prompts = ["a red square moving up", "a cyan circle moving left"]
-    args = ["--tiny", "--run", str(run_dir), "--num-frames", "6", "--name", "s"]
+    args = ["--tiny", "--run-dir", str(run_dir), "--num-frames", "6", "--name", "s"]
     for p in prompts:
         args += ["--prompt", p]
     sample.main(args)
@@ -184,7 +184,7 @@ def test_sample_writes_npz_and_video(run_dir):
 
 
 def test_sample_cache_equals_no_cache_and_teacher_runs(run_dir):
-    common = ["--tiny", "--run", str(run_dir), "--prompt", "a blue circle moving right", "--seed", "3"]
+    common = ["--tiny", "--run-dir", str(run_dir), "--prompt", "a blue circle moving right", "--seed", "3"]
     sample.main(common + ["--name", "cached"])
     sample.main(common + ["--name", "uncached", "--no-cache"])
     a, b = np.load(run_dir / "cached.npz")["frames"], np.load(run_dir / "uncached.npz")["frames"]
@@ -198,7 +198,7 @@ def test_sample_set_changes_sampling_not_the_network(run_dir, monkeypatch):
     """--set reaches the sampler (the checkpoint's config is the base), but cannot reshape the network."""
     calls, ode = [], cv.sample_ode
     monkeypatch.setattr(cv, "sample_ode", lambda *a, **kw: calls.append(a[4:7]) or ode(*a, **kw))
-    common = ["--tiny", "--run", str(run_dir), "--prompt", "a blue circle moving right", "--teacher", "--name", "t"]
+    common = ["--tiny", "--run-dir", str(run_dir), "--prompt", "a blue circle moving right", "--teacher", "--name", "t"]
     sample.main(common)
     sample.main(common + ["--set", "teacher_steps=30", "--set", "teacher_guidance=4.5"])
     assert calls == [(3.0, 24, 3.0), (4.5, 30, 3.0)]  # (guidance, steps, shift)
@@ -210,14 +210,14 @@ def test_sample_set_changes_sampling_not_the_network(run_dir, monkeypatch):
 
 def test_sample_rejects_bad_frame_counts(run_dir):
     with pytest.raises(cv.CausVidError, match="multiple of the chunk size"):
-        sample.main(["--tiny", "--run", str(run_dir), "--num-frames", "7", "--prompt", "a red square moving up"])
+        sample.main(["--tiny", "--run-dir", str(run_dir), "--num-frames", "7", "--prompt", "a red square moving up"])
 
 
 def test_train_ode_reuses_teacher_and_pairs(run_dir, capsys):
     pairs = run_dir / "ode_pairs"
     shard = pairs / "pairs_000000.safetensors"
     before = (shard.stat().st_mtime_ns, (run_dir / "teacher.safetensors").stat().st_mtime_ns)
-    train_ode.main(["--tiny", "--run", str(run_dir), "--steps", "1", "--pairs", "2", "--batch-size", "2"])
+    train_ode.main(["--tiny", "--run-dir", str(run_dir), "--steps", "1", "--pairs", "2", "--batch-size", "2"])
     after = (shard.stat().st_mtime_ns, (run_dir / "teacher.safetensors").stat().st_mtime_ns)
     assert before == after  # neither the teacher nor the pairs were made again
     assert f"ODE pairs: {pairs} (2 of 3)" in capsys.readouterr().out
@@ -273,7 +273,7 @@ def test_exact_toy_denoiser_samples_the_world():
 def test_exact_teacher_runs_both_stages(fresh_run):
     """--exact-teacher: the ODE pairs are the exact denoiser's samples (clips of the world),
     DMD's real score is the exact denoiser, and the trained teacher still initialises the models."""
-    args = ["--tiny", "--run", str(fresh_run), "--batch-size", "2", "--device", "cpu", "--set", "warmup=1"]
+    args = ["--tiny", "--run-dir", str(fresh_run), "--batch-size", "2", "--device", "cpu", "--set", "warmup=1"]
     with pytest.raises(cv.CausVidError, match="pairs of the trained teacher"):  # they are not reused
         train_ode.main(args + ["--steps", "1", "--pairs", "2", "--exact-teacher"])
     shutil.rmtree(fresh_run / "ode_pairs")
@@ -285,16 +285,16 @@ def test_exact_teacher_runs_both_stages(fresh_run):
     train_dmd.main(args + ["--steps", "2", "--sample-every", "5", "--exact-teacher"])
     meta = utils.load_checkpoint(str(fresh_run / "dmd.safetensors"), keep=lambda k: False)[2]
     assert meta["exact_teacher"] is True
-    sample.main(["--tiny", "--run", str(fresh_run), "--teacher", "--exact-teacher", "--num-frames", "6",
+    sample.main(["--tiny", "--run-dir", str(fresh_run), "--teacher", "--exact-teacher", "--num-frames", "6",
                  "--prompt", "a red square moving up", "--name", "exact"])
     data = np.load(fresh_run / "exact.npz")
     assert toy.score_toy(torch.from_numpy(data["frames"]), list(data["prompts"]))["best_fit_psnr"] > 50
 
 
 def test_sample_reads_the_run_and_writes_to_out(run_dir, tmp_path):
-    """The model comes from --run (or --ckpt), the samples go to --out: one flag does not do both."""
+    """The model comes from --run-dir (or --ckpt), the samples go to --out: one flag does not do both."""
     out = tmp_path / "samples"
-    sample.main(["--tiny", "--run", str(run_dir), "--out", str(out), "--prompt", "a red square moving up",
+    sample.main(["--tiny", "--run-dir", str(run_dir), "--out", str(out), "--prompt", "a red square moving up",
                  "--num-frames", "3", "--name", "elsewhere"])
     assert (out / "elsewhere.npz").exists() and not (run_dir / "elsewhere.npz").exists()
 
@@ -356,7 +356,7 @@ def test_causal_ode_init_makes_its_pairs_with_the_causal_sampler(fresh_run):
     teacher (--causal-teacher-steps: in the run, by teacher forcing), its own chunk-by-chunk sampler
     makes the ODE pairs, and the student starts from its weights; pairs of the bidirectional teacher
     are not reused."""
-    args = ["--tiny", "--run", str(fresh_run), "--batch-size", "2", "--device", "cpu", "--set", "warmup=1", "--steps", "1",
+    args = ["--tiny", "--run-dir", str(fresh_run), "--batch-size", "2", "--device", "cpu", "--set", "warmup=1", "--steps", "1",
             "--pairs", "2", "--set", "causal_ode_init=true", "--causal-teacher-steps", "2"]
     with pytest.raises(cv.CausVidError, match="pairs of the trained teacher"):
         train_ode.main(args)
@@ -385,7 +385,7 @@ def test_dmd_shift_critic_warmup_and_the_log(fresh_run, monkeypatch):
     monkeypatch.setattr(cv, "dmd_timesteps", lambda B, F, shift, *a: shifts.append(shift) or dmd_t(B, F, shift, *a))
     monkeypatch.setattr(cv, "generator_x0", lambda g, x, text, ts, *a: steps.append(ts) or make(g, x, text, ts, *a))
     monkeypatch.setattr(cv, "dmd_loss", lambda *a: dmd_calls.append(len(shifts)) or loss(*a))
-    train_dmd.main(["--tiny", "--run", str(fresh_run), "--steps", "2", "--batch-size", "2", "--device", "cpu",
+    train_dmd.main(["--tiny", "--run-dir", str(fresh_run), "--steps", "2", "--batch-size", "2", "--device", "cpu",
                     "--set", "dmd_shift=1", "--set", "critic_warmup=3", "--log-every", "1", "--sample-every", "100",
                     "--checkpoint-every", "2"])
     assert shifts == [1.0] * 6  # 5 critic updates and 1 generator update, all at DMD's own shift
@@ -413,7 +413,7 @@ def test_self_forcings_optimiser_and_ema(fresh_run, monkeypatch):
     weights = {}
     for name, extra in [("one", ["--steps", "1"]), ("two", ["--steps", "6"]),
                         ("ema", ["--steps", "6", "--set", "generator_ema=0.5", "--set", "generator_ema_start=3"])]:
-        train_dmd.main(args + ["--run", str(fresh_run / name)] + extra)
+        train_dmd.main(args + ["--run-dir", str(fresh_run / name)] + extra)
         weights[name] = utils.load_model(str(fresh_run / name / "dmd.safetensors")).state_dict()
     assert betas == [(0.0, 0.999)] * 6
     for key, w in weights["ema"].items():  # generator updates at iterations 0 and 5 (critic ratio 5)
@@ -426,7 +426,7 @@ def test_train_dmd_with_self_forcing(fresh_run, monkeypatch):
     generator's turns only; it cannot be combined with backward simulation."""
     calls, rollout = [], cv.self_forcing_rollout
     monkeypatch.setattr(cv, "self_forcing_rollout", lambda *a, **kw: calls.append(torch.is_grad_enabled()) or rollout(*a, **kw))
-    args = ["--tiny", "--run", str(fresh_run), "--batch-size", "2", "--device", "cpu", "--sample-every", "100"]
+    args = ["--tiny", "--run-dir", str(fresh_run), "--batch-size", "2", "--device", "cpu", "--sample-every", "100"]
     train_dmd.main(args + ["--steps", "6", "--set", "self_forcing=true"])
     assert calls == [True, False, False, False, False, True]  # critic ratio 5
     assert utils.load_checkpoint(str(fresh_run / "dmd.safetensors"), keep=lambda k: False)[2]["run_config"]["self_forcing"]
@@ -447,7 +447,7 @@ def test_the_shipped_teacher_loads_and_scores(tmp_path):
     for name in sample.ARCHITECTURE + ("height", "width", "num_frames", "chunk_size", "shift", "teacher_steps",
                                        "teacher_guidance"):
         assert getattr(cfg, name) == getattr(tiny, name), name
-    args = ["--tiny", "--run", str(tmp_path), "--teacher", "--seed", "0", "--name", "t"]
+    args = ["--tiny", "--run-dir", str(tmp_path), "--teacher", "--seed", "0", "--name", "t"]
     score = sample.main(args + [x for p in SHIPPED_PROMPTS for x in ("--prompt", p)])
     assert not (tmp_path / "teacher.safetensors").exists()
     assert score["prompt_accuracy"] >= 7 / 8 and score["best_fit_psnr"] > 30 and score["steady_motion"] > 0.85
@@ -456,7 +456,7 @@ def test_the_shipped_teacher_loads_and_scores(tmp_path):
 def test_training_starts_from_the_shipped_teacher(tmp_path, capsys):
     """A fresh --tiny run makes its ODE pairs with the shipped teacher (no pre-training); --teacher-steps
     N asks for a teacher of its own."""
-    args = ["--tiny", "--run", str(tmp_path), "--batch-size", "2", "--pairs", "2", "--steps", "1", "--set", "warmup=1"]
+    args = ["--tiny", "--run-dir", str(tmp_path), "--batch-size", "2", "--pairs", "2", "--steps", "1", "--set", "warmup=1"]
     train_ode.main(args)
     assert f"teacher: {utils.SHIPPED_TEACHER}" in capsys.readouterr().out
     assert not (tmp_path / "teacher.safetensors").exists() and (tmp_path / "ode.safetensors").exists()
@@ -474,7 +474,7 @@ def test_the_shipped_causal_teacher_loads_and_scores(tmp_path):
     chunk over its KV cache (sample.py --teacher --ckpt), it is a good causal teacher."""
     _, cfg, meta = utils.load_checkpoint(utils.SHIPPED_CAUSAL_TEACHER, keep=lambda k: False)
     assert meta["causal"] and meta["stage"] == "causal teacher" and meta["steps"] == cv.get_config("tiny").causal_teacher_steps
-    args = ["--tiny", "--run", str(tmp_path), "--teacher", "--ckpt", utils.SHIPPED_CAUSAL_TEACHER, "--seed", "0"]
+    args = ["--tiny", "--run-dir", str(tmp_path), "--teacher", "--ckpt", utils.SHIPPED_CAUSAL_TEACHER, "--seed", "0"]
     score = sample.main(args + [x for p in SHIPPED_PROMPTS for x in ("--prompt", p)])
     assert score["prompt_accuracy"] >= CAUSAL_FLOOR[0] and score["best_fit_psnr"] > CAUSAL_FLOOR[1] \
         and score["steady_motion"] > CAUSAL_FLOOR[2], score
@@ -484,7 +484,7 @@ def test_causal_ode_init_starts_from_the_shipped_causal_teacher(tmp_path, capsys
     """--set causal_ode_init=true in a fresh run makes its pairs with the shipped causal teacher (no
     training); --causal-teacher-steps N trains one into the run instead (test above)."""
     assert os.path.isfile(utils.SHIPPED_CAUSAL_TEACHER)  # (else this run would train one for 6000 steps)
-    train_ode.main(["--tiny", "--run", str(tmp_path), "--batch-size", "2", "--pairs", "2", "--steps", "1",
+    train_ode.main(["--tiny", "--run-dir", str(tmp_path), "--batch-size", "2", "--pairs", "2", "--steps", "1",
                     "--set", "causal_ode_init=true"])
     assert f"causal teacher: {utils.SHIPPED_CAUSAL_TEACHER}" in capsys.readouterr().out
     assert not (tmp_path / "causal_diffusion.safetensors").exists()

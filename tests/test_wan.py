@@ -151,7 +151,7 @@ def wan_run(wan_dir, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("wan_run")
     (tmp / "prompts.txt").write_text("a cat walking\na dog running\n\n")
-    common = ["--config", "wan2.1-t2v-1.3b", "--model-dir", str(wan_dir), "--run", str(tmp / "run"),
+    common = ["--config", "wan2.1-t2v-1.3b", "--model-dir", str(wan_dir), "--run-dir", str(tmp / "run"),
               "--device", "cpu", "--set", "height=4", "--set", "width=6", "--set", "num_frames=6",
               "--set", "text_len=12", "--set", "teacher_steps=6", "--set", "student_step_indices=0,3,5"]
     train_ode.main(common + ["--prompts", str(tmp / "prompts.txt"), "--pairs", "2", "--steps", "2"])
@@ -175,7 +175,7 @@ def test_the_three_scripts_run_on_a_wan_layout_directory(wan_run, tmp_path):
     assert frames.shape == (1, 1 + 4 * 5, 32, 48, 3)  # 6 latent frames -> 21 pixel frames of 32x48
     assert len(imageio.mimread(run / "wan.mp4")) == 21
     with pytest.raises(cv.CausVidError, match="pass --prompts FILE"):
-        train_ode.main(common + ["--run", str(tmp_path / "other")])
+        train_ode.main(common + ["--run-dir", str(tmp_path / "other")])
 
 
 def test_bf16_inference_stays_close_to_fp32(wan_run):
