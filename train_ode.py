@@ -96,6 +96,7 @@ def make_ode_pairs(args, cfg: cv.Config, teacher, text_encoder, device, path: st
     done = collections.Counter(shard for shard, _ in utils.ODEPairs(path).rows)  # rows per shard written
     pending = [b for b in range(0, cfg.ode_pairs, batch)
                if done[utils.ODEPairs.shard(path, b // batch)] < len(prompts[b:b + batch])]
+    utils.barrier()  # every rank has listed the missing shards before any is written
     for b in tqdm(pending[utils.rank()::utils.world()], desc="ODE pairs", disable=utils.rank() > 0):
         p = prompts[b:b + batch]  # the shards still missing, split evenly over the ranks
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + b // batch)
@@ -120,6 +121,9 @@ def get_ode_pairs(args, cfg: cv.Config, teacher, text_encoder, device, run: str)
         make_ode_pairs(args, cfg, teacher, text_encoder, device, path)
         utils.barrier()  # every rank's shards are written
         pairs = utils.ODEPairs(path)
+        if len(pairs) < cfg.ode_pairs:
+            raise cv.CausVidError(f"{path!r} holds {len(pairs)} of {cfg.ode_pairs} pairs after making them; is the "
+                                  "run directory on a filesystem every node shares?")
         print(f"wrote {path}: {len(pairs)} trajectories at t = {cv.student_timesteps(cfg).tolist()} and 0")
     else:
         print(f"ODE pairs: {path} ({cfg.ode_pairs} of {len(pairs)})")

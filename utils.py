@@ -106,12 +106,13 @@ def barrier():
 
 def mixed_precision(device: torch.device):
     """FSDP2's precision: on GPUs the gathered weights in bf16 (what autocast computes in anyway: half the
-    all-gather) and the gradients reduced in fp32; on CPUs fp32 throughout."""
+    all-gather) and the gradients reduced in fp32; the inputs are left as they are (FSDP2 would cast
+    the timesteps to bf16: 757 -> 756) and autocast picks each op's dtype. On CPUs fp32 throughout."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if device.type != "cuda":
         return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
 def shard(model: nn.Module) -> nn.Module:
@@ -479,7 +480,7 @@ class TrainLoop:
     * the state -- models, optimizers, EMA, random streams, torch.Generators, the global RNG, the step
       -- is saved every `save_every` steps, and on Ctrl-C (SIGINT) or SIGTERM (a cluster's
       preemption) after the step in progress, which then exits with code 128 + the signal (130, 143);
-      a second signal stops at once. The state is a torch.distributed.checkpoint directory `path`
+      a second Ctrl-C stops at once. The state is a torch.distributed.checkpoint directory `path`
       (each rank writes its shards; written beside it and renamed): a run saved on N ranks resumes on
       any number whose ranks x accumulate keep the global batch (DCP reshards, the streams are per
       micro-batch); the following steps' losses are those of a run never stopped;
@@ -493,16 +494,18 @@ class TrainLoop:
             raise ValueError('"rng" is the name of the global RNG state; call yours something else')
         self.path, self.cfg, self.total, self.state = path, cfg, total, state
         self.save_every, self.desc, self.step, self.first_step, self._stop = save_every, desc, 0, 0, 0
-        if resume and os.path.exists(os.path.join(path, "run.json")):
-            self._load()
+        saved = [p for p in (path, f"{path}.old") if os.path.exists(os.path.join(p, "run.json"))]
+        if resume and saved:  # (.old: a save killed between its two renames)
+            self._load(saved[0])
             self.first_step = self.step
-            print(f"resuming {desc} from {path} at step {self.step}")
+            print(f"resuming {desc} from {saved[0]} at step {self.step}")
         elif resume:
             print(f"--resume: no saved state at {path}; {desc} starts from step 0")
 
-    def _state_dict(self) -> dict:
+    def _state_dict(self, optimizers) -> dict:
         """Everything to save, as DCP state dicts (models and optimizers by parameter name, resharded on
-        load); rank 0 alone holds stream 0's global RNG."""
+        load); of the optimizers only those that have stepped (DCP would step the others, at lr 0, to
+        give them a state); stream 0's global RNG on rank 0."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         out = {}
@@ -510,7 +513,7 @@ class TrainLoop:
             if isinstance(obj, nn.Module):
                 out[name] = get_model_state_dict(obj)
             elif isinstance(obj, torch.optim.Optimizer):
-                out[name] = get_optimizer_state_dict(self._model_of(obj), obj)
+                out.update({name: get_optimizer_state_dict(self._model_of(obj), obj)} if name in optimizers else {})
             else:
                 out[name] = {"state": obj.get_state()} if isinstance(obj, torch.Generator) else obj.state_dict()
         return {**out, **({"rng": global_rng()} if rank() == 0 else {})}
@@ -526,40 +529,42 @@ class TrainLoop:
         if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
-        dcp.save(self._state_dict(), checkpoint_id=tmp, no_dist=world() == 1)
+        stepped = [n for n, o in self.state.items() if isinstance(o, torch.optim.Optimizer) and o.state]
+        dcp.save(self._state_dict(stepped), checkpoint_id=tmp, no_dist=world() == 1)
         if rank() == 0:
             with open(os.path.join(tmp, "run.json"), "w") as f:  # what it was saved with, as JSON
-                json.dump({"step": self.step, "ranks": world(), "config": asdict(self.cfg)}, f)
+                json.dump({"step": self.step, "ranks": world(), "optimizers": stepped, "config": asdict(self.cfg)}, f)
+            shutil.rmtree(old, ignore_errors=True)
             if os.path.exists(self.path):
                 os.replace(self.path, old)
             os.replace(tmp, self.path)
             shutil.rmtree(old, ignore_errors=True)
         barrier()
 
-    def _load(self):
+    def _load(self, path: str):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        with open(os.path.join(self.path, "run.json")) as f:
+        with open(os.path.join(path, "run.json")) as f:
             saved = json.load(f)
         cfg = cv.config_from_dict(saved["config"])
         diff = {f.name: (getattr(cfg, f.name), getattr(self.cfg, f.name)) for f in fields(cv.Config)
                 if f.name != "accumulate" and getattr(cfg, f.name) != getattr(self.cfg, f.name)}
         if diff:
-            raise cv.CausVidError(f"{self.path!r} was saved with another config ({diff}, saved vs now); "
+            raise cv.CausVidError(f"{path!r} was saved with another config ({diff}, saved vs now); "
                                   "resume with the same flags, or delete it to start over")
         if saved["ranks"] * cfg.accumulate != world() * self.cfg.accumulate:
-            raise cv.CausVidError(f"{self.path!r} was saved by {saved['ranks']} rank(s) x accumulate {cfg.accumulate}; "
+            raise cv.CausVidError(f"{path!r} was saved by {saved['ranks']} rank(s) x accumulate {cfg.accumulate}; "
                                   f"resume with ranks x accumulate = {saved['ranks'] * cfg.accumulate} (the same global "
                                   f"batch), e.g. --set accumulate={saved['ranks'] * cfg.accumulate // world()} on "
                                   f"{world()} rank(s)")
-        state = self._state_dict()
-        dcp.load(state, checkpoint_id=self.path, no_dist=world() == 1)
+        state = self._state_dict(saved["optimizers"])
+        dcp.load(state, checkpoint_id=path, no_dist=world() == 1)
         for name, obj in self.state.items():
             if isinstance(obj, nn.Module):
                 set_model_state_dict(obj, state[name])
             elif isinstance(obj, torch.optim.Optimizer):
-                set_optimizer_state_dict(self._model_of(obj), obj, state[name])
+                set_optimizer_state_dict(self._model_of(obj), obj, state[name]) if name in state else None
             else:
                 obj.set_state(state[name]["state"]) if isinstance(obj, torch.Generator) else obj.load_state_dict(state[name])
         if rank() == 0:
@@ -568,11 +573,11 @@ class TrainLoop:
 
     def __enter__(self):
         def on_signal(signum, frame):
-            if self._stop:  # the second signal: stop now
-                raise KeyboardInterrupt
-            self._stop = signum
+            if self._stop and signum == signal.SIGINT:  # a second Ctrl-C: stop now (a scheduler's
+                raise KeyboardInterrupt                 # repeated SIGTERMs still wait for the save)
+            self._stop = self._stop or signum
             tqdm.write(f"{signal.Signals(signum).name}: stopping after step {self.step + 1}, saving {self.path} "
-                       "(again to quit now)")
+                       "(Ctrl-C again to quit now)")
 
         main = threading.current_thread() is threading.main_thread()
         self._old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
