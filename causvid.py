@@ -338,21 +338,21 @@ class KVCache:
         """k (before RoPE), v (B, S, heads, head_dim) of a chunk's S tokens; rotation (S_all, head_dim / 2)
         for the cache's positions and the chunk's. -> the keys and values the chunk attends over: the
         cache's, then its own (Alg. 2 line 7)."""
-        end = rotation.shape[0]  # (not num_tokens: a checkpointed block recomputed in backward writes where it first did)
-        start = end - k.shape[1]
+        start, end = rotation.shape[0] - k.shape[1], rotation.shape[0]
         if not self.rope_on_read:
             k = apply_rope(k, rotation[start:end])
+        if k.requires_grad:  # training through the cache (Self-Forcing): the chunk's keys keep their graph and
+            keys, values = (torch.cat([store[layer][:, :start], new], 1) if layer in store else new  # are not written
+                            for store, new in ((self.k, k), (self.v, v)))
+            return apply_rope(keys, rotation[:end]) if self.rope_on_read else keys, values
         for store, new in ((self.k, k), (self.v, v)):
             if layer not in store or store[layer].shape[1] < end:  # allocate, or grow by doubling
                 buffer = new.new_empty(new.shape[0], 2 * end, *new.shape[2:])
                 if layer in store:
                     buffer[:, :start] = store[layer][:, :start]
                 store[layer] = buffer
-            store[layer][:, start:end] = new.detach()
-        if k.requires_grad:  # training through the cache (Self-Forcing): the chunk's own keys keep their graph
-            keys, values = torch.cat([self.k[layer][:, :start], k], 1), torch.cat([self.v[layer][:, :start], v], 1)
-        else:
-            keys, values = self.k[layer][:, :end], self.v[layer][:, :end]
+            store[layer][:, start:end] = new
+        keys, values = self.k[layer][:, :end], self.v[layer][:, :end]
         return apply_rope(keys, rotation[:end]) if self.rope_on_read else keys, values
 
     def commit(self, frames: int, tokens: int):
@@ -533,8 +533,7 @@ class DiT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
                 x = block(*args)
-        if write_cache:
-            cache.commit(Fr, x.shape[1])
+        cache.commit(Fr, x.shape[1]) if write_cache else None  # (under no_grad: only then are keys written)
         x = self.head(x, e0)  # (B, S, C * ph * pw)
         return rearrange(x, "b (f h w) (ph pw c) -> b f c (h ph) (w pw)", f=Fr, h=rows, w=cols, ph=ph, pw=pw)
 
@@ -551,8 +550,9 @@ def predict_x0(model: Callable, x_t, t, text, **kw) -> torch.Tensor:
 
 @torch.no_grad()
 def fill_cache(model: DiT, cache: KVCache, x0: torch.Tensor, text: torch.Tensor):
-    """Alg. 2 lines 10-12: run the finished (clean) frames at t = 0 and add their keys/values."""
-    model(x0, torch.zeros(x0.shape[:2], device=x0.device), text, cache=cache, write_cache=True)
+    """Alg. 2 lines 10-12: run the finished (clean) frames at t = 0 and add their keys/values (no graph)."""
+    with torch.no_grad():
+        model(x0, torch.zeros(x0.shape[:2], device=x0.device), text, cache=cache, write_cache=True)
 
 
 def renoise(x0: torch.Tensor, t: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -609,7 +609,7 @@ def stream_generate(model: DiT, noise, text, timesteps: torch.Tensor, generator:
     if context is not None and context.shape[1] % K:
         raise ValueError(f"the context's {context.shape[1]} frames are not a whole number of chunks of {K}")
     past = [] if context is None else list(context.split(K, dim=1))  # clean chunks not yet in the cache
-    rolling, in_window = window is not None and sink is not None, []  # in_window: clean chunks the cache holds
+    rolling, in_window = window is not None and sink is not None, []  # in_window: the chunks to re-encode
     cache = RollingKVCache(sink, window, K) if rolling else KVCache()  # line 2
     for c, x in enumerate(noise):  # lines 3-4
         txt = text if isinstance(text, torch.Tensor) else text[c]
@@ -617,7 +617,7 @@ def stream_generate(model: DiT, noise, text, timesteps: torch.Tensor, generator:
             past, cache, in_window = (in_window + past)[-(keep // K):], KVCache(), []
         if past:  # lines 10-12, for the chunks finished since (or the context)
             fill_cache(model, cache, torch.cat(past, 1), txt)
-            in_window, past = (in_window + past) if window is not None else [], []
+            in_window, past = (in_window + past) if window is not None and not rolling else [], []
         g = generator(c) if callable(generator) else generator
         x0, _ = denoise_chunk(model, x, txt, timesteps, cache, g)  # lines 5-9
         past.append(x0)

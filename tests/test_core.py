@@ -341,6 +341,31 @@ def test_the_rolling_cache_equals_the_full_forward_within_its_window_and_stays_b
         cv.RollingKVCache(sink=6, window=8, chunk_size=2)
 
 
+def live_tensor_elements() -> int:
+    """Elements of every tensor storage alive now (each storage counted once)."""
+    import gc
+
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in gc.get_objects()
+                if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
+    return sum(storages.values())
+
+
+def test_a_rolling_stream_holds_constant_memory_once_its_window_is_full():
+    """stream_generate with a RollingKVCache keeps nothing but the cache: the tensors alive while the
+    stream is suspended after chunk 20 and after chunk 150 (300 frames) are the same bytes."""
+    cfg = small_config(chunk_size=2, num_frames=6)
+    model = make_model(causal=True, cfg=cfg)
+    text = torch.randn(1, 5, 16)
+    chunks = (torch.randn(1, 2, 3, 8, 8) for _ in range(150))  # noise as the stream reaches it
+    alive = {}
+    for c, x0 in enumerate(cv.stream_generate(model, chunks, text, TS, torch.Generator().manual_seed(7), window=8,
+                                              sink=2)):
+        del x0  # the caller keeps nothing
+        if c + 1 in (20, 150):
+            alive[c + 1] = live_tensor_elements()
+    assert alive[20] == alive[150], alive
+
+
 def test_cache_holds_post_rope_keys_at_their_positions():
     """A chunk streamed after c cached frames is encoded at time positions c.. (not 0..): its cached
     keys equal those of the same frames written in one go after the same past."""
@@ -847,7 +872,7 @@ def test_self_forcing_rollout_is_the_students_own_stream_with_gradient_through_o
     """The rollout's chunks are exactly Alg. 2's x0 at student step s (stream_generate stopped there,
     the same noise draws), and the gradient is that of step s's forward of each chunk given its
     detached past -- nothing flows through the earlier steps, the cache or other chunks' inputs.
-    Gradient checkpointing gives the same gradient (the cache is written where it first was)."""
+    Gradient checkpointing gives the same gradient (a forward with gradient never writes the cache)."""
     cfg = small_config()
     noise, _, text = inputs(cfg, seed=14)
     grads = []
@@ -874,6 +899,26 @@ def test_self_forcing_rollout_is_the_students_own_stream_with_gradient_through_o
     for p, a, b in zip(model.parameters(), *grads):
         assert (p.grad - a).abs().max() <= 1e-5 * (1 + a.abs().max()) and (a - b).abs().max() <= 1e-5 * (1 + a.abs().max())
     assert any(a.abs().max() > 0 for a in grads[0])
+
+
+def test_a_forward_with_gradient_never_writes_the_cache():
+    """Self-Forcing's step with gradient attends over the cache without writing into it, so a
+    checkpointed block recomputed in backward cannot change what later chunks saw; the cache is
+    written only under no_grad (fill_cache)."""
+    cfg = small_config()
+    model = make_model(causal=True, cfg=cfg).train()
+    model.gradient_checkpointing = True
+    x, _, text = inputs(cfg, seed=16)
+    cache = cv.KVCache()
+    cv.fill_cache(model, cache, x[:, :2], text)
+    for buffer in [*cache.k.values(), *cache.v.values()]:
+        buffer[:, cache.num_tokens:] = 7.0  # the free slot the next chunk's keys would be written to
+    before = {layer: (k.clone(), cache.v[layer].clone()) for layer, k in cache.k.items()}
+    out = model(x[:, 2:4], torch.full((2, 2), 500.0), text, cache=cache)
+    out.square().mean().backward()
+    assert cache.num_frames == 2 and all(torch.equal(k, cache.k[layer]) and torch.equal(v, cache.v[layer])
+                                         for layer, (k, v) in before.items())
+    assert all(not k.requires_grad for k in cache.k.values())
 
 
 def test_self_forcing_passes_no_gradient_to_the_noise_or_the_past():
