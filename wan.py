@@ -131,6 +131,24 @@ def from_diffusers_state_dict(model: cv.DiT, state: dict[str, torch.Tensor]) -> 
     return model
 
 
+def save_diffusers(model: cv.DiT, path: str):
+    """Our DiT as a diffusers WanTransformer3DModel directory (config.json + one .safetensors), the
+    reverse of from_diffusers_state_dict: WanTransformer3DModel.from_pretrained(path) loads it."""
+    from safetensors.torch import save_file
+
+    cfg = model.cfg
+    config = {"_class_name": "WanTransformer3DModel", "patch_size": list(cfg.patch_size), "num_attention_heads":
+              cfg.num_heads, "attention_head_dim": cfg.dim // cfg.num_heads, "in_channels": cfg.channels,
+              "out_channels": cfg.channels, "text_dim": cfg.text_dim, "freq_dim": cfg.freq_dim, "ffn_dim": cfg.ffn_dim,
+              "num_layers": cfg.num_layers, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": cfg.eps,
+              "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": 1024}
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    state = {diffusers_key(k): v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(path, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+
+
 def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
     """Every tensor of a model directory: its one .safetensors file, or the shards its index lists."""
     from safetensors.torch import load_file

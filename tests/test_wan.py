@@ -225,3 +225,83 @@ def test_the_bench_runs_at_toy_size(capsys):
     assert f"{bench.parameters(cv.get_config('wan2.1-t2v-1.3b')) / 1e9:.3f}" == "1.419"  # Wan2.1-T2V-1.3B's DiT
     full = bench.stream_flops(cv.get_config("wan2.1-t2v-1.3b"), 21)
     assert 7.0e14 < full < 8.0e14  # about 756 TFLOP for one 81-frame video (3 steps + cache writes per chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: a diffusers transformer directory and a LoRA against the teacher (export.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def diffusers_output(model, x, t, text):
+    with torch.no_grad():
+        return rearrange(model(rearrange(x, "b f c h w -> b c f h w"), t, text).sample, "b c f h w -> b f c h w")
+
+
+def probe():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(2, 6, 4, 4, 6, generator=g), torch.tensor([800.0, 300.0]), torch.randn(2, 12, 16, generator=g)
+
+
+def test_export_writes_a_diffusers_directory_with_the_students_outputs(wan_run, tmp_path):
+    import export
+
+    common, run = wan_run
+    export.main(common + ["--lora-rank", "0", "--out", str(tmp_path)])
+    theirs = diffusers.WanTransformer3DModel.from_pretrained(str(tmp_path / "transformer")).eval()
+    ours = utils.load_model(str(run / "dmd.safetensors"), causal=False).eval()  # the student, bidirectional
+    x, t, text = probe()
+    with torch.no_grad():
+        a = ours(x, t[:, None].expand(2, 6), text)
+    assert (a - diffusers_output(theirs, x, t, text)).abs().max() <= 1e-4 and a.abs().max() > 1e-2
+    assert not list(tmp_path.glob("*lora*"))  # --lora-rank 0: the directory alone
+
+
+def test_export_lora_loads_with_diffusers_and_reproduces_the_student_at_full_rank(wan_dir, wan_run, tmp_path, capsys):
+    """A student that differs from the teacher in its linear layers (weights and biases), the part a
+    LoRA can carry: at full rank diffusers' own Wan LoRA loading (ComfyUI's format, converted) on the
+    teacher gives the student's outputs; at lower ranks the error falls as the rank grows."""
+    import export
+    from diffusers.loaders import WanLoraLoaderMixin
+
+    common, run = wan_run
+    teacher = utils.load_model(str(wan_dir), causal=False, expect=small_base())  # compared without the mask
+    student = copy_with_linear_noise(teacher)
+    utils.save_model(str(tmp_path / "student.safetensors"), student)
+    x, t, text = probe()
+    with torch.no_grad():
+        target = student.eval()(x, t[:, None].expand(2, 6), text)
+    errors = {}
+    for rank in (1, 4, 40):  # 40 >= every layer's smaller side: full rank
+        export.main(common + ["--ckpt", str(tmp_path / "student.safetensors"), "--lora-rank", str(rank),
+                              "--out", str(tmp_path / "out")])
+        path = tmp_path / "out" / f"causvid_lora_rank{rank}.safetensors"
+        model = diffusers.WanTransformer3DModel.from_pretrained(str(wan_dir / "transformer")).eval()
+        model.load_lora_adapter(WanLoraLoaderMixin.lora_state_dict(str(path)), prefix="transformer")
+        errors[rank] = (diffusers_output(model, x, t, text) - target).abs().max().item()
+    assert errors[40] <= 1e-4 < errors[4] < errors[1], errors
+    out = capsys.readouterr().out
+    assert "blocks.self_attn.q.weight" in out and "not in the LoRA" in out
+
+
+def copy_with_linear_noise(model):
+    import copy
+
+    student = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for m in student.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.add_(torch.randn(m.weight.shape, generator=g) * 0.05)
+                m.bias.add_(torch.randn(m.bias.shape, generator=g) * 0.05)
+    return student
+
+
+def test_export_refuses_toy_checkpoints_and_a_lora_without_its_teacher(wan_run, run_dir, tmp_path):
+    import export
+
+    common, run = wan_run
+    with pytest.raises(cv.CausVidError, match="toy-world checkpoint; export is for Wan students"):
+        export.main(["--tiny", "--run-dir", str(run_dir)])
+    with pytest.raises(cv.CausVidError, match="pass --model-dir"):
+        export.main(["--config", "wan2.1-t2v-1.3b", "--run-dir", str(run), "--out", str(tmp_path)])
+    assert not (tmp_path / "transformer").exists()  # refused before anything was written
