@@ -1,11 +1,10 @@
 """Streaming generation with the KV cache (Sec. 4.4, Alg. 2) and the applications of Sec. 5.3-5.4.
 
-Samples the distilled causal student (<run>/dmd.safetensors, or --ckpt) chunk by chunk, prints the
-time to the first chunk and the frames per second, and writes into --out (default: the run directory)
-  <name>.npz   frames uint8 (N, F, H, W, 3) and prompts (N,)
-  <name>.gif and .mp4   the clips in a grid, upscaled with nearest neighbour
-On the toy world it also scores the samples (best-fit PSNR, prompt accuracy, diversity, steady motion;
-per-window PSNR for videos longer than the training length).
+Samples the distilled causal student (<run>/dmd.safetensors, or --ckpt) chunk by chunk, prints the time
+to the first chunk and the frames per second, and writes into --out (default: the run directory)
+  <name>.gif and .mp4   the clips in a grid (upscaled to >= 128 px), each chunk written as it is made
+  <name>.npz   toy world: frames uint8 (N, F, H, W, 3) and prompts (N,); and the scores (best-fit PSNR,
+               prompt accuracy, diversity, steady motion; per window for videos longer than training's).
 
 Modes (all through the one streaming loop, causvid.stream_generate):
   text-to-video      --prompt TEXT (repeatable: one video each; default all 48 toy prompts)
@@ -22,6 +21,7 @@ the past at every step instead of using the cache (Table 3's baseline).
 
 import argparse
 import os
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -146,8 +146,7 @@ def main(argv=None):
                                                vae=cfg.vae or model.cfg.vae)
     cfg = replace(model.cfg, **{**paths, **overrides})
     text_encoder = utils.text_encoder_for(path, cfg, device)
-    if args.exact_teacher:
-        model = utils.real_score(model, text_encoder, cfg, exact=True)
+    model = utils.real_score(model, text_encoder, cfg, exact=True) if args.exact_teacher else model
     sink = cfg.sink if cfg.sink >= 0 and window is not None and num_frames + K * bool(args.image) > window else None
     if sink is not None and sink > window - 2 * K:
         raise cv.CausVidError(f"sink {sink} leaves no room for two chunks in the window {window}; lower it")
@@ -156,13 +155,12 @@ def main(argv=None):
     base = args.prompt or toy.PROMPTS
     if inputs is not None and inputs.shape[0] > 1 and len(base) not in (1, inputs.shape[0]):
         raise cv.CausVidError(f"--video holds {inputs.shape[0]} videos: give one --prompt, or one per video")
-    if inputs is not None and inputs.shape[0] > 1 and len(base) == 1:
-        base = base * inputs.shape[0]
+    base = base * inputs.shape[0] if inputs is not None and inputs.shape[0] > 1 and len(base) == 1 else base
     prompts = [p for p in base for _ in range(args.samples_per_prompt)]
     mode = ("image-to-video" if args.image else f"video-to-video from t = {cv.student_timesteps(cfg)[start]:.0f}"
             if args.video else "text-to-video") + (f", prompt switches {switches}" if switches else "")
-    role = {"student": "causal student", "causal": "causal teacher", "teacher": "bidirectional teacher"}[kind]
-    role = "exact toy teacher" if args.exact_teacher else role
+    role = "exact toy teacher" if args.exact_teacher else {"student": "causal student", "causal": "causal teacher",
+                                                          "teacher": "bidirectional teacher"}[kind]
     print(f"model: {path} ({role}), {len(prompts)} videos of {num_frames} frames, {mode}, "
           f"window {window or 'unbounded'}, device {device}")
 
@@ -175,24 +173,26 @@ def main(argv=None):
     context = None if image is None else toy.to_model_space(image).expand(len(prompts), K, -1, -1, -1)  # Sec. 5.3
     video = None if inputs is None else toy.to_model_space(inputs[rows % inputs.shape[0], :num_frames])
     batch = args.batch_size or (64 if cfg.name == "tiny" else 1)
-    sample, first, seconds = utils.generate(model, kind, text, cfg, num_frames,
-                                            args.seed, device, emb[cfg.negative_prompt][None].to(device), context,
-                                            video, start, window, sink, not args.no_cache, vae, batch)
-    if context is not None:
-        sample = torch.cat([context, sample], 1)  # the given chunk leads the video
-    frames = toy.to_uint8(sample).numpy()  # (N, F, H, W, 3)
-    shown = frames.shape[1] - (K if image is not None else 0)  # generated frames (pixels, after a VAE)
-    print(f"time to first chunk {first:.3f} s (batch of {min(batch, len(prompts))}) | "
-          f"{len(prompts) * shown / seconds:.1f} frames/s | {seconds:.1f} s in all")
-
     stem = os.path.join(out, args.name or "samples_" + os.path.splitext(os.path.basename(path))[0])
-    np.savez(f"{stem}.npz.tmp{os.getpid()}.npz", frames=frames, prompts=np.array(prompts))
-    os.replace(f"{stem}.npz.tmp{os.getpid()}.npz", f"{stem}.npz")
-    for ext in (".gif", ".mp4"):
-        utils.write_video(stem + ext, torch.from_numpy(frames))
-    print(f"wrote {stem}.npz, {stem}.gif, {stem}.mp4")
-
-    if cfg.name == "tiny" and all(p in toy.PROMPTS for p in prompts) and not (switches or args.video or args.image):
+    stream = utils.stream_video(model, kind, text, cfg, num_frames, args.seed, device, emb[cfg.negative_prompt][None]
+                                .to(device), context, video, start, window, sink, not args.no_cache, vae, batch)
+    lead = [] if context is None else [toy.to_uint8(context)]  # the image leads the video
+    kept, shown, first, t0 = [], 0, None, time.perf_counter()  # kept: the toy world's frames (.npz, scores)
+    with utils.VideoWriter([stem + ".gif", stem + ".mp4"]) as files:  # each chunk written as it arrives
+        for chunk in stream:
+            first, shown = first or time.perf_counter() - t0, shown + chunk.shape[1]
+            for frames in lead + [toy.to_uint8(chunk)]:
+                files.append(frames)
+                kept += [frames] if cfg.name == "tiny" else []
+            lead = []
+    seconds = time.perf_counter() - t0
+    if kept:  # the toy world's frames
+        frames = torch.cat(kept, 1).numpy()  # (N, F, H, W, 3)
+        np.savez(f"{stem}.npz.tmp{os.getpid()}.npz", frames=frames, prompts=np.array(prompts))
+        os.replace(f"{stem}.npz.tmp{os.getpid()}.npz", f"{stem}.npz")
+    print(f"time to first chunk {first:.3f} s ({len(prompts)} videos) | {len(prompts) * shown / seconds:.1f} frames/s | "
+          f"{seconds:.1f} s in all\nwrote {stem}.gif, {stem}.mp4" + (f", {stem}.npz" if kept else ""))
+    if kept and all(p in toy.PROMPTS for p in prompts) and not (switches or args.video or args.image):
         return toy.print_scores(torch.from_numpy(frames), prompts, cfg.num_frames, args.samples_per_prompt > 1)
 
 

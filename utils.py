@@ -15,7 +15,7 @@ import time
 import warnings
 from dataclasses import asdict, fields, replace
 from datetime import timedelta
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -739,47 +739,62 @@ def prepare_for_inference(model: cv.DiT, device, dtype=None, compile: bool = Fal
     return model
 
 
-@torch.no_grad()
-def generate(model, kind: str, text, cfg: cv.Config, num_frames: int, seed: int, device, uncond=None, context=None,
-             video=None, start: int = 0, window=None, sink=None, use_cache: bool = True, vae=None, batch: int = 64):
-    """Videos from every kind of model, in batches of `batch` (the videos from row i on use seed + i):
+def stream_video(model, kind: str, text, cfg: cv.Config, num_frames: int, seed: int, device, uncond=None,
+                 context=None, video=None, start: int = 0, window=None, sink=None, use_cache: bool = True, vae=None,
+                 batch: int = 64) -> Iterator[torch.Tensor]:
+    """Videos from every kind of model, yielded as they are made: chunk by chunk (N, K, C, H, W), float
+    on the CPU, for the streaming student; whole for the teachers.
       "teacher"  the bidirectional model: Euler + CFG over the whole clip (sample_ode)
       "causal"   a causal diffusion model: Euler + CFG chunk by chunk with the KV cache (sample_ode_causal)
       "student"  CausVid's streaming generator (Alg. 2; recompute_generate with use_cache=False)
     text (N, L, D_text) or one such tensor per chunk; context (N, F_c, ...) clean frames before the
     video (I2V); video (N, F, ...) inputs noised chunk by chunk to student step `start` (V2V); window,
-    sink: see stream_generate; vae decodes each chunk as it is made. Every chunk's noise comes from
-    chunk_rng. -> (videos (N, F, C, H, W) float on the CPU, seconds to the first chunk, seconds in all)."""
+    sink: see stream_generate; vae decodes each chunk as it is made. The N videos run in batches of
+    `batch` (from row i on with seed + i), advanced together: chunk c of every video is out before
+    chunk c + 1 is made. A chunk's noise (chunk_rng) is drawn when the stream reaches it: nothing here
+    grows with the video's length."""
     per_chunk = not isinstance(text, torch.Tensor)
-    N, K, outs, first, t0 = len(text[0] if per_chunk else text), cfg.chunk_size, [], None, time.perf_counter()
-    for i in range(0, N, batch):
-        rows, n = slice(i, i + batch), min(batch, N - i)
-        rng = lambda c, stream, i=i: chunk_rng(seed + i, c, stream, device)
-        txt = [x[rows].to(device) for x in text] if per_chunk else text[rows].to(device)
-        ctx = None if context is None else context[rows].to(device)
-        noise = torch.cat([torch.randn(n, K, cfg.channels, cfg.height, cfg.width, generator=rng(c, 0), device=device)
-                           for c in range(num_frames // K)], 1)
-        with autocast(device):
-            if kind == "teacher":  # the whole clip at once: nothing to show before the end
-                stream = [cv.sample_ode(model, noise, txt, uncond, cfg.teacher_guidance, cfg.teacher_steps, cfg.shift)[0]]
-            elif kind == "causal":
-                stream = [cv.sample_ode_causal(model, noise, txt, uncond, cfg.teacher_guidance, cfg.teacher_steps,
-                                               cfg.shift, context=ctx)[0]]
-            else:
-                timesteps = cv.student_timesteps(cfg).to(device)[start:]
-                chunks = noise.split(K, 1)
-                if video is not None:  # SDEdit, lazily: a chunk is noised only when the loop reaches it
-                    chunks = (cv.add_noise(v, e, torch.full(v.shape[:2], float(timesteps[0]), device=device))
-                              for v, e in zip(video[rows].to(device).split(K, 1), chunks))
-                renoise = lambda c: rng(c, 1)
-                stream = cv.stream_generate(model, chunks, txt, timesteps, renoise, ctx, window, sink=sink) if use_cache \
-                    else cv.recompute_generate(model, torch.cat(list(chunks), 1), txt, timesteps, renoise, ctx)
-            out = []
-            for chunk in (stream if vae is None else vae.decode_stream(stream)):
-                out.append(chunk.float().cpu())
-                first = first or time.perf_counter() - t0
-        outs.append(torch.cat(out, 1))
-    return torch.cat(outs), first, time.perf_counter() - t0
+    N, K = len(text[0] if per_chunk else text), cfg.chunk_size
+
+    def rows(i: int) -> Iterator[torch.Tensor]:  # the videos of one batch, from row i
+        n, sl, rng = min(batch, N - i), slice(i, i + batch), lambda c, stream: chunk_rng(seed + i, c, stream, device)
+        txt = [x[sl].to(device) for x in text] if per_chunk else text[sl].to(device)
+        ctx = None if context is None else context[sl].to(device)
+        noise = (torch.randn(n, K, cfg.channels, cfg.height, cfg.width, generator=rng(c, 0), device=device)
+                 for c in range(num_frames // K))
+        if kind == "teacher":  # the whole clip at once: nothing to show before the end
+            stream = [cv.sample_ode(model, torch.cat(list(noise), 1), txt, uncond, cfg.teacher_guidance,
+                                    cfg.teacher_steps, cfg.shift)[0]]
+        elif kind == "causal":
+            stream = [cv.sample_ode_causal(model, torch.cat(list(noise), 1), txt, uncond, cfg.teacher_guidance,
+                                           cfg.teacher_steps, cfg.shift, context=ctx)[0]]
+        else:
+            timesteps = cv.student_timesteps(cfg).to(device)[start:]
+            if video is not None:  # SDEdit, lazily: a chunk is noised only when the loop reaches it
+                noise = (cv.add_noise(v, e, torch.full(v.shape[:2], float(timesteps[0]), device=device))
+                         for v, e in zip(video[sl].to(device).split(K, 1), noise))
+            renoise = lambda c: rng(c, 1)
+            stream = cv.stream_generate(model, noise, txt, timesteps, renoise, ctx, window, sink=sink) if use_cache \
+                else cv.recompute_generate(model, torch.cat(list(noise), 1), txt, timesteps, renoise, ctx)
+        for chunk in (stream if vae is None else vae.decode_stream(stream)):
+            yield chunk.float().cpu()
+
+    batches = [rows(i) for i in range(0, N, batch)]
+    while True:
+        with autocast(device):  # (around each step: a suspended generator must not hold autocast open)
+            chunks = [next(b, None) for b in batches]
+        if chunks[0] is None:
+            return
+        yield torch.cat(chunks)
+
+
+def generate(*args, **kw) -> tuple[torch.Tensor, float, float]:
+    """stream_video's videos whole: -> (videos (N, F, C, H, W), seconds to the first chunk, seconds in all)."""
+    t0, chunks, first = time.perf_counter(), [], None
+    for chunk in stream_video(*args, **kw):
+        chunks.append(chunk)
+        first = first or time.perf_counter() - t0
+    return torch.cat(chunks, 1), first, time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -787,25 +802,49 @@ def generate(model, kind: str, text, cfg: cv.Config, num_frames: int, seed: int,
 # ------------------------------------------------------------------------------------------------
 
 
-def write_video(path: str, frames: torch.Tensor, scale: int = 8, fps: int = 8, columns: int = 8):
-    """uint8 (N, F, H, W, 3) -> one video (.gif or .mp4) of the N clips in a grid, each upscaled by
-    nearest neighbour so 16x16 frames are visible. Written to a temporary name, then renamed."""
-    import imageio.v2 as imageio
+class VideoWriter:
+    """.gif / .mp4 files of N clips in a grid, each clip upscaled by nearest neighbour to at least 128
+    pixels high (16x16 toy frames are visible), written chunk by chunk as they arrive -- append(uint8
+    (N, k, H, W, 3)) -- so a stream of any length is written with flat memory. Under temporary names,
+    renamed when the `with` block ends; a failure leaves no half file."""
 
-    N, Fr, H, W, _ = frames.shape
-    cols = min(columns, N)
-    rows = -(-N // cols)
-    pad = torch.zeros(rows * cols - N, Fr, H, W, 3, dtype=torch.uint8)
-    grid = torch.cat([frames, pad]).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
-    grid = F.pad(grid.permute(0, 1, 4, 2, 3), (1, 1, 1, 1), value=64).permute(0, 1, 3, 4, 2)  # grey borders
-    grid = rearrange(grid, "(r c) f h w x -> f (r h) (c w) x", r=rows, c=cols).numpy()
-    ext = os.path.splitext(path)[1]
-    tmp = f"{path}.tmp{os.getpid()}{ext}"
-    if ext == ".gif":
-        imageio.mimsave(tmp, list(grid), duration=1000 / fps, loop=0)
-    else:
-        imageio.mimsave(tmp, list(grid), fps=fps, macro_block_size=1)
-    os.replace(tmp, path)
+    def __init__(self, paths: list[str], fps: int = 8, columns: int = 8):
+        self.paths, self.fps, self.columns, self.writers = paths, fps, columns, []
+
+    def __enter__(self):
+        import imageio.v2 as imageio
+
+        self.tmp = [f"{p}.tmp{os.getpid()}{os.path.splitext(p)[1]}" for p in self.paths]
+        self.writers = [imageio.get_writer(t, duration=1000 / self.fps, loop=0) if t.endswith(".gif")
+                        else imageio.get_writer(t, fps=self.fps, macro_block_size=1) for t in self.tmp]
+        return self
+
+    def append(self, frames: torch.Tensor):
+        N, k, H, W, _ = frames.shape
+        cols, scale = min(self.columns, N), max(1, 128 // H)
+        rows = -(-N // cols)
+        pad = torch.zeros(rows * cols - N, k, H, W, 3, dtype=torch.uint8)
+        grid = torch.cat([frames, pad]).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+        grid = F.pad(grid.permute(0, 1, 4, 2, 3), (1, 1, 1, 1), value=64).permute(0, 1, 3, 4, 2)  # grey borders
+        for frame in rearrange(grid, "(r c) f h w x -> f (r h) (c w) x", r=rows, c=cols).numpy():
+            for w in self.writers:
+                w.append_data(frame)
+
+    def __exit__(self, kind, error, tb):
+        for w in self.writers:
+            w.close()
+        for tmp, path in zip(self.tmp, self.paths):
+            if kind is None:
+                os.replace(tmp, path)
+            elif os.path.exists(tmp):  # (a writer that got no frame wrote no file)
+                os.remove(tmp)
+        return False
+
+
+def write_video(path: str, frames: torch.Tensor, fps: int = 8, columns: int = 8):
+    """uint8 (N, F, H, W, 3) -> one .gif or .mp4 of the N clips in a grid (VideoWriter)."""
+    with VideoWriter([path], fps, columns) as writer:
+        writer.append(frames)
 
 
 def read_frames(path: str, height: int, width: int) -> torch.Tensor:

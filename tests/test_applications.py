@@ -89,9 +89,12 @@ def test_dynamic_prompting(run_dir):
             run(run_dir, "--prompt", P, "--switch", bad)
 
 
-def test_long_video_reports_windows(run_dir):
+def test_long_video_reports_windows(run_dir, capsys):
     s = run(run_dir, "--prompt", P, "--num-frames", "36", "--window", "12")
     assert frames_of(run_dir).shape == (1, 36, 16, 16, 3) and s["window_psnr"].shape == (1, 3)
+    s = run(run_dir, "--prompt", P, "--num-frames", "36", "--set", "sink=3")  # the rolling cache
+    assert frames_of(run_dir).shape == (1, 36, 16, 16, 3) and s["window_psnr"].shape == (1, 3)
+    assert "per-window best-fit PSNR: " in capsys.readouterr().out
     with pytest.raises(cv.CausVidError, match="--window 4 must be a multiple of the chunk size 3"):
         run(run_dir, "--prompt", P, "--window", "4")
 

@@ -2,6 +2,7 @@
 parity with diffusers' Wan, flow matching and the DMD gradient."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -364,6 +365,25 @@ def test_a_rolling_stream_holds_constant_memory_once_its_window_is_full():
         if c + 1 in (20, 150):
             alive[c + 1] = live_tensor_elements()
     assert alive[20] == alive[150], alive
+
+
+def test_sampling_end_to_end_streams_with_flat_memory(tmp_path):
+    """utils.stream_video draws each chunk's noise when the stream reaches it and keeps nothing, and
+    VideoWriter appends each chunk to the .gif and .mp4 (sample.py's loop): 300 frames streamed with
+    a rolling cache hold the same bytes after chunk 20 as after chunk 150."""
+    cfg = replace(small_config(chunk_size=2, num_frames=6), height=8, width=8, text_len=5, text_dim=16)
+    model = make_model(causal=True, cfg=cfg)
+    alive, text = {}, torch.randn(2, 5, 16)
+    with utils.VideoWriter([str(tmp_path / "long.gif"), str(tmp_path / "long.mp4")]) as files:
+        for c, chunk in enumerate(utils.stream_video(model, "student", text, cfg, 300, 0, torch.device("cpu"),
+                                                     window=8, sink=2, batch=1)):  # 2 videos, batches of 1
+            files.append(toy.to_uint8(chunk))
+            del chunk
+            if c + 1 in (20, 150):
+                alive[c + 1] = live_tensor_elements()
+    assert alive[20] == alive[150], alive
+    import imageio.v2 as imageio
+    assert len(imageio.mimread(tmp_path / "long.mp4")) == 300
 
 
 def test_cache_holds_post_rope_keys_at_their_positions():
