@@ -361,11 +361,11 @@ class KVCache:
 
 
 class RollingKVCache(KVCache):
-    """A bounded cache for unbounded streams with no re-encoding: the first `sink` frames stay (an
-    attention sink), then the most recent ones, `window` frames in all with the chunk being made;
-    the middle is evicted. Keys are kept before RoPE and rotated when read, at their place in the
-    cache, so no position ever exceeds the window (StreamDiffusionV2, Rolling Forcing, LongLive;
-    Self-Forcing's sink_size / local_attn_size). Until the first eviction it equals KVCache."""
+    """A bounded cache for unbounded streams with no re-encoding (the attention sink of StreamingLLM;
+    Self-Forcing's sink_size / local_attn_size, LongLive): the first `sink` frames stay, then the most
+    recent ones, `window` frames in all with the chunk being made; the middle is evicted. Keys are kept
+    before RoPE and rotated when read at *contiguous* places, the sink just before the recent frames,
+    so no position exceeds the window (Self-Forcing rotates each key once at its absolute frame)."""
 
     rope_on_read = True
 
