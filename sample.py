@@ -103,9 +103,8 @@ def check_args(args, cfg: cv.Config):
         raise cv.CausVidError("--exact-teacher replaces the teacher: add --teacher")
     if args.image and args.video:
         raise cv.CausVidError("give --image or --video, not both")
-    if (args.image or args.video) and cfg.name != "tiny":
-        raise cv.CausVidError("--image / --video need the Wan VAE's encoder, which sample.py does not drive yet; "
-                              "use them with --tiny")
+    if (args.image or args.video) and cfg.name != "tiny" and not cfg.vae:
+        raise cv.CausVidError("--image / --video on Wan go through its VAE: pass --model-dir (or --vae)")
     window = cfg.num_frames if args.window is None else args.window or None
     if window is not None and (window % K or window < 2 * K):
         raise cv.CausVidError(f"--window {window} must be a multiple of the chunk size {K}, at least {2 * K} "
@@ -118,20 +117,20 @@ def main(argv=None):
     cfg, device, run = utils.resolve(args)
     path = args.ckpt or (utils.teacher_path(args, run, cfg) if args.teacher else os.path.join(run, "dmd.safetensors"))
     K, window = cfg.chunk_size, check_args(args, cfg)
-    inputs = utils.read_frames(args.video, cfg.height, cfg.width) if args.video else None
-    num_frames = args.num_frames if args.num_frames is not None else \
-        inputs.shape[1] // K * K if inputs is not None else cfg.num_frames
+    inputs = utils.read_frames(args.video, cfg, "--video") if args.video else None
+    given = None if inputs is None else inputs.shape[1] if cfg.name == "tiny" else 1 + (inputs.shape[1] - 1) // 4
+    num_frames = args.num_frames if args.num_frames is not None else given // K * K if given else cfg.num_frames
     if num_frames <= 0 or num_frames % K:
         raise cv.CausVidError(f"--num-frames {num_frames} must be a positive multiple of the chunk size "
                               f"{K}, e.g. {max(1, num_frames // K) * K}")
-    if inputs is not None and inputs.shape[1] < num_frames:
+    if given is not None and given < num_frames:
         raise cv.CausVidError(f"--video has {inputs.shape[1]} frames, fewer than --num-frames {num_frames}")
     if args.no_cache and window is not None and num_frames > window:
         raise cv.CausVidError("--no-cache recomputes the whole past; use it with --window 0 or videos no longer "
                               f"than the window ({window} frames)")
     switches = parse_switches(args.switch, num_frames // K)
     start = student_start(cfg, args.strength) if args.video else 0
-    image = utils.read_frames(args.image, cfg.height, cfg.width)[0, :1] if args.image else None  # (1, H, W, 3)
+    image = utils.read_frames(args.image, cfg)[0, :1] if args.image else None  # (1, H, W, 3)
     out = utils.writable_dir(args.out or run, "--out")
     model = utils.load_model(path, causal=None if args.teacher else True, device=device, expect=cfg)  # teachers: their role
     kind = "student" if not args.teacher else "causal" if model.causal and not args.exact_teacher else "teacher"
@@ -150,7 +149,6 @@ def main(argv=None):
     sink = cfg.sink if cfg.sink >= 0 and window is not None and num_frames + K * bool(args.image) > window else None
     if sink is not None and sink > window - 2 * K:
         raise cv.CausVidError(f"sink {sink} leaves no room for two chunks in the window {window}; lower it")
-    torch.backends.cudnn.benchmark = True  # the VAE's 3D convolutions
     vae = wan.WanVAE(cfg.vae, device, utils.inference_dtype(device)) if cfg.vae else None  # latents -> pixels, chunk by chunk
     base = args.prompt or toy.PROMPTS
     if inputs is not None and inputs.shape[0] > 1 and len(base) not in (1, inputs.shape[0]):
@@ -170,28 +168,30 @@ def main(argv=None):
         last = lambda c: max([s for s in switches if s <= c], default=None)
         text = [text if last(c) is None else emb[switches[last(c)]].expand_as(text) for c in range(num_frames // K)]
     rows = torch.arange(len(prompts)) // args.samples_per_prompt
-    context = None if image is None else toy.to_model_space(image).expand(len(prompts), K, -1, -1, -1)  # Sec. 5.3
-    video = None if inputs is None else toy.to_model_space(inputs[rows % inputs.shape[0], :num_frames])
+    pixels = num_frames if vae is None else 1 + 4 * (num_frames - 1)  # the input frames the video takes
+    video = None if inputs is None else toy.to_model_space(inputs[rows % inputs.shape[0], :pixels])
+    still = None if image is None else toy.to_model_space(image).expand(K if vae is None else 1 + 4 * (K - 1), -1, -1, -1)
+    context = None if still is None else (still if vae is None else vae.encode(still[None].to(device))[0].float().cpu()) \
+        .expand(len(prompts), -1, -1, -1, -1)  # Sec. 5.3: the image, still for a chunk (Wan: encoded), is chunk 0
     batch = args.batch_size or (64 if cfg.name == "tiny" else 1)
     stem = os.path.join(out, args.name or "samples_" + os.path.splitext(os.path.basename(path))[0])
     stream = utils.stream_video(model, kind, text, cfg, num_frames, args.seed, device, emb[cfg.negative_prompt][None]
                                 .to(device), context, video, start, window, sink, not args.no_cache, vae, batch)
-    lead = [] if context is None else [toy.to_uint8(context)]  # the image leads the video
-    kept, shown, first, t0 = [], 0, None, time.perf_counter()  # kept: the toy world's frames (.npz, scores)
+    stamps, kept, shown, t0 = [], [], 0, time.perf_counter()  # kept: the toy world's frames (.npz, scores)
     with utils.VideoWriter([stem + ".gif", stem + ".mp4"]) as files:  # each chunk written as it arrives
-        for chunk in stream:
-            first, shown = first or time.perf_counter() - t0, shown + chunk.shape[1]
-            for frames in lead + [toy.to_uint8(chunk)]:
-                files.append(frames)
-                kept += [frames] if cfg.name == "tiny" else []
-            lead = []
-    seconds = time.perf_counter() - t0
+        for i, chunk in enumerate(stream):
+            if i or image is None:  # (with --image the first chunk is the given one: not timed, not counted)
+                stamps, shown = stamps + [time.perf_counter()], shown + chunk.shape[1]
+            files.append(toy.to_uint8(chunk))
+            kept += [toy.to_uint8(chunk)] if cfg.name == "tiny" else []
+    seconds, ms = time.perf_counter() - t0, torch.tensor([t0] + stamps).diff() * 1000
     if kept:  # the toy world's frames
         frames = torch.cat(kept, 1).numpy()  # (N, F, H, W, 3)
         np.savez(f"{stem}.npz.tmp{os.getpid()}.npz", frames=frames, prompts=np.array(prompts))
         os.replace(f"{stem}.npz.tmp{os.getpid()}.npz", f"{stem}.npz")
-    print(f"time to first chunk {first:.3f} s ({len(prompts)} videos) | {len(prompts) * shown / seconds:.1f} frames/s | "
-          f"{seconds:.1f} s in all\nwrote {stem}.gif, {stem}.mp4" + (f", {stem}.npz" if kept else ""))
+    later = f", then {ms[1:].median():.0f} ms a chunk (slowest {ms[1:].max():.0f})" if len(ms) > 1 else ""
+    print(f"time to first chunk {ms[0] / 1000:.3f} s{later} for {len(prompts)} videos | {len(prompts) * shown / seconds:.1f} "
+          f"frames/s | {seconds:.1f} s in all\nwrote {stem}.gif, {stem}.mp4" + (f", {stem}.npz" if kept else ""))
     if kept and all(p in toy.PROMPTS for p in prompts) and not (switches or args.video or args.image):
         return toy.print_scores(torch.from_numpy(frames), prompts, cfg.num_frames, args.samples_per_prompt > 1)
 

@@ -174,7 +174,7 @@ def long_videos(model, kind, text, uncond, cfg, frames, seed, device):
     video = sample(model, kind, text, uncond, cfg, K, seed, device)[0]
     for c in range(1, frames // K):
         past = toy.to_model_space(video[:, -context:])
-        video = torch.cat([video, sample(model, kind, text, uncond, cfg, K, seed + c, device, context=past)[0]], 1)
+        video = torch.cat([video, sample(model, kind, text, uncond, cfg, K, seed + c, device, context=past)[0][:, -K:]], 1)
     return video
 
 

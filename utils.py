@@ -4,6 +4,7 @@ command line. Nothing here is CausVid; causvid.py is.
 """
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -748,11 +749,12 @@ def stream_video(model, kind: str, text, cfg: cv.Config, num_frames: int, seed: 
       "causal"   a causal diffusion model: Euler + CFG chunk by chunk with the KV cache (sample_ode_causal)
       "student"  CausVid's streaming generator (Alg. 2; recompute_generate with use_cache=False)
     text (N, L, D_text) or one such tensor per chunk; context (N, F_c, ...) clean frames before the
-    video (I2V); video (N, F, ...) inputs noised chunk by chunk to student step `start` (V2V); window,
-    sink: see stream_generate; vae decodes each chunk as it is made. The N videos run in batches of
-    `batch` (from row i on with seed + i), advanced together: chunk c of every video is out before
-    chunk c + 1 is made. A chunk's noise (chunk_rng) is drawn when the stream reaches it: nothing here
-    grows with the video's length."""
+    video (I2V), yielded first; video (N, F, ...) inputs noised chunk by chunk to student step `start`
+    (V2V; pixels with a vae, encoded chunk by chunk as the stream reaches them); window, sink: see
+    stream_generate; vae decodes each chunk as it is made. The N videos run in batches of `batch`
+    (from row i on with seed + i), advanced together: chunk c of every video is out before chunk c + 1
+    is made. A chunk's noise (chunk_rng) is drawn when the stream reaches it: nothing here grows with
+    the video's length."""
     per_chunk = not isinstance(text, torch.Tensor)
     N, K = len(text[0] if per_chunk else text), cfg.chunk_size
 
@@ -770,12 +772,14 @@ def stream_video(model, kind: str, text, cfg: cv.Config, num_frames: int, seed: 
                                            cfg.teacher_steps, cfg.shift, context=ctx)[0]]
         else:
             timesteps = cv.student_timesteps(cfg).to(device)[start:]
-            if video is not None:  # SDEdit, lazily: a chunk is noised only when the loop reaches it
+            if video is not None:  # SDEdit, lazily: a chunk is encoded and noised only when the loop reaches it
+                frames = video[sl].to(device).split(4 * K if vae else K, 1)  # (Wan: 4 pixel frames a latent one)
                 noise = (cv.add_noise(v, e, torch.full(v.shape[:2], float(timesteps[0]), device=device))
-                         for v, e in zip(video[sl].to(device).split(K, 1), noise))
+                         for v, e in zip(vae.encode_stream(frames, K) if vae else frames, noise))
             renoise = lambda c: rng(c, 1)
             stream = cv.stream_generate(model, noise, txt, timesteps, renoise, ctx, window, sink=sink) if use_cache \
                 else cv.recompute_generate(model, torch.cat(list(noise), 1), txt, timesteps, renoise, ctx)
+        stream = stream if ctx is None else itertools.chain([ctx], stream)  # the context leads the video
         for chunk in (stream if vae is None else vae.decode_stream(stream)):
             yield chunk.float().cpu()
 
@@ -847,10 +851,13 @@ def write_video(path: str, frames: torch.Tensor, fps: int = 8, columns: int = 8)
         writer.append(frames)
 
 
-def read_frames(path: str, height: int, width: int) -> torch.Tensor:
-    """An image (png, jpg, ...), a video (mp4, gif) or a samples .npz of ours -> uint8 (N, F, H, W, 3),
-    N = 1 except for an npz of several videos. RGBA loses its alpha; frames of another size are
-    resized (with a message); other channel counts and bit depths are refused."""
+def read_frames(path: str, cfg: cv.Config, flag: str = "--image") -> torch.Tensor:
+    """An image (png, jpg, ...), a video (mp4, gif) or a samples .npz of ours -> uint8 (N, F, H, W, 3)
+    at the model's pixel size (Wan: 8x its latents), N = 1 except for an npz of several videos. RGBA
+    loses its alpha; frames of another size are resized (with a message); other channel counts and bit
+    depths are refused; a --video must hold a chunk (Wan: 1 + 4k frames, its VAE's)."""
+    wan_vae = cfg.name != "tiny"
+    height, width = (cfg.height * 8, cfg.width * 8) if wan_vae else (cfg.height, cfg.width)
     import imageio.v2 as imageio
     import numpy as np
 
@@ -878,6 +885,12 @@ def read_frames(path: str, height: int, width: int) -> torch.Tensor:
         shrink = x.shape[2] >= height and x.shape[3] >= width
         x = F.interpolate(x, size=(height, width), mode="area" if shrink else "nearest")
         frames = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).unflatten(0, frames.shape[:2])
+    n, K = frames.shape[1], cfg.chunk_size
+    if flag == "--video" and wan_vae and (n - 1) % 4:
+        raise cv.CausVidError(f"--video has {n} frames; Wan's VAE encodes 1 + 4k frames: trim it to {1 + (n - 1) // 4 * 4}")
+    if flag == "--video" and (1 + (n - 1) // 4 if wan_vae else n) < K:
+        raise cv.CausVidError(f"--video has {n} frames, fewer than one chunk ({1 + 4 * (K - 1) if wan_vae else K}); "
+                              "give a longer video")
     return frames
 
 

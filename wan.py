@@ -232,6 +232,7 @@ class WanVAE:
                                       "(--vae or --model-dir)")
             vae = AutoencoderKLWan.from_pretrained(vae, torch_dtype=dtype)
         self.vae = vae.to(device).eval().requires_grad_(False)
+        torch.backends.cudnn.benchmark = True  # its 3D convolutions
         c = self.vae.config
         self.mean = torch.tensor(c.latents_mean, device=device, dtype=dtype).view(1, 1, -1, 1, 1)
         self.std = torch.tensor(c.latents_std, device=device, dtype=dtype).view(1, 1, -1, 1, 1)
@@ -241,6 +242,27 @@ class WanVAE:
         """pixels in [-1, 1] (B, 1 + 4k, 3, H, W) -> normalised latents (B, 1 + k, C, H / 8, W / 8)."""
         mu = self.vae.encode(rearrange(video, "b f c h w -> b c f h w")).latent_dist.mode()
         return (rearrange(mu, "b c f h w -> b f c h w") - self.mean) / self.std
+
+    @torch.no_grad()
+    def encode_stream(self, frames, chunk: int) -> Iterator[torch.Tensor]:
+        """Pixel frames (B, n, 3, H, W) as they arrive, in pieces of any length -> normalised latent chunks
+        (B, chunk, C, H / 8, W / 8), each as soon as its pixels are in: frame 0 alone makes latent 0,
+        every later 4 frames one more (diffusers' own per-frame encode loop, AutoencoderKLWan._encode,
+        driven with its causal cache kept between pieces, so the latents equal encode()'s)."""
+        vae, buffer, latents, made = self.vae, None, [], 0
+        vae.clear_cache()
+        for x in frames:
+            buffer = x if buffer is None else torch.cat([buffer, x], 1)
+            while buffer.shape[1] >= (4 if made else 1):
+                n, vae._enc_conv_idx = 4 if made else 1, [0]
+                latents.append(vae.encoder(rearrange(buffer[:, :n].to(self.mean.dtype), "b f c h w -> b c f h w"),
+                                           feat_cache=vae._enc_feat_map, feat_idx=vae._enc_conv_idx))
+                buffer, made = buffer[:, n:], made + 1
+                if len(latents) == chunk:  # quant_conv is per frame; the mode is the mean half
+                    mu = vae.quant_conv(torch.cat(latents, 2))[:, :vae.config.z_dim]
+                    yield (rearrange(mu, "b c f h w -> b f c h w") - self.mean) / self.std
+                    latents = []
+        vae.clear_cache()
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

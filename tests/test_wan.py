@@ -140,6 +140,10 @@ def test_the_vae_wrapper_matches_diffusers_and_streams(wan_dir):
     with torch.no_grad():
         mu = ref.encode(rearrange(pixels, "b f c h w -> b c f h w")).latent_dist.mode()
     assert (latents - (rearrange(mu, "b c f h w -> b f c h w") - mean.view(1, 1, 4, 1, 1)) / std.view(1, 1, 4, 1, 1)).abs().max() <= 1e-4
+    # encoding as the frames arrive, in pieces that do not line up with the VAE's 1 + 4 + 4 ... frames
+    pieces = [pixels[:, :2], pixels[:, 2:7], pixels[:, 7:8], pixels[:, 8:]]
+    streamed = list(vae.encode_stream(iter(pieces), 3))
+    assert [z.shape[1] for z in streamed] == [3, 3] and (torch.cat(streamed, 1) - latents).abs().max() <= 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +308,55 @@ def test_export_refuses_toy_checkpoints_and_a_lora_without_its_teacher(wan_run, 
     with pytest.raises(cv.CausVidError, match="pass --model-dir"):
         export.main(["--config", "wan2.1-t2v-1.3b", "--run-dir", str(run), "--out", str(tmp_path)])
     assert not (tmp_path / "transformer").exists()  # refused before anything was written
+
+
+# ---------------------------------------------------------------------------------------------
+# Image- and video-to-video on Wan, through the VAE's encoder (sample.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_wan_image_to_video_starts_from_the_image_in_the_cache(wan_run, tmp_path, monkeypatch):
+    """The image, still for a chunk's 1 + 4 (K - 1) pixel frames, is encoded into K latent frames that
+    fill the cache before the first generated chunk; the decoded video starts with it; same seed, same
+    frames."""
+    import imageio.v2 as imageio
+    import numpy as np
+
+    import sample
+
+    common, run = wan_run
+    image = (torch.rand(32, 48, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()
+    imageio.imwrite(tmp_path / "first.png", image)
+    filled, real_fill = [], cv.fill_cache
+    monkeypatch.setattr(cv, "fill_cache", lambda model, cache, x0, text: filled.append(x0.clone()) or real_fill(model, cache, x0, text))
+    args = common + ["--prompt", "a cat walking", "--image", str(tmp_path / "first.png"), "--out", str(tmp_path),
+                     "--num-frames", "3"]  # the image's chunk + 1 generated chunk fill the 6-frame window
+    sample.main(args + ["--name", "i2v"])
+    still = torch.from_numpy(image).float().div(127.5).sub(1).permute(2, 0, 1)[None, None].expand(1, 9, -1, -1, -1)
+    expect = wan.WanVAE(utils.load_model(str(run / "dmd.safetensors")).cfg.vae).encode(still)
+    assert filled[0].shape == (1, 3, 4, 4, 6) and (filled[0] - expect).abs().max() <= 1e-5  # the image first
+    frames = np.stack(imageio.mimread(tmp_path / "i2v.mp4"))
+    assert len(frames) == 1 + 4 * (3 + 3 - 1)  # the image's 3 latent frames + 3 generated, decoded together
+    sample.main(args + ["--name", "again"])
+    assert np.array_equal(frames, np.stack(imageio.mimread(tmp_path / "again.mp4")))
+
+
+def test_wan_video_to_video_encodes_chunk_by_chunk_and_refuses_bad_inputs(wan_run, tmp_path, capsys):
+    import imageio.v2 as imageio
+    import numpy as np
+
+    import sample
+
+    common, run = wan_run
+    clip = (torch.rand(1, 21, 32, 48, 3, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8).numpy()
+    np.savez(tmp_path / "in.npz", frames=clip)
+    args = common + ["--prompt", "a cat walking", "--out", str(tmp_path), "--name", "v2v", "--strength", "0.8"]
+    sample.main(args + ["--video", str(tmp_path / "in.npz")])  # 21 frames -> 6 latent frames, 2 chunks
+    assert len(imageio.mimread(tmp_path / "v2v.mp4")) == 21 and "ms a chunk" in capsys.readouterr().out
+    for frames, msg in [(20, "Wan's VAE encodes 1 \\+ 4k frames: trim it to 17"), (5, "fewer than one chunk \\(9\\)")]:
+        np.savez(tmp_path / "bad.npz", frames=clip[:, :frames])
+        with pytest.raises(cv.CausVidError, match=msg):
+            sample.main(args + ["--video", str(tmp_path / "bad.npz")])
+    np.savez(tmp_path / "big.npz", frames=clip.repeat(2, 2).repeat(2, 3))  # 64x96: resized, with a note
+    sample.main(args + ["--video", str(tmp_path / "big.npz")])
+    assert "resized" in capsys.readouterr().out
