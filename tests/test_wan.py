@@ -339,6 +339,7 @@ def test_wan_image_to_video_starts_from_the_image_in_the_cache(wan_run, tmp_path
     assert len(frames) == 1 + 4 * (3 + 3 - 1)  # the image's 3 latent frames + 3 generated, decoded together
     sample.main(args + ["--name", "again"])
     assert np.array_equal(frames, np.stack(imageio.mimread(tmp_path / "again.mp4")))
+    assert (tmp_path / "i2v.gif").read_bytes() == (tmp_path / "again.gif").read_bytes()  # the same bytes
 
 
 def test_wan_video_to_video_encodes_chunk_by_chunk_and_refuses_bad_inputs(wan_run, tmp_path, capsys):
