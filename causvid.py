@@ -68,6 +68,7 @@ class Config:
     teacher_guidance: float = 3.0  # the teacher's CFG scale when it samples (the ODE pairs)
     student_step_indices: tuple[int, ...] = (0, 6, 12, 18)  # the student's steps in the teacher's schedule
     sink: int = -1  # long videos: -1 re-encodes the window (official); n >= 0 a RollingKVCache keeping n frames
+    sink_gap: int = 0  # its RoPE gap between sink and recent frames: 0 contiguous; k at most k frames; -1 all
     # training (AdamW everywhere); the global batch is ranks x accumulate x batch_size
     batch_size: int = 32
     accumulate: int = 1  # micro-batches per optimizer step (and rank)
@@ -233,7 +234,6 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 def rope_angles(head_dim: int, frames: int, rows: int, cols: int, device=None, theta: float = 10000.0) -> torch.Tensor:
     """3D RoPE angles (frames * rows * cols, head_dim / 2), tokens in (f, h, w) order.
-
     Wan2.1 splits the head into a time part of head_dim - 4 (head_dim // 6) channels and two spatial
     parts of 2 (head_dim // 6); each rotates channel pairs by position x theta^(-2k / part). Frames are
     at time positions 0, 1, ...: a chunk streamed after c cached frames takes rows from c on (Alg. 2)."""
@@ -317,17 +317,16 @@ def compiled(fn):
 
 class KVCache:
     """Self-attention keys and values of the clean context frames, per layer (Alg. 2 line 2).
-
-    A chunk's keys and values are written in place into the slot after the cached frames (buffers
-    grow by doubling, so a stream makes a few allocations, not one concatenation per forward), and
-    commit() makes them part of the cache (Alg. 2 line 12); until then the next denoising step
-    overwrites the slot, as in the official release. Keys are stored after RoPE: each cached frame
-    keeps the position it was encoded at, and a new chunk sits at positions num_frames, ... It
-    attends to the whole cache plus itself with no mask: the cache holds only the past, so
-    block-causality holds by construction ("block-wise causal attention is no longer needed at
-    inference time", Sec. 4.4)."""
+    A chunk's keys and values are written in place into the slot after the cached frames (buffers grow
+    by doubling: a few allocations per stream, not a concatenation per forward), and commit() makes
+    them part of the cache (Alg. 2 line 12); until then the next denoising step overwrites the slot,
+    as in the official release. Keys are stored after RoPE: each cached frame keeps the position it
+    was encoded at; a new chunk sits at positions num_frames, ... and attends to the whole cache plus
+    itself with no mask: the cache holds only the past, so block-causality holds by construction
+    ("block-wise causal attention is no longer needed at inference time", Sec. 4.4)."""
 
     rope_on_read = False  # RollingKVCache keeps keys before RoPE and rotates them when they are read
+    gap = 0  # RollingKVCache: frames of evicted time between the sink and the recent frames in RoPE positions
 
     def __init__(self):
         self.k: dict[int, torch.Tensor] = {}  # layer -> (B, capacity, heads, head_dim)
@@ -364,26 +363,32 @@ class RollingKVCache(KVCache):
     """A bounded cache for unbounded streams with no re-encoding (the attention sink of StreamingLLM;
     Self-Forcing's sink_size / local_attn_size, LongLive): the first `sink` frames stay, then the most
     recent ones, `window` frames in all with the chunk being made; the middle is evicted. Keys are kept
-    before RoPE and rotated when read at *contiguous* places, the sink just before the recent frames,
-    so no position exceeds the window (Self-Forcing rotates each key once at its absolute frame)."""
+    before RoPE and rotated when read: the sink at positions 0.., the recent frames `gap` positions
+    after it, gap = the evicted frames up to `max_gap` (0: contiguous, the sink just before the recent
+    frames, no position past the window; -1: all, Self-Forcing's absolute positions, rotated once)."""
 
     rope_on_read = True
 
-    def __init__(self, sink: int, window: int, chunk_size: int):
+    def __init__(self, sink: int, window: int, chunk_size: int, max_gap: int = 0):
         if not 0 <= sink <= window - 2 * chunk_size:
             raise ValueError(f"sink {sink} must leave room in the window {window} for two chunks of {chunk_size}")
         super().__init__()
-        self.sink, self.window, self.chunk_size = sink, window, chunk_size
+        self.sink, self.window, self.chunk_size, self.max_gap, self.N = sink, window, chunk_size, max_gap, 0
+
+    def attend_to(self, layer: int, k, v, rotation):  # rotation covers the gap too: drop its rows
+        a, b = self.sink * self.N, (self.sink + self.gap) * self.N  # (N: tokens per frame)
+        return super().attend_to(layer, k, v, torch.cat([rotation[:a], rotation[b:]]) if b > a else rotation)
 
     def commit(self, frames: int, tokens: int):
         super().commit(frames, tokens)
         evict = self.num_frames - (self.window - self.chunk_size)  # leave room for the next chunk
         if evict > 0:  # drop the oldest frames after the sink; the rest move up, keys still unrotated
-            N = tokens // frames
+            N = self.N = tokens // frames
             a, b, n = self.sink * N, (self.sink + evict) * N, self.num_tokens
             for buffer in [*self.k.values(), *self.v.values()]:
                 buffer[:, a:n - (b - a)] = buffer[:, b:n].clone()
             self.num_frames, self.num_tokens = self.num_frames - evict, n - (b - a)
+            self.gap = self.gap + evict if self.max_gap < 0 else min(self.gap + evict, self.max_gap)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -518,7 +523,7 @@ class DiT(nn.Module):
         e = self.time_projection(e0).unflatten(2, (6, cfg.dim))  # (B, F, 6, D)
         text = self.text_embedding(text.to(dtype))  # (B, L, D)
 
-        offset = cache.num_frames if cache is not None else 0  # the cache's frames come first
+        offset = cache.num_frames + cache.gap if cache is not None else 0  # the cache's frames come first
         angles = rope_angles(cfg.dim // cfg.num_heads, offset + Fr, rows, cols, device=x.device)
         rotation = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)  # (S_all, head_dim / 2)
         mask = None
@@ -580,23 +585,21 @@ Rng = torch.Generator | Callable[[int], torch.Generator] | None  # one generator
 
 @torch.no_grad()
 def stream_generate(model: DiT, noise, text, timesteps: torch.Tensor, generator: Rng = None, context=None,
-                    window: int | None = None, keep: int | None = None, sink: int | None = None) -> Iterator[torch.Tensor]:
+                    window: int | None = None, keep: int | None = None, sink=None, sink_gap=0) -> Iterator[torch.Tensor]:
     """Alg. 2: generate chunk after chunk with the student's few steps, yielding each clean chunk
     (B, K, C, H, W) as soon as it is done. The applications of Sec. 5.3-5.4 are its arguments:
-
     noise      every chunk's starting point (line 4): (B, F, C, H, W), or an iterable of (B, K, C, H, W)
-               chunks consumed as they arrive. Video-to-video (SDEdit): input chunks noised to
-               timesteps[0], with `timesteps` the tail of the student's steps from there.
+               chunks consumed as they arrive. Video-to-video: input chunks noised to timesteps[0] (SDEdit).
     text       (B, L, D_text), or one such tensor per chunk (dynamic prompting; the cache keeps the past).
-    generator  draws line 8's re-noising; a function of the chunk index gives each chunk its own stream,
-               so that a video's past does not depend on how long it will run.
+    generator  draws line 8's re-noising; a function of the chunk index gives each chunk its own stream
+               (a video's past does not depend on how long it will run).
     context    clean frames (B, F_c, C, H, W), whole chunks, before the video (image-to-video: the image
                repeated to a chunk). They enter the cache and are not yielded.
-    window     the most frames a chunk attends over, itself included (default: unbounded). When the
-               next chunk would not fit, a fresh cache is filled with the last `keep` clean frames
-               (default: window - 2 K, at least K) re-encoded at positions from 0 -- the official
-               long-video scheme -- so RoPE never sees a position beyond the window.
-    sink       instead of re-encoding: a RollingKVCache of `window` frames that keeps the first `sink`."""
+    window     the most frames a chunk attends over, itself included (default: unbounded). When the next
+               chunk would not fit, a fresh cache is filled with the last `keep` clean frames (default:
+               window - 2 K, at least K) re-encoded at positions from 0 (the official long-video scheme).
+    sink       instead of re-encoding: a RollingKVCache of `window` frames that keeps the first `sink`,
+               the recent frames up to `sink_gap` positions after it (-1: their real distance)."""
     K = model.cfg.chunk_size
     if isinstance(noise, torch.Tensor):
         if noise.shape[1] % K:
@@ -610,7 +613,7 @@ def stream_generate(model: DiT, noise, text, timesteps: torch.Tensor, generator:
         raise ValueError(f"the context's {context.shape[1]} frames are not a whole number of chunks of {K}")
     past = [] if context is None else list(context.split(K, dim=1))  # clean chunks not yet in the cache
     rolling, in_window = window is not None and sink is not None, []  # in_window: the chunks to re-encode
-    cache = RollingKVCache(sink, window, K) if rolling else KVCache()  # line 2
+    cache = RollingKVCache(sink, window, K, sink_gap) if rolling else KVCache()  # line 2
     for c, x in enumerate(noise):  # lines 3-4
         txt = text if isinstance(text, torch.Tensor) else text[c]
         if window is not None and not rolling and (len(in_window) + len(past) + 1) * K > window:  # slide
@@ -691,7 +694,6 @@ def chunkwise_states(states: torch.Tensor, timesteps: torch.Tensor, chunk_size: 
 def ode_regression_loss(student: Callable, trajectory: torch.Tensor, text, timesteps: torch.Tensor,
                         chunk_size: int, clean_context: bool = True) -> torch.Tensor:
     """Eq. 6: || G({x^i_{t_i}}, {t_i}) - {x^i_0} ||^2, every chunk i at its own student step t_i.
-
     trajectory (B, Q+1, F, C, H, W): the teacher's ODE states at the Q student timesteps, then the
     ODE's end point x0 (sample_ode(..., keep=student_step_indices)). With clean_context a chunk may be
     the end point itself at t = 0 -- context for the chunks after it, as at inference; it has nothing
@@ -773,14 +775,12 @@ def dmd_timesteps(B: int, num_frames: int, shift: float, t_min=20.0, t_max=980.0
 def dmd_loss(x0: torch.Tensor, t: torch.Tensor, teacher: Callable, critic: Callable, text, uncond=None,
              guidance: float = 1.0):
     """The generator's DMD loss (Eq. 4, Alg. 1 lines 8-10); x0 (B, F, C, H, W) with grad, t (B, F).
-
     Noise x0 to t and ask both score models for their clean estimate: the frozen bidirectional teacher
     with CFG (s_data, the "real" score) and the critic (s_gen, the "fake" score). For
     x_t = (1 - s) x0 + s eps the score is -(x_t - (1 - s) x0_hat) / s^2, so
         s_data - s_gen = (1 - s) / s^2 * (real_x0 - fake_x0),
     and Eq. 4's gradient is proportional to (fake_x0 - real_x0) dG/dphi. DMD replaces the weight
     (1 - s) / s^2 by 1 / mean|x0 - real_x0| per sample, which evens out the step size across t.
-
     Why 0.5 * mse(x0, (x0 - grad).detach()) (official #44): its derivative in x0 is grad / n and the
     target is a constant, so backprop delivers exactly grad * dx0/dphi -- Eq. 4 -- to the generator,
     without differentiating either score model. Returns (loss, grad (B, F, C, H, W))."""

@@ -450,8 +450,13 @@ def long_video(run, cfg, device, seed, frames, report, prompts):
     best-fit PSNR per window and the CPU time of every chunk (a re-encode is a spike)."""
     student, text, _ = load(run, "dmd.safetensors", "student", device, prompts)
     K, ts, rows = cfg.chunk_size, cv.student_timesteps(cfg).to(device), []
+    W = cfg.num_frames - K  # a window one chunk shorter than training: room for a capped gap
     for label, kw in [("re-encoding window (official)", dict(window=cfg.num_frames)),
-                      (f"rolling cache, sink {K}", dict(window=cfg.num_frames, sink=K))]:
+                      (f"rolling cache, sink {K}, contiguous positions", dict(window=cfg.num_frames, sink=K)),
+                      (f"rolling cache, sink {K}, absolute positions", dict(window=cfg.num_frames, sink=K, sink_gap=-1)),
+                      (f"rolling cache, window {W}, sink {K}, contiguous", dict(window=W, sink=K)),
+                      (f"rolling cache, window {W}, sink {K}, gap <= {K} (positions <= training's)",
+                       dict(window=W, sink=K, sink_gap=K))]:
         rng = lambda c: utils.chunk_rng(seed, c, 1, device)
         noise = torch.cat([torch.randn(len(prompts), K, cfg.channels, cfg.height, cfg.width,
                                        generator=utils.chunk_rng(seed, c, 0, device)) for c in range(frames // K)], 1)

@@ -777,8 +777,11 @@ def stream_video(model, kind: str, text, cfg: cv.Config, num_frames: int, seed: 
                 noise = (cv.add_noise(v, e, torch.full(v.shape[:2], float(timesteps[0]), device=device))
                          for v, e in zip(vae.encode_stream(frames, K) if vae else frames, noise))
             renoise = lambda c: rng(c, 1)
-            stream = cv.stream_generate(model, noise, txt, timesteps, renoise, ctx, window, sink=sink) if use_cache \
-                else cv.recompute_generate(model, torch.cat(list(noise), 1), txt, timesteps, renoise, ctx)
+            if use_cache:
+                stream = cv.stream_generate(model, noise, txt, timesteps, renoise, ctx, window, sink=sink,
+                                            sink_gap=cfg.sink_gap)
+            else:
+                stream = cv.recompute_generate(model, torch.cat(list(noise), 1), txt, timesteps, renoise, ctx)
         stream = stream if ctx is None else itertools.chain([ctx], stream)  # the context leads the video
         for chunk in (stream if vae is None else vae.decode_stream(stream)):
             yield chunk.float().cpu()

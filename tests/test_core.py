@@ -351,6 +351,35 @@ def live_tensor_elements() -> int:
     return sum(storages.values())
 
 
+@pytest.mark.parametrize("max_gap", [0, 2, -1])
+def test_the_rolling_caches_positions_keep_the_sink_at_0_and_the_recent_frames_after_a_gap(max_gap, monkeypatch):
+    """RoPE positions a chunk sees in a RollingKVCache (sink 2, window 8, chunks of 2): the sink at 0, 1;
+    the recent frames `gap` positions after it, gap = the frames evicted so far up to max_gap (0:
+    contiguous; -1: all of them, the frames' absolute positions); the chunk right after them."""
+    cfg = small_config(chunk_size=2, num_frames=6)
+    model = make_model(causal=True, cfg=cfg)
+    N = 2 * 2  # tokens per frame (8x8 in patches of 4)
+    table = cv.rope_angles(cfg.dim // cfg.num_heads, 64, 2, 2)  # angles of frames 0..63
+    seen, real = [], cv.KVCache.attend_to
+    monkeypatch.setattr(cv.KVCache, "attend_to", lambda self, layer, k, v, rotation: seen.append(rotation) or
+                        real(self, layer, k, v, rotation))
+    cache, x, text = cv.RollingKVCache(sink=2, window=8, chunk_size=2, max_gap=max_gap), torch.randn(1, 2, 3, 8, 8), torch.randn(1, 5, 16)
+    with torch.no_grad():
+        for c in range(10):  # 20 frames: after chunk c, 2 (c + 1) frames streamed
+            cv.fill_cache(model, cache, x, text)
+    evicted = 20 - cache.num_frames
+    gap = {0: 0, 2: 2, -1: evicted}[max_gap]
+    assert cache.gap == gap and cache.num_frames == 6
+    seen.clear()
+    with torch.no_grad():
+        model(x, torch.full((1, 2), 500.0), text, cache=cache)  # the next chunk
+    frames = [0, 1] + list(range(2 + gap, 6 + gap)) + [6 + gap, 7 + gap]  # sink, recent, the chunk
+    angles = table.unflatten(0, (64, N))[frames].flatten(0, 1)
+    expect = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    assert [r.shape[0] for r in seen] == [len(frames) * N] * cfg.num_layers, [r.shape for r in seen]
+    assert all((r - expect).abs().max() <= 1e-6 for r in seen)
+
+
 def test_a_rolling_stream_holds_constant_memory_once_its_window_is_full():
     """stream_generate with a RollingKVCache keeps nothing but the cache: the tensors alive while the
     stream is suspended after chunk 20 and after chunk 150 (300 frames) are the same bytes."""
