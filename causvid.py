@@ -538,7 +538,8 @@ class DiT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
                 x = block(*args)
-        cache.commit(Fr, x.shape[1]) if write_cache else None  # (under no_grad: only then are keys written)
+        if write_cache:  # (under no_grad: only then are the keys written)
+            cache.commit(Fr, x.shape[1])
         x = self.head(x, e0)  # (B, S, C * ph * pw)
         return rearrange(x, "b (f h w) (ph pw c) -> b f c (h ph) (w pw)", f=Fr, h=rows, w=cols, ph=ph, pw=pw)
 
@@ -556,8 +557,7 @@ def predict_x0(model: Callable, x_t, t, text, **kw) -> torch.Tensor:
 @torch.no_grad()
 def fill_cache(model: DiT, cache: KVCache, x0: torch.Tensor, text: torch.Tensor):
     """Alg. 2 lines 10-12: run the finished (clean) frames at t = 0 and add their keys/values (no graph)."""
-    with torch.no_grad():
-        model(x0, torch.zeros(x0.shape[:2], device=x0.device), text, cache=cache, write_cache=True)
+    model(x0, torch.zeros(x0.shape[:2], device=x0.device), text, cache=cache, write_cache=True)
 
 
 def renoise(x0: torch.Tensor, t: float, generator: torch.Generator | None = None) -> torch.Tensor:

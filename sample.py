@@ -118,7 +118,7 @@ def main(argv=None):
     path = args.ckpt or (utils.teacher_path(args, run, cfg) if args.teacher else os.path.join(run, "dmd.safetensors"))
     K, window = cfg.chunk_size, check_args(args, cfg)
     inputs = utils.read_frames(args.video, cfg, "--video") if args.video else None
-    given = None if inputs is None else inputs.shape[1] if cfg.name == "tiny" else 1 + (inputs.shape[1] - 1) // 4
+    given = None if inputs is None else inputs.shape[1] if cfg.name == "tiny" else wan.latent_frames(inputs.shape[1])
     num_frames = args.num_frames if args.num_frames is not None else given // K * K if given else cfg.num_frames
     if num_frames <= 0 or num_frames % K:
         raise cv.CausVidError(f"--num-frames {num_frames} must be a positive multiple of the chunk size "
@@ -168,9 +168,9 @@ def main(argv=None):
         last = lambda c: max([s for s in switches if s <= c], default=None)
         text = [text if last(c) is None else emb[switches[last(c)]].expand_as(text) for c in range(num_frames // K)]
     rows = torch.arange(len(prompts)) // args.samples_per_prompt
-    pixels = num_frames if vae is None else 1 + 4 * (num_frames - 1)  # the input frames the video takes
+    pixels = num_frames if vae is None else wan.pixel_frames(num_frames)  # the input frames the video takes
     video = None if inputs is None else toy.to_model_space(inputs[rows % inputs.shape[0], :pixels])
-    still = None if image is None else toy.to_model_space(image).expand(K if vae is None else 1 + 4 * (K - 1), -1, -1, -1)
+    still = None if image is None else toy.to_model_space(image).expand(K if vae is None else wan.pixel_frames(K), -1, -1, -1)
     context = None if still is None else (still if vae is None else vae.encode(still[None].to(device))[0].float().cpu()) \
         .expand(len(prompts), -1, -1, -1, -1)  # Sec. 5.3: the image, still for a chunk (Wan: encoded), is chunk 0
     batch = args.batch_size or (64 if cfg.name == "tiny" else 1)
@@ -182,8 +182,8 @@ def main(argv=None):
         for i, chunk in enumerate(stream):
             if i or image is None:  # (with --image the first chunk is the given one: not timed, not counted)
                 stamps, shown = stamps + [time.perf_counter()], shown + chunk.shape[1]
-            files.append(toy.to_uint8(chunk))
-            kept += [toy.to_uint8(chunk)] if cfg.name == "tiny" else []
+            files.append(frames := toy.to_uint8(chunk))
+            kept += [frames] if cfg.name == "tiny" else []
     seconds, ms = time.perf_counter() - t0, torch.tensor([t0] + stamps).diff() * 1000
     if kept:  # the toy world's frames
         frames = torch.cat(kept, 1).numpy()  # (N, F, H, W, 3)

@@ -514,7 +514,8 @@ class TrainLoop:
             if isinstance(obj, nn.Module):
                 out[name] = get_model_state_dict(obj)
             elif isinstance(obj, torch.optim.Optimizer):
-                out.update({name: get_optimizer_state_dict(self._model_of(obj), obj)} if name in optimizers else {})
+                if name in optimizers:
+                    out[name] = get_optimizer_state_dict(self._model_of(obj), obj)
             else:
                 out[name] = {"state": obj.get_state()} if isinstance(obj, torch.Generator) else obj.state_dict()
         return {**out, **({"rng": global_rng()} if rank() == 0 else {})}
@@ -565,7 +566,8 @@ class TrainLoop:
             if isinstance(obj, nn.Module):
                 set_model_state_dict(obj, state[name])
             elif isinstance(obj, torch.optim.Optimizer):
-                set_optimizer_state_dict(self._model_of(obj), obj, state[name]) if name in state else None
+                if name in state:  # (one that had not stepped was saved without a state: it stays fresh)
+                    set_optimizer_state_dict(self._model_of(obj), obj, state[name])
             else:
                 obj.set_state(state[name]["state"]) if isinstance(obj, torch.Generator) else obj.load_state_dict(state[name])
         if rank() == 0:
@@ -788,7 +790,7 @@ def stream_video(model, kind: str, text, cfg: cv.Config, num_frames: int, seed: 
 
     batches = [rows(i) for i in range(0, N, batch)]
     while True:
-        with autocast(device):  # (around each step: a suspended generator must not hold autocast open)
+        with autocast(device), torch.no_grad():  # (around each step: a suspended generator holds neither open)
             chunks = [next(b, None) for b in batches]
         if chunks[0] is None:
             return
@@ -889,10 +891,11 @@ def read_frames(path: str, cfg: cv.Config, flag: str = "--image") -> torch.Tenso
         x = F.interpolate(x, size=(height, width), mode="area" if shrink else "nearest")
         frames = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).unflatten(0, frames.shape[:2])
     n, K = frames.shape[1], cfg.chunk_size
-    if flag == "--video" and wan_vae and (n - 1) % 4:
-        raise cv.CausVidError(f"--video has {n} frames; Wan's VAE encodes 1 + 4k frames: trim it to {1 + (n - 1) // 4 * 4}")
-    if flag == "--video" and (1 + (n - 1) // 4 if wan_vae else n) < K:
-        raise cv.CausVidError(f"--video has {n} frames, fewer than one chunk ({1 + 4 * (K - 1) if wan_vae else K}); "
+    if flag == "--video" and wan_vae and wan.pixel_frames(wan.latent_frames(n)) != n:
+        raise cv.CausVidError(f"--video has {n} frames; Wan's VAE encodes 1 + 4k frames: trim it to "
+                              f"{wan.pixel_frames(wan.latent_frames(n))}")
+    if flag == "--video" and (wan.latent_frames(n) if wan_vae else n) < K:
+        raise cv.CausVidError(f"--video has {n} frames, fewer than one chunk ({wan.pixel_frames(K) if wan_vae else K}); "
                               "give a longer video")
     return frames
 

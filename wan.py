@@ -213,6 +213,16 @@ def load_wan(model_dir: str, base: cv.Config, causal: bool = False) -> cv.DiT:
 # ------------------------------------------------------------------------------------------------
 
 
+def pixel_frames(latent_frames: int) -> int:
+    """Wan's causal VAE: latent frame 0 is one pixel frame, every later one four."""
+    return 1 + 4 * (latent_frames - 1)
+
+
+def latent_frames(pixel_frames: int) -> int:
+    """The latent frames of 1 + 4k pixel frames (of fewer frames than that, the whole ones)."""
+    return 1 + (pixel_frames - 1) // 4
+
+
 class WanVAE:
     """diffusers' AutoencoderKLWan with Wan's per-channel latent normalisation, video in (B, F, C, H, W)
     layout. 4x temporal compression (1 + 4k frames <-> 1 + k latents), 8x spatial, 16 channels.
