@@ -22,6 +22,7 @@ import torch
 import causvid as cv
 import train_dmd
 import train_ode
+import training
 import utils
 import wan
 
@@ -116,7 +117,7 @@ def inference(cfg: cv.Config, device, frames: int, args, rows: list):
                          peak_memory(device)])
 
 
-def training(cfg: cv.Config, device, rows: list):
+def training_steps(cfg: cv.Config, device, rows: list):
     """One ODE step and one DMD iteration of each kind, at batch 1 and the preset's shapes."""
     cfg = dataclasses.replace(cfg, batch_size=1)
     Q, g = len(cfg.student_step_indices), torch.Generator().manual_seed(0)
@@ -137,8 +138,8 @@ def training(cfg: cv.Config, device, rows: list):
         sync(device)
         rows.append([label, "", f"{time.perf_counter() - t0:.2f} s / step", "", peak_memory(device)])
 
-    model, streams = student(), utils.Streams(0, cfg.accumulate)
-    opt = utils.adamw(model.parameters(), cfg.lr_ode, device)
+    model, streams = student(), training.Streams(0, cfg.accumulate)
+    opt = training.adamw(model.parameters(), cfg.lr_ode, device)
     step = lambda: train_ode.ode_step(model, opt, lambda g: (clip(1, Q + 1), text), timesteps, cfg, device, streams)
     step()  # warm-up: the optimizer's state
     measure("ODE regression step", step)
@@ -146,7 +147,8 @@ def training(cfg: cv.Config, device, rows: list):
     generator, critic = student(), cv.DiT(cfg).to(device).train()
     teacher = copy.deepcopy(critic).eval().requires_grad_(False).to(utils.inference_dtype(device))
     critic.gradient_checkpointing = cfg.gradient_checkpointing
-    opts = utils.adamw(generator.parameters(), cfg.lr_generator, device), utils.adamw(critic.parameters(), cfg.lr_critic, device)
+    opts = (training.adamw(generator.parameters(), cfg.lr_generator, device),
+            training.adamw(critic.parameters(), cfg.lr_critic, device))
     step = lambda it: train_dmd.dmd_step(it, generator, critic, teacher, *opts, lambda g: (clip(1), text), text, timesteps,
                                          cfg, device, streams)
     step(0)  # warm-up: both optimizers' state
@@ -160,7 +162,7 @@ def main(argv=None):
     rows = []
     inference(cfg, device, args.num_frames or cfg.num_frames, args, rows)
     if "training" not in args.skip:
-        training(cfg, device, rows)
+        training_steps(cfg, device, rows)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{cfg.name} ({parameters(cfg) / 1e9:.3f} B parameters) on {name}, torch {torch.__version__}, "
           f"random weights, batch 1\n")

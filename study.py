@@ -31,6 +31,7 @@ import causvid as cv
 import toy_world as toy
 import train_dmd
 import train_ode
+import training
 import utils
 from bench import attention_flops
 
@@ -360,11 +361,11 @@ def one_step(args, run, teacher, cfg, device, report):
     (as Alg. 2 feeds it), scored against the trajectory's end point -- per step and chunk, on the
     run's ODE pairs and on new ones (new noise and prompt draw)."""
     own, held = os.path.join(run, "ode_pairs"), os.path.join(run, "study", "heldout_pairs")
-    n = min(128, len(utils.ODEPairs(own)))
+    n = min(128, len(training.ODEPairs(own)))
     if n == 0:
         raise cv.CausVidError(f"{run!r} has no ode_pairs/; run `python train_dmd.py --tiny --run-dir {run}` first")
     text_encoder = utils.load_text_encoder(teacher).to(device)
-    if len(utils.ODEPairs(held)) < n:
+    if len(training.ODEPairs(held)) < n:
         ns = argparse.Namespace(prompts=None, exact_teacher=False, seed=args.seed + 1000)
         train_ode.make_ode_pairs(ns, dataclasses.replace(cfg, ode_pairs=n), utils.load_model(teacher, device=device),
                                  text_encoder, device, held)
@@ -375,7 +376,7 @@ def one_step(args, run, teacher, cfg, device, report):
     ts, K, C, rows = cv.student_timesteps(cfg).to(device), cfg.chunk_size, cfg.num_frames // cfg.chunk_size, []
     psnr = lambda mse: f"{10 * torch.log10(4 / mse).item():.2f}"  # noqa: E731 -- pixels in [-1, 1]
     for where, path in [("training", own), ("held-out", held)]:
-        pairs = utils.ODEPairs(path)
+        pairs = training.ODEPairs(path)
         traj, prompts = pairs.get(range(n)).to(device), pairs.prompts[:n]
         text = utils.stack_text(utils.embed_prompts(text_encoder, prompts), prompts, device)
         x0, fresh = traj[:, -1], torch.randn(traj[:, -1].shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
@@ -446,12 +447,13 @@ def successors(args, run, cfg, device, report, base):
 
 @torch.no_grad()
 def long_video(run, cfg, device, seed, frames, report, prompts):
-    """The official re-encoding window against a rolling cache with a sink, on the CausVid student:
+    """The official re-encoding window against a rolling cache with and without a sink, on a student:
     best-fit PSNR per window and the CPU time of every chunk (a re-encode is a spike)."""
     student, text, _ = load(run, "dmd.safetensors", "student", device, prompts)
     K, ts, rows = cfg.chunk_size, cv.student_timesteps(cfg).to(device), []
     W = cfg.num_frames - K  # a window one chunk shorter than training: room for a capped gap
     for label, kw in [("re-encoding window (official)", dict(window=cfg.num_frames)),
+                      ("rolling cache, no sink (sink 0)", dict(window=cfg.num_frames, sink=0)),
                       (f"rolling cache, sink {K}, contiguous positions", dict(window=cfg.num_frames, sink=K)),
                       (f"rolling cache, sink {K}, absolute positions", dict(window=cfg.num_frames, sink=K, sink_gap=-1)),
                       (f"rolling cache, window {W}, sink {K}, contiguous", dict(window=W, sink=K)),

@@ -9,7 +9,7 @@ Generator inputs are data clips noised per chunk to random steps of T = {0, t1..
 time-scale update rule). With --tiny and no stage-1 checkpoint, stage 1 (train_ode.py) runs first,
 so this one command trains everything.
 
-Writes <run>/dmd.safetensors, <run>/dmd_log.jsonl (each log line's means, utils.dmd_diagnostics's
+Writes <run>/dmd.safetensors, <run>/dmd_log.jsonl (each log line's means, training.dmd_diagnostics's
 included) and on the toy world <run>/dmd_samples_<iteration>.gif every --sample-every.
 """
 
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 import causvid as cv
 import toy_world as toy
 import train_ode
+import training
 import utils
 
 
@@ -65,7 +66,7 @@ def generator_output(generator, x_data, text, timesteps, cfg: cv.Config, device,
 
 
 def dmd_step(it: int, generator, critic, real, opt_g, opt_c, micro_batch, uncond, timesteps, cfg: cv.Config, device,
-             streams: utils.Streams) -> dict:
+             streams: training.Streams) -> dict:
     """One iteration of Alg. 1 (lines 4-14) under DMD2's two time-scale rule -- the critic learns every
     iteration, the generator every critic_updates_per_generator-th after the first critic_warmup (during
     which only the critic learns, on the stage-1 student's samples) -- over this rank's cfg.accumulate
@@ -80,21 +81,21 @@ def dmd_step(it: int, generator, critic, real, opt_g, opt_c, micro_batch, uncond
             with utils.autocast(device, training=True), torch.set_grad_enabled(generator_turn):
                 x0, t_in = generator_output(generator, x_data, text, timesteps, cfg, device, g, step)
             if generator_turn:  # lines 8-10
-                with utils.autocast(device, training=True), utils.gradient_sync(generator, a + 1 == A):
+                with utils.autocast(device, training=True), training.gradient_sync(generator, a + 1 == A):
                     t = dmd_t(x0)
                     loss_g, grad = cv.dmd_loss(x0, t, real, critic, text, uncond, cfg.real_guidance)
-                    logs.append({"dmd": utils.backward(loss_g, 1 / A), "dmd_t": t[:, 0].mean().item(),
-                                 **utils.dmd_diagnostics(x0, t_in, grad, t, real, critic, text, timesteps, cfg.chunk_size)})
+                    logs.append({"dmd": training.backward(loss_g, 1 / A), "dmd_t": t[:, 0].mean().item(),
+                                 **training.dmd_diagnostics(x0, t_in, grad, t, real, critic, text, timesteps, cfg.chunk_size)})
         samples.append((x0.detach(), text))
-    out = {k: utils.nanmean_over_ranks([log[k] for log in logs]) for k in (logs[0] if logs else ())}
+    out = {k: training.nanmean_over_ranks([log[k] for log in logs]) for k in (logs[0] if logs else ())}
     if generator_turn:
-        out["gen_grad"] = utils.apply_gradients(opt_g, generator.parameters(), cfg.grad_clip)
+        out["gen_grad"] = training.apply_gradients(opt_g, generator.parameters(), cfg.grad_clip)
     critic_losses = []
     for a, (x0, text) in enumerate(samples):  # lines 11-14
-        with streams.use(a), utils.autocast(device, training=True), utils.gradient_sync(critic, a + 1 == A):
-            critic_losses.append(utils.backward(cv.critic_loss(critic, x0, dmd_t(x0), text), 1 / A))
+        with streams.use(a), utils.autocast(device, training=True), training.gradient_sync(critic, a + 1 == A):
+            critic_losses.append(training.backward(cv.critic_loss(critic, x0, dmd_t(x0), text), 1 / A))
     return {**out, "critic": sum(critic_losses) / A,
-            "critic_grad": utils.apply_gradients(opt_c, critic.parameters(), cfg.grad_clip)}
+            "critic_grad": training.apply_gradients(opt_c, critic.parameters(), cfg.grad_clip)}
 
 
 def dataset(cfg: cv.Config, run: str):
@@ -102,7 +103,7 @@ def dataset(cfg: cv.Config, run: str):
     stand in for a video dataset. -> (draw(generator) -> (x0, prompts), every prompt it can draw)."""
     if cfg.name == "tiny":
         return lambda g: toy.toy_batch(cfg.batch_size, cfg.num_frames, g), toy.PROMPTS
-    pairs = utils.ODEPairs(os.path.join(run, "ode_pairs"))
+    pairs = training.ODEPairs(os.path.join(run, "ode_pairs"))
     if not len(pairs):
         raise cv.CausVidError(f"no ODE pairs in {os.path.join(run, 'ode_pairs')!r}; run train_ode.py first")
 
@@ -115,7 +116,7 @@ def dataset(cfg: cv.Config, run: str):
 def main(argv=None):
     args = parse_args(argv)
     cfg, device, run = utils.resolve(args)
-    device = utils.init_distributed(device)
+    device = training.init_distributed(device)
     utils.writable_dir(run, "--run-dir")
     ode_path = args.ode or os.path.join(run, "ode.safetensors")
     if not os.path.exists(ode_path):
@@ -144,15 +145,15 @@ def main(argv=None):
         text_encoder = None
         torch.cuda.empty_cache() if device.type == "cuda" else None
     generator.gradient_checkpointing = critic.gradient_checkpointing = cfg.gradient_checkpointing
-    generator, critic = utils.shard(generator), utils.shard(critic)  # under torchrun: split over the ranks
-    real = utils.shard(real) if real is teacher else real  # the frozen teacher too
+    ema = training.ema(generator, cfg.generator_ema) if cfg.generator_ema else None  # Self-Forcing's recipe
+    generator, critic = training.shard(generator), training.shard(critic)  # under torchrun: split over the ranks
+    real = training.shard(real) if real is teacher else real  # the frozen teacher too
 
-    opt_g, opt_c = (utils.adamw(model.parameters(), lr, device, (cfg.dmd_beta1, 0.999))
+    opt_g, opt_c = (training.adamw(model.parameters(), lr, device, (cfg.dmd_beta1, 0.999))
                     for model, lr in ((generator, cfg.lr_generator), (critic, cfg.lr_critic)))
-    ema = utils.EMA(generator, cfg.generator_ema) if cfg.generator_ema else None  # Self-Forcing's recipe
     timesteps, t0 = cv.student_timesteps(cfg).to(device), time.time()
-    streams = utils.Streams(args.seed + 2, cfg.accumulate)
-    init, logs = utils.local_parameters(generator), collections.defaultdict(list)  # init: to log how far G moves
+    streams = training.Streams(args.seed + 2, cfg.accumulate)
+    init, logs = training.local_parameters(generator), collections.defaultdict(list)  # init: to log how far G moves
     total, log_path = cfg.critic_warmup + cfg.dmd_steps, os.path.join(run, "dmd_log.jsonl")
 
     def micro_batch(g):
@@ -160,36 +161,36 @@ def main(argv=None):
         return x_data, utils.stack_text(emb, prompts, device)
 
     state = {"generator": generator, "critic": critic, "opt_g": opt_g, "opt_c": opt_c, "data": streams,
-             **({"ema": ema} if ema else {})}
-    with utils.TrainLoop(os.path.join(run, "dmd_state"), cfg, total, state, args.resume,
+             **({"ema": ema} if ema is not None else {})}
+    with training.TrainLoop(os.path.join(run, "dmd_state"), cfg, total, state, args.resume,
                          args.save_every, "DMD") as loop:
-        if utils.rank() == 0 and loop.first_step == 0:
+        if training.rank() == 0 and loop.first_step == 0:
             open(log_path, "w").close()  # a fresh run's log (a resumed one appends)
         for it in loop:
             out = dmd_step(it, generator, critic, real, opt_g, opt_c, micro_batch, uncond, timesteps, cfg, device, streams)
-            if ema and "gen_grad" in out:  # after a generator update; until generator_ema_start the EMA is the weights
-                ema.update(generator) if it >= cfg.generator_ema_start else ema.load_state_dict(generator.state_dict())
+            if ema is not None and it >= cfg.generator_ema_start and ("gen_grad" in out or not ema.n_averaged):
+                ema.update_parameters(generator)  # a copy at generator_ema_start, then after each generator update
             for k, v in out.items():
                 logs[k].append(v)
             if (it + 1) % args.log_every == 0 or it + 1 == total:  # the means since the last log line
-                utils.log("dmd", it + 1, total, t0, log_path, LOGGED, **utils.interval_means(logs),
-                          distance=utils.distance_from(generator, init))
+                training.log("dmd", it + 1, total, t0, log_path, LOGGED, **training.interval_means(logs),
+                          distance=training.distance_from(generator, init))
             if args.checkpoint_every and (it + 1) % args.checkpoint_every == 0 and it + 1 < total:
-                utils.save_model(os.path.join(run, f"dmd_{it + 1:06d}.safetensors"), generator, text_encoder,
+                training.save_model(os.path.join(run, f"dmd_{it + 1:06d}.safetensors"), generator, text_encoder,
                                  stage="dmd", steps=it + 1, run_config=dataclasses.asdict(cfg))
             if cfg.name == "tiny" and ((it + 1) % args.sample_every == 0 or it + 1 == total):
                 path = os.path.join(run, f"dmd_samples_{it + 1:06d}.gif")
                 prompts = toy.PROMPTS[::6]  # a few streamed samples, to watch training progress
                 video = utils.generate(generator, "student", utils.stack_text(emb, prompts, "cpu"), cfg,
                                        cfg.num_frames, 0, device)[0]
-                if utils.rank() == 0:  # (every rank sampled: the sharded generator needs them all)
+                if training.rank() == 0:  # (every rank sampled: the sharded generator needs them all)
                     utils.write_video(path, toy.to_uint8(video))
                     tqdm.write(f"wrote {path}")
-        if ema:
-            generator.load_state_dict(ema.shadow)
+        if ema is not None and ema.n_averaged:  # (a run shorter than generator_ema_start keeps its weights)
+            generator.load_state_dict(ema.module.state_dict())
         path = os.path.join(run, "dmd.safetensors")
         # the generator's config is stage 1's; the settings this run trained with go in as run_config
-        utils.save_model(path, generator.eval(), text_encoder, stage="dmd", steps=cfg.dmd_steps,
+        training.save_model(path, generator.eval(), text_encoder, stage="dmd", steps=cfg.dmd_steps,
                          run_config=dataclasses.asdict(cfg), exact_teacher=args.exact_teacher,
                          seconds_per_iteration=(time.time() - t0) / max(1, total - loop.first_step))
         print(f"wrote {path}")

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 import causvid as cv
 import toy_world as toy
+import training
 import utils
 
 
@@ -47,7 +48,7 @@ def get_teacher(args, cfg: cv.Config, device, run: str):
     print(f"pre-training the toy teacher into {path} for {cfg.teacher_train_steps} steps (it stands in for a "
           "pretrained video model)")
     text_encoder, teacher = toy.tiny_text_encoder(cfg), cv.DiT(cfg).to(device)
-    utils.train_flow_matching(teacher, text_encoder, cfg, path, cfg.teacher_train_steps, cfg.lr_teacher, device,
+    training.train_flow_matching(teacher, text_encoder, cfg, path, cfg.teacher_train_steps, cfg.lr_teacher, device,
                               args.seed, "teacher", cfg.ema_decay, resume=args.resume, save_every=args.save_every,
                               log_every=args.log_every)
     return teacher.requires_grad_(False), text_encoder.to(device)
@@ -68,7 +69,7 @@ def get_causal_teacher(args, cfg: cv.Config, teacher, text_encoder, device, run:
     print(f"training the causal teacher into {path} for {cfg.causal_teacher_steps} steps (teacher forcing)")
     model = copy.deepcopy(teacher).train().requires_grad_(True)
     model.causal = True
-    utils.train_flow_matching(model, text_encoder, cfg, path, cfg.causal_teacher_steps, cfg.lr_causal_teacher, device,
+    training.train_flow_matching(model, text_encoder, cfg, path, cfg.causal_teacher_steps, cfg.lr_causal_teacher, device,
                               args.seed + 3, "causal teacher", cfg.ema_decay, teacher_forcing=True, resume=args.resume,
                               save_every=args.save_every, log_every=args.log_every)
     return model.requires_grad_(False)
@@ -93,25 +94,25 @@ def make_ode_pairs(args, cfg: cv.Config, teacher, text_encoder, device, path: st
     uncond, real = emb[cfg.negative_prompt][None].to(device), utils.real_score(teacher, text_encoder, cfg, args.exact_teacher)
     sampler = cv.sample_ode_causal if getattr(real, "causal", False) else cv.sample_ode  # Causal Forcing: chunk by chunk
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what the teacher computes in
-    done = collections.Counter(shard for shard, _ in utils.ODEPairs(path).rows)  # rows per shard written
+    done = collections.Counter(shard for shard, _ in training.ODEPairs(path).rows)  # rows per shard written
     pending = [b for b in range(0, cfg.ode_pairs, batch)
-               if done[utils.ODEPairs.shard(path, b // batch)] < len(prompts[b:b + batch])]
-    utils.barrier()  # every rank has listed the missing shards before any is written
-    for b in tqdm(pending[utils.rank()::utils.world()], desc="ODE pairs", disable=utils.rank() > 0):
+               if done[training.ODEPairs.shard(path, b // batch)] < len(prompts[b:b + batch])]
+    training.barrier()  # every rank has listed the missing shards before any is written
+    for b in tqdm(pending[training.rank()::training.world()], desc="ODE pairs", disable=training.rank() > 0):
         p = prompts[b:b + batch]  # the shards still missing, split evenly over the ranks
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + b // batch)
         noise = torch.randn(len(p), cfg.num_frames, cfg.channels, cfg.height, cfg.width, generator=g).to(device)
         with utils.autocast(device):
             _, trajectory = sampler(real, noise, utils.stack_text(emb, p, device), uncond, cfg.teacher_guidance,
                                     cfg.teacher_steps, cfg.shift, keep=cfg.student_step_indices)
-        utils.save_checkpoint(utils.ODEPairs.shard(path, b // batch), {"trajectories": trajectory.to(dtype)}, cfg,
+        utils.save_checkpoint(training.ODEPairs.shard(path, b // batch), {"trajectories": trajectory.to(dtype)}, cfg,
                               prompts=p, teacher=made_by, timesteps=cv.student_timesteps(cfg).tolist())
 
 
-def get_ode_pairs(args, cfg: cv.Config, teacher, text_encoder, device, run: str) -> utils.ODEPairs:
+def get_ode_pairs(args, cfg: cv.Config, teacher, text_encoder, device, run: str) -> training.ODEPairs:
     """The run's ODE pairs, <run>/ode_pairs/: made (or completed) if there are fewer than cfg.ode_pairs."""
     path, made_by = os.path.join(run, "ode_pairs"), teacher_kind(args, cfg)
-    pairs = utils.ODEPairs(path)
+    pairs = training.ODEPairs(path)
     if len(pairs):
         utils.check_preset(pairs.cfg, cfg, path)
         if pairs.teachers != {made_by}:
@@ -119,8 +120,8 @@ def get_ode_pairs(args, cfg: cv.Config, teacher, text_encoder, device, run: str)
                                   f"is the {made_by} one; pass another --run-dir, or delete the directory")
     if len(pairs) < cfg.ode_pairs:
         make_ode_pairs(args, cfg, teacher, text_encoder, device, path)
-        utils.barrier()  # every rank's shards are written
-        pairs = utils.ODEPairs(path)
+        training.barrier()  # every rank's shards are written
+        pairs = training.ODEPairs(path)
         if len(pairs) < cfg.ode_pairs:
             raise cv.CausVidError(f"{path!r} holds {len(pairs)} of {cfg.ode_pairs} pairs after making them; is the "
                                   "run directory on a filesystem every node shares?")
@@ -130,46 +131,46 @@ def get_ode_pairs(args, cfg: cv.Config, teacher, text_encoder, device, run: str)
     return pairs
 
 
-def ode_step(student, opt, micro_batch, timesteps, cfg: cv.Config, device, streams: utils.Streams) -> tuple[float, float]:
+def ode_step(student, opt, micro_batch, timesteps, cfg: cv.Config, device, streams: training.Streams) -> tuple[float, float]:
     """One step of Eq. 6 over this rank's cfg.accumulate micro-batches, micro_batch(generator) ->
     (trajectories, text), each drawing from its own streams -> (loss, grad norm) over all of them."""
     losses = []
     for a in range(cfg.accumulate):
-        with streams.use(a) as g, utils.gradient_sync(student, a + 1 == cfg.accumulate):
+        with streams.use(a) as g, training.gradient_sync(student, a + 1 == cfg.accumulate):
             trajectory, text = micro_batch(g)
             with utils.autocast(device):
                 loss = cv.ode_regression_loss(student, trajectory, text, timesteps, cfg.chunk_size, cfg.clean_context)
-            losses.append(utils.backward(loss, 1 / cfg.accumulate))
-    return sum(losses) / len(losses), utils.apply_gradients(opt, student.parameters(), cfg.grad_clip)
+            losses.append(training.backward(loss, 1 / cfg.accumulate))
+    return sum(losses) / len(losses), training.apply_gradients(opt, student.parameters(), cfg.grad_clip)
 
 
-def regress_student(args, cfg: cv.Config, teacher, text_encoder, pairs: utils.ODEPairs, device, path: str):
+def regress_student(args, cfg: cv.Config, teacher, text_encoder, pairs: training.ODEPairs, device, path: str):
     """Eq. 6 on the first cfg.ode_pairs ODE pairs; the student starts from the teacher's weights with
     the causal mask (sharded over the ranks under torchrun)."""
     student = cv.DiT(cfg, causal=True).to(device)
     student.load_state_dict(teacher.state_dict())
     student.gradient_checkpointing = cfg.gradient_checkpointing
-    student = utils.shard(student)
+    student = training.shard(student)
     emb = utils.embed_prompts(text_encoder, pairs.prompts[:cfg.ode_pairs])
     timesteps = cv.student_timesteps(cfg)
-    opt, streams = utils.adamw(student.parameters(), cfg.lr_ode, device), utils.Streams(args.seed + 1, cfg.accumulate)
+    opt, streams = training.adamw(student.parameters(), cfg.lr_ode, device), training.Streams(args.seed + 1, cfg.accumulate)
 
     def micro_batch(g):
         idx = torch.randint(0, cfg.ode_pairs, (cfg.batch_size,), generator=g)
         return pairs.get(idx).to(device), utils.stack_text(emb, [pairs.prompts[i] for i in idx], device)
 
     t0, steps = time.time(), cfg.ode_steps
-    with utils.TrainLoop(path.replace(".safetensors", "_state"), cfg, steps,
+    with training.TrainLoop(path.replace(".safetensors", "_state"), cfg, steps,
                          {"student": student, "opt": opt, "data": streams}, args.resume, args.save_every,
                          "ODE regression") as loop:
         log_path = os.path.join(os.path.dirname(path), "ode_log.jsonl")  # every log line, as JSON
-        if utils.rank() == 0 and loop.first_step == 0:
+        if training.rank() == 0 and loop.first_step == 0:
             open(log_path, "w").close()
         for step in loop:
             loss, norm = ode_step(student, opt, micro_batch, timesteps, cfg, device, streams)
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
-                utils.log("ode", step + 1, steps, t0, log_path, loss=loss, grad_norm=norm)
-        utils.save_model(path, student.eval(), text_encoder, stage="ode", steps=steps)
+                training.log("ode", step + 1, steps, t0, log_path, loss=loss, grad_norm=norm)
+        training.save_model(path, student.eval(), text_encoder, stage="ode", steps=steps)
     print(f"wrote {path}")
 
 
@@ -186,7 +187,7 @@ def run(args, cfg: cv.Config, device, run_dir: str):
 def main(argv=None):
     args = parse_args(argv)
     cfg, device, run_dir = utils.resolve(args)
-    run(args, cfg, utils.init_distributed(device), utils.writable_dir(run_dir, "--run-dir"))
+    run(args, cfg, training.init_distributed(device), utils.writable_dir(run_dir, "--run-dir"))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 import causvid as cv
 import sample
 import toy_world as toy
+import training
 import utils
 
 P = "a green circle moving right"
@@ -122,7 +123,7 @@ def test_the_study_runs_end_to_end(run_dir, tmp_path):
     if importlib.util.find_spec("matplotlib"):  # (requirements-bench.txt) the charts of what DMD saw
         assert (tmp_path / "study" / "dmd_log_dmd_no_ode.png").exists() and (tmp_path / "study" / "dmd_log_causal_init.png").exists()
     assert text.count("| held-out (3) |") == 3 * 4  # three models x four student steps, on three new pairs
-    assert utils.ODEPairs(str(tmp_path / "causal_init" / "ode_pairs")).teachers == {"causal"}
+    assert training.ODEPairs(str(tmp_path / "causal_init" / "ode_pairs")).teachers == {"causal"}
     assert text.count("CausVid** (ODE init") == 2  # a row of Table 4 and of Fig. 8
     assert 1.0 < study.predicted_cache_speedup(cv.get_config("tiny"), 48) < 20
 

@@ -9,6 +9,7 @@ import torch
 
 import causvid as cv
 import toy_world as toy
+import training
 import utils
 import wan
 
@@ -380,6 +381,24 @@ def test_the_rolling_caches_positions_keep_the_sink_at_0_and_the_recent_frames_a
     assert all((r - expect).abs().max() <= 1e-6 for r in seen)
 
 
+def test_without_a_sink_the_position_scheme_does_not_matter():
+    """RoPE makes attention depend on the distance between two positions only, so a rolling cache with
+    no sink streams the same video whether its frames keep their absolute positions (sink_gap -1) or
+    are re-based to contiguous ones (0): with nothing before the gap, the gap shifts every key and
+    query alike. Not to the bit: the angles of later frames are larger numbers, rounded to fp32 in the
+    complex rotation (~1e-7 relative of angles up to 30 rad, ~3e-6), amplified by 2 layers and 3 steps
+    x 15 chunks of feedback (1.4e-6 measured) -- 1e-4 leaves room; with a sink, where the gap does move
+    keys against each other, the two schemes differ by ~1e-2."""
+    cfg = small_config(chunk_size=2, num_frames=6)
+    model = make_model(causal=True, cfg=cfg)
+    noise, _, text = inputs(cfg, seed=13)
+    noise = torch.randn(noise.shape[0], 30, *noise.shape[2:], generator=torch.Generator().manual_seed(14))
+    contiguous, absolute = (stream(model, noise, text, TS, window=6, sink=0, sink_gap=g) for g in (0, -1))
+    assert (contiguous - absolute).abs().max() <= 1e-4 and contiguous.abs().max() > 1e-2
+    sunk = stream(model, noise, text, TS, window=6, sink=2, sink_gap=-1)
+    assert (stream(model, noise, text, TS, window=6, sink=2) - sunk).abs().max() > 1e-3  # with a sink it does
+
+
 def test_a_rolling_stream_holds_constant_memory_once_its_window_is_full():
     """stream_generate with a RollingKVCache keeps nothing but the cache: the tensors alive while the
     stream is suspended after chunk 20 and after chunk 150 (300 frames) are the same bytes."""
@@ -659,7 +678,7 @@ def test_dmd_timesteps_follow_their_shift():
 
 
 def test_dmd_diagnostics_read_what_dmd_sees():
-    """utils.dmd_diagnostics: the critic that knows the generator's distribution fits its samples
+    """training.dmd_diagnostics: the critic that knows the generator's distribution fits its samples
     better than the teacher does (equal when the critic is the teacher); the gradient's RMS per chunk,
     per student step it was made from, and over the chunks given clean."""
     torch.manual_seed(0)
@@ -670,28 +689,28 @@ def test_dmd_diagnostics_read_what_dmd_sees():
     ts = torch.tensor([1000.0, 500.0])
     t_in = torch.tensor([1000.0, 0.0]).expand(4096, 2)  # chunk 0 made from step 0, chunk 1 given clean
     t = torch.rand(4096, 1).expand(-1, 2) * 1000
-    d = utils.dmd_diagnostics(x0, t_in, grad, t, teacher, critic, None, ts, chunk_size=1)
+    d = training.dmd_diagnostics(x0, t_in, grad, t, teacher, critic, None, ts, chunk_size=1)
     assert d["critic_fm"] < 0.9 * d["teacher_fm"]
     assert d["grad_chunk0"] == pytest.approx(1.0) and d["grad_chunk1"] == pytest.approx(2.0)
     assert d["grad_step0"] == pytest.approx(1.0) and d["grad_clean"] == pytest.approx(2.0)
     assert math.isnan(d["grad_step1"])  # nothing was made from t = 500
-    same = utils.dmd_diagnostics(x0, t_in, grad, t, teacher, teacher, None, ts, chunk_size=1)
+    same = training.dmd_diagnostics(x0, t_in, grad, t, teacher, teacher, None, ts, chunk_size=1)
     assert same["critic_fm"] == pytest.approx(same["teacher_fm"], rel=1e-6)
 
 
 def test_interval_means_leave_out_what_never_happened():
     logs = {"critic": [1.0, 2.0, 3.0], "grad_step2": [math.nan, 4.0, math.nan], "grad_step3": [math.nan] * 3}
-    assert utils.interval_means(logs) == {"critic": 2.0, "grad_step2": 4.0} and logs == {}
+    assert training.interval_means(logs) == {"critic": 2.0, "grad_step2": 4.0} and logs == {}
 
 
 def test_distance_from_the_initial_weights():
     model = torch.nn.Linear(3, 2)
-    init = utils.local_parameters(model)
-    assert utils.distance_from(model, init) == 0.0
+    init = training.local_parameters(model)
+    assert training.distance_from(model, init) == 0.0
     with torch.no_grad():
         model.bias += torch.tensor([3.0, 4.0])
     norm = math.sqrt(sum(float(p.pow(2).sum()) for p in init))
-    assert utils.distance_from(model, init) == pytest.approx(5.0 / norm, rel=1e-5)
+    assert training.distance_from(model, init) == pytest.approx(5.0 / norm, rel=1e-5)
 
 
 def test_teacher_forcing_loss_is_the_cached_samplers_step():
@@ -855,7 +874,7 @@ def test_checkpoint_round_trip(tmp_path):
     cfg = small_config()
     model = make_model(causal=True, cfg=cfg)
     path = str(tmp_path / "m.safetensors")
-    utils.save_model(path, model, step=3)
+    training.save_model(path, model, step=3)
     loaded = utils.load_model(path)
     assert loaded.causal and loaded.cfg == cfg
     x, t, text = inputs(cfg)

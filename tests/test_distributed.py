@@ -30,6 +30,7 @@ import pytest
 import torch
 
 import causvid as cv
+import training
 import utils
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
@@ -176,7 +177,9 @@ def signal_after(proc: subprocess.Popen, log: Path, lines: int, sig: int) -> int
 def test_dmd_on_two_ranks_is_one_process_and_sigterm_resumes_from_two_ranks_on_one_and_back(run_dir, tmp_path):
     names = ("teacher.safetensors", "ode.safetensors")
     one, two, stopped = (copy_run(run_dir, tmp_path / n, names) for n in ("one", "two", "stopped"))
-    args = COMMON + ["--steps", str(DMD_STEPS), "--sample-every", "1000"]
+    # with Self-Forcing's EMA (an AveragedModel, sharded like the generator, saved and resharded with it)
+    args = COMMON + ["--steps", str(DMD_STEPS), "--sample-every", "1000", "--set", "generator_ema=0.5",
+                     "--set", "generator_ema_start=4"]
     one_process("train_dmd.py", args + ["--run-dir", str(one), "--set", "accumulate=2"])
     finish(torchrun(2, "train_dmd.py", args + ["--run-dir", str(two)]))
     logs1, logs2 = read_log(one / "dmd_log.jsonl"), read_log(two / "dmd_log.jsonl")
@@ -203,6 +206,8 @@ def test_dmd_on_two_ranks_is_one_process_and_sigterm_resumes_from_two_ranks_on_o
     # ... which SIGTERM stops again, and the rest runs on 2 ranks: 2 -> 1 -> 2, the losses of the straight run
     finish(torchrun(2, "train_dmd.py", args + ["--run-dir", str(stopped), "--resume"]))
     assert_same(read_log(stopped / "dmd_log.jsonl"), logs2, keys)
+    assert_same_weights(stopped / "dmd.safetensors", two / "dmd.safetensors", one / "ode.safetensors",
+                        cv.get_config("tiny").lr_generator, turns)  # the EMA came through both reshards
 
 
 def test_missing_ode_pairs_split_over_ranks_are_the_one_process_pairs(run_dir, tmp_path):
@@ -214,10 +219,10 @@ def test_missing_ode_pairs_split_over_ranks_are_the_one_process_pairs(run_dir, t
     args = COMMON + ["--steps", "1", "--pairs", "130", "--set", "teacher_steps=6", "--set", "student_step_indices=0,2,4"]
     one_process("train_ode.py", args + ["--run-dir", str(one)])
     (two / "ode_pairs").mkdir()
-    shutil.copy(utils.ODEPairs.shard(str(one / "ode_pairs"), 0), two / "ode_pairs")
+    shutil.copy(training.ODEPairs.shard(str(one / "ode_pairs"), 0), two / "ode_pairs")
     out = finish(torchrun(2, "train_ode.py", args + ["--run-dir", str(two)]))
     assert "ODE pairs: 100%|██████████| 1/1" in out  # rank 0 made one shard (rank 1's bar is silent)
-    a, b = utils.ODEPairs(str(one / "ode_pairs")), utils.ODEPairs(str(two / "ode_pairs"))
+    a, b = training.ODEPairs(str(one / "ode_pairs")), training.ODEPairs(str(two / "ode_pairs"))
     assert len(a) == len(b) == 130 and a.prompts == b.prompts
     assert torch.equal(a.get(range(0, 130, 7)), b.get(range(0, 130, 7)))
 
@@ -227,7 +232,7 @@ def test_process_group_and_precision_on_gpus():
     beside NCCL (the logged losses and the stop flag are CPU tensors), and FSDP2 gathers bf16 weights
     and reduces fp32 gradients; on CPUs gloo and fp32."""
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert utils.backend(gpu) == "cpu:gloo,cuda:nccl" and utils.backend(cpu) == "gloo"
-    policy = utils.mixed_precision(gpu)
+    assert training.backend(gpu) == "cpu:gloo,cuda:nccl" and training.backend(cpu) == "gloo"
+    policy = training.mixed_precision(gpu)
     assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
-    assert utils.mixed_precision(cpu).param_dtype is None
+    assert training.mixed_precision(cpu).param_dtype is None

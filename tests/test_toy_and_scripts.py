@@ -15,6 +15,7 @@ import sample
 import toy_world as toy
 import train_dmd
 import train_ode
+import training
 import utils
 
 CIRCLE = """
@@ -148,7 +149,7 @@ def test_train_dmd_runs_everything(run_dir):
         assert model.causal == (name != "teacher") and model.cfg == RUN_CONFIG
         enc = utils.load_text_encoder(str(run_dir / f"{name}.safetensors"))
         assert enc(["a red square moving up"]).shape == (1, 32, 64)
-    pairs = utils.ODEPairs(str(run_dir / "ode_pairs"))
+    pairs = training.ODEPairs(str(run_dir / "ode_pairs"))
     assert pairs.get(range(3)).shape == (3, 5, 12, 3, 16, 16) and len(pairs.prompts) == 3
     assert (run_dir / "dmd_samples_000002.gif").exists()
     # the students differ from the teacher they were initialised from: they were trained
@@ -278,7 +279,7 @@ def test_exact_teacher_runs_both_stages(fresh_run):
         train_ode.main(args + ["--steps", "1", "--pairs", "2", "--exact-teacher"])
     shutil.rmtree(fresh_run / "ode_pairs")
     train_ode.main(args + ["--steps", "1", "--pairs", "2", "--exact-teacher"])
-    pairs = utils.ODEPairs(str(fresh_run / "ode_pairs"))
+    pairs = training.ODEPairs(str(fresh_run / "ode_pairs"))
     assert pairs.teachers == {"exact"}
     score = toy.score_toy(toy.to_uint8(pairs.get(range(2), state=-1)), pairs.prompts)
     assert score["best_fit_psnr"] > 50 and score["prompt_accuracy"] == 1.0
@@ -323,9 +324,9 @@ def test_ode_pairs_are_written_in_shards_resumed_and_read_lazily(fresh_run, tmp_
     with pytest.raises(KeyboardInterrupt):
         train_ode.make_ode_pairs(args, cfg, teacher, enc, torch.device("cpu"), str(tmp_path / "resumed"), batch=2)
     monkeypatch.undo()
-    assert len(utils.ODEPairs(str(tmp_path / "resumed"))) == 2  # one shard survived
+    assert len(training.ODEPairs(str(tmp_path / "resumed"))) == 2  # one shard survived
     train_ode.make_ode_pairs(args, cfg, teacher, enc, torch.device("cpu"), str(tmp_path / "resumed"), batch=2)
-    a, b = utils.ODEPairs(str(tmp_path / "straight")), utils.ODEPairs(str(tmp_path / "resumed"))
+    a, b = training.ODEPairs(str(tmp_path / "straight")), training.ODEPairs(str(tmp_path / "resumed"))
     assert len(a) == len(b) == 5 and a.prompts == b.prompts
     assert torch.equal(a.get(range(5)), b.get(range(5))) and a.get(range(5)).shape == (5, 4, 12, 3, 16, 16)
 
@@ -365,7 +366,7 @@ def test_causal_ode_init_makes_its_pairs_with_the_causal_sampler(fresh_run):
     causal = utils.load_model(str(fresh_run / "causal_diffusion.safetensors"))
     teacher = utils.load_model(str(fresh_run / "teacher.safetensors"))
     assert causal.causal and not torch.equal(causal.head.head.weight, teacher.head.head.weight)  # fine-tuned
-    pairs = utils.ODEPairs(str(fresh_run / "ode_pairs"))
+    pairs = training.ODEPairs(str(fresh_run / "ode_pairs"))
     assert pairs.teachers == {"causal"}
     cfg, enc = pairs.cfg, utils.load_text_encoder(str(fresh_run / "teacher.safetensors"))
     emb = utils.embed_prompts(enc, pairs.prompts + [""])
@@ -406,8 +407,8 @@ def test_self_forcings_optimiser_and_ema(fresh_run, monkeypatch):
     """Self-Forcing's recipe as settings: --set dmd_beta1=0 reaches both optimisers; --set generator_ema=0.5
     --set generator_ema_start=3 saves the EMA of the generator updates from iteration 3 on, started from
     the weights of the update before it: here 0.5 (after update 1) + 0.5 (after update 2)."""
-    betas, adamw = [], utils.adamw
-    monkeypatch.setattr(utils, "adamw", lambda params, lr, device, b: betas.append(b) or adamw(params, lr, device, b))
+    betas, adamw = [], training.adamw
+    monkeypatch.setattr(training, "adamw", lambda params, lr, device, b: betas.append(b) or adamw(params, lr, device, b))
     args = ["--tiny", "--batch-size", "2", "--device", "cpu", "--sample-every", "100", "--ode",
             str(fresh_run / "ode.safetensors"), "--set", "dmd_beta1=0"]
     weights = {}
@@ -488,4 +489,4 @@ def test_causal_ode_init_starts_from_the_shipped_causal_teacher(tmp_path, capsys
                     "--set", "causal_ode_init=true"])
     assert f"causal teacher: {utils.SHIPPED_CAUSAL_TEACHER}" in capsys.readouterr().out
     assert not (tmp_path / "causal_diffusion.safetensors").exists()
-    assert utils.ODEPairs(str(tmp_path / "ode_pairs")).teachers == {"causal"}
+    assert training.ODEPairs(str(tmp_path / "ode_pairs")).teachers == {"causal"}

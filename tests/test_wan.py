@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import causvid as cv
+import training
 import utils
 import wan
 
@@ -269,7 +270,7 @@ def test_export_lora_loads_with_diffusers_and_reproduces_the_student_at_full_ran
     common, run = wan_run
     teacher = utils.load_model(str(wan_dir), causal=False, expect=small_base())  # compared without the mask
     student = copy_with_linear_noise(teacher)
-    utils.save_model(str(tmp_path / "student.safetensors"), student)
+    training.save_model(str(tmp_path / "student.safetensors"), student)
     x, t, text = probe()
     with torch.no_grad():
         target = student.eval()(x, t[:, None].expand(2, 6), text)
