@@ -365,7 +365,7 @@ class RollingKVCache(KVCache):
     recent ones, `window` frames in all with the chunk being made; the middle is evicted. Keys are kept
     before RoPE and rotated when read: the sink at positions 0.., the recent frames `gap` positions
     after it, gap = the evicted frames up to `max_gap` (0: contiguous, the sink just before the recent
-    frames, no position past the window; -1: all, Self-Forcing's absolute positions, rotated once)."""
+    frames, no position past the window; -1: all, Self-Forcing's absolute positions; sink 0: both agree)."""
 
     rope_on_read = True
 
