@@ -467,14 +467,16 @@ def long_video(run, cfg, device, seed, frames, report, prompts):
             chunks.append(chunk)
             times.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-        w = toy.window_psnr(toy.to_uint8(torch.cat(chunks, 1)), prompts, cfg.num_frames).mean(0)
+        video = toy.to_uint8(torch.cat(chunks, 1))
+        w, steady = toy.window_psnr(video, prompts, cfg.num_frames).mean(0), toy.steady_motion(video, prompts).mean()
         per_chunk = torch.tensor(times[1:])  # the first chunk compiles nothing but warms caches
         rows.append([label, f"{w[0]:.2f}", f"{w.mean():.2f}", f"{w[-1]:.2f}", f"{(w - w[0]).abs().max():.2f}",
-                     f"{1000 * sum(times) / frames / len(prompts):.2f}", f"{(per_chunk.max() / per_chunk.median()):.2f}"])
+                     f"{100 * steady:.1f}%", f"{1000 * sum(times) / frames / len(prompts):.2f}",
+                     f"{(per_chunk.max() / per_chunk.median()):.2f}"])
         print(table(["cache"], [rows[-1][:1]]))
     report.append(f"\n### Long video: {frames} frames, {len(prompts)} prompts, window {cfg.num_frames}\n")
     report.append(table(["cache", "first window (dB)", "mean over windows", "last window", "largest gap to the first",
-                         "CPU ms per frame and video", "slowest chunk / median chunk"], rows))
+                         "steady 1-px motion", "CPU ms per frame and video", "slowest chunk / median chunk"], rows))
 
 
 # ---------------------------------------------------------------------------------------------
