@@ -86,9 +86,8 @@ def mixed_precision(device: torch.device):
 
 def shard(model: nn.Module) -> nn.Module:
     """FSDP2 (torch.distributed.fsdp.fully_shard): each DiT block, then the rest, split over the ranks,
-    parameters gathered per block as the forward reaches it (the official release also wraps per block)
-    and let go after it -- the rest's too (FSDP2 would keep the root's gathered after a forward without
-    backward), so that between steps model.parameters() are always this rank's shards (what the EMA reads)."""
+    gathered per block as the forward reaches it and let go after it (the official release also wraps per
+    block); the rest too, which FSDP2 keeps gathered after a forward without grad: the EMA reads shards."""
     if world() > 1:
         from torch.distributed.fsdp import fully_shard
 
@@ -293,8 +292,10 @@ def warmup_cosine(opt: torch.optim.Optimizer, total: int, warmup: int):
     to 0 at `total` (torch's schedulers; call .step() after each optimizer step)."""
     from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
-    rise = LinearLR(opt, start_factor=1 / warmup, total_iters=warmup - 1)  # step s: (s + 1) / warmup
-    return SequentialLR(opt, [rise, CosineAnnealingLR(opt, max(1, total - warmup))], milestones=[warmup])
+    decay = CosineAnnealingLR(opt, max(1, total - warmup))
+    if warmup == 0:
+        return decay
+    return SequentialLR(opt, [LinearLR(opt, 1 / warmup, total_iters=warmup - 1), decay], [warmup])  # s: (s + 1) / warmup
 
 
 def ema(model: nn.Module, decay: float) -> nn.Module:

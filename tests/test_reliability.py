@@ -240,14 +240,16 @@ def test_flow_matching_resume_keeps_the_schedule_and_the_ema(tmp_path, monkeypat
     assert all(torch.equal(v, resumed[k]) for k, v in straight.items())
 
 
-def test_the_learning_rate_warms_up_then_decays_as_a_cosine():
+@pytest.mark.parametrize("warmup", [10, 1, 0])
+def test_the_learning_rate_warms_up_then_decays_as_a_cosine(warmup):
     """training.warmup_cosine: step s of `total` runs at peak (s + 1) / warmup while s < warmup, then
     at peak (1 + cos(pi (s - warmup) / (total - warmup))) / 2 (torch's recurrence for the cosine agrees
-    with the closed form to rounding: rel 1e-9 is a million times the float64 error of 20 steps)."""
+    with the closed form to rounding: rel 1e-9 is a million times the float64 error of 30 steps);
+    --set warmup=0 is the cosine alone."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-    schedule = training.warmup_cosine(opt, total=30, warmup=10)
+    schedule = training.warmup_cosine(opt, total=30, warmup=warmup)
     for s in range(30):
-        want = 2.0 * (s + 1) / 10 if s < 10 else 2.0 * (1 + math.cos(math.pi * (s - 10) / 20)) / 2
+        want = 2.0 * (s + 1) / warmup if s < warmup else 2.0 * (1 + math.cos(math.pi * (s - warmup) / (30 - warmup))) / 2
         assert opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-9, abs=1e-12), s
         opt.step()
         schedule.step()
