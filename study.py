@@ -355,24 +355,29 @@ SUCCESSORS = [("**CausVid** (the defaults)", ".", []),
 
 
 @torch.no_grad()
-def one_step(args, run, teacher, cfg, device, report):
+def one_step(args, run, teacher, causal, cfg, device, report):
     """Where the students' error is made: each student step run once, fed the teacher's own ODE state
     at its t (the chunks before it clean, as at inference) or the end point re-noised with fresh noise
     (as Alg. 2 feeds it), scored against the trajectory's end point -- per step and chunk, on the
-    run's ODE pairs and on new ones (new noise and prompt draw)."""
-    own, held = os.path.join(run, "ode_pairs"), os.path.join(run, "study", "heldout_pairs")
-    n = min(128, len(training.ODEPairs(own)))
+    run's ODE pairs and on new ones (new noise and prompt draw) of the same teacher: the causal one
+    where the run's pairs are causal_ode_init's."""
+    own = os.path.join(run, "ode_pairs")
+    n, is_causal = min(128, len(training.ODEPairs(own))), training.ODEPairs(own).teachers == {"causal"}
     if n == 0:
         raise cv.CausVidError(f"{run!r} has no ode_pairs/; run `python train_dmd.py --tiny --run-dir {run}` first")
-    text_encoder = utils.load_text_encoder(teacher).to(device)
+    maker = causal if is_causal else teacher  # who made the run's pairs: makes the new ones, gives the first weights
+    held = os.path.join(run, "study", "heldout_causal_pairs" if is_causal else "heldout_pairs")
+    text_encoder = utils.load_text_encoder(maker).to(device)
     if len(training.ODEPairs(held)) < n:
         ns = argparse.Namespace(prompts=None, exact_teacher=False, seed=args.seed + 1000)
-        train_ode.make_ode_pairs(ns, dataclasses.replace(cfg, ode_pairs=n), utils.load_model(teacher, device=device),
-                                 text_encoder, device, held)
-    students = [("teacher's weights, causal (before stage 1)", teacher),  # the students' first weights
-                ("4-step student, ODE init only", os.path.join(run, "ode.safetensors")),
-                ("CausVid student (ODE init + DMD)", os.path.join(run, "dmd.safetensors"))]
-    students = [(label, utils.load_model(path, causal=True, device=device).eval()) for label, path in students]
+        train_ode.make_ode_pairs(ns, dataclasses.replace(cfg, ode_pairs=n, causal_ode_init=is_causal),
+                                 utils.load_model(maker, device=device), text_encoder, device, held)
+    first = "the causal teacher's weights" if is_causal else "teacher's weights, causal"
+    students = [(f"{first} (before stage 1)", maker), ("4-step student, ODE init only", os.path.join(run, "ode.safetensors")),
+                ("CausVid student (ODE init + DMD)", os.path.join(run, "dmd.safetensors")),
+                ("Self-Forcing's DMD on this ODE init", os.path.join(run, "self_forcing", "dmd.safetensors"))]
+    students = [(label, utils.load_model(path, causal=True, device=device).eval())
+                for label, path in students if os.path.exists(path)]  # (the runs that have them)
     ts, K, C, rows = cv.student_timesteps(cfg).to(device), cfg.chunk_size, cfg.num_frames // cfg.chunk_size, []
     psnr = lambda mse: f"{10 * torch.log10(4 / mse).item():.2f}"  # noqa: E731 -- pixels in [-1, 1]
     for where, path in [("training", own), ("held-out", held)]:
@@ -542,7 +547,7 @@ def main(argv=None):
     if "apps" in parts:
         applications(run, cfg, device, args.seed, report, prompts)
     if "onestep" in parts:
-        one_step(args, run, teacher, cfg, device, report)
+        one_step(args, run, teacher, causal, cfg, device, report)
     if "successors" in parts:
         successors(args, run, cfg, device, report, prompts)
     if "long" in parts:

@@ -126,6 +126,10 @@ def test_the_study_runs_end_to_end(run_dir, tmp_path):
     assert training.ODEPairs(str(tmp_path / "causal_init" / "ode_pairs")).teachers == {"causal"}
     assert text.count("CausVid** (ODE init") == 2  # a row of Table 4 and of Fig. 8
     assert 1.0 < study.predicted_cache_speedup(cv.get_config("tiny"), 48) < 20
+    # on a causal_ode_init run the one-step table's new pairs are the causal teacher's, from its own weights
+    causal = study.main(["--tiny", "--run-dir", str(tmp_path / "causal_init"), "--device", "cpu", "--only", "onestep"])
+    assert training.ODEPairs(str(tmp_path / "causal_init" / "study" / "heldout_causal_pairs")).teachers == {"causal"}
+    assert causal.count("| held-out (3) |") == 3 * 4 and "the causal teacher's weights (before stage 1)" in causal
 
 
 def test_the_successors_study_trains_only_its_own_students(run_dir, tmp_path):
