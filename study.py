@@ -367,17 +367,19 @@ def one_step(args, run, teacher, causal, cfg, device, report):
         raise cv.CausVidError(f"{run!r} has no ode_pairs/; run `python train_dmd.py --tiny --run-dir {run}` first")
     maker = causal if is_causal else teacher  # who made the run's pairs: makes the new ones, gives the first weights
     held = os.path.join(run, "study", "heldout_causal_pairs" if is_causal else "heldout_pairs")
+    if training.ODEPairs(held).teachers - {"causal" if is_causal else "trained"}:
+        raise cv.CausVidError(f"{held!r} holds another teacher's pairs; delete it")
     text_encoder = utils.load_text_encoder(maker).to(device)
     if len(training.ODEPairs(held)) < n:
         ns = argparse.Namespace(prompts=None, exact_teacher=False, seed=args.seed + 1000)
         train_ode.make_ode_pairs(ns, dataclasses.replace(cfg, ode_pairs=n, causal_ode_init=is_causal),
                                  utils.load_model(maker, device=device), text_encoder, device, held)
     first = "the causal teacher's weights" if is_causal else "teacher's weights, causal"
-    students = [(f"{first} (before stage 1)", maker), ("4-step student, ODE init only", os.path.join(run, "ode.safetensors")),
-                ("CausVid student (ODE init + DMD)", os.path.join(run, "dmd.safetensors")),
-                ("Self-Forcing's DMD on this ODE init", os.path.join(run, "self_forcing", "dmd.safetensors"))]
-    students = [(label, utils.load_model(path, causal=True, device=device).eval())
-                for label, path in students if os.path.exists(path)]  # (the runs that have them)
+    students = [(f"{first} (before stage 1)", maker), ("4-step student, ODE init only", os.path.join(run, "ode.safetensors"))]
+    students += [(label, path) for label, path in [("CausVid student (ODE init + DMD)", os.path.join(run, "dmd.safetensors")),
+                 ("Self-Forcing's DMD on this ODE init", os.path.join(run, "self_forcing", "dmd.safetensors"))]
+                 if os.path.exists(path)]  # (the DMD students the run has)
+    students = [(label, utils.load_model(path, causal=True, device=device).eval()) for label, path in students]
     ts, K, C, rows = cv.student_timesteps(cfg).to(device), cfg.chunk_size, cfg.num_frames // cfg.chunk_size, []
     psnr = lambda mse: f"{10 * torch.log10(4 / mse).item():.2f}"  # noqa: E731 -- pixels in [-1, 1]
     for where, path in [("training", own), ("held-out", held)]:

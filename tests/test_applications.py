@@ -100,7 +100,7 @@ def test_long_video_reports_windows(run_dir, capsys):
         run(run_dir, "--prompt", P, "--window", "4")
 
 
-def test_the_study_runs_end_to_end(run_dir, tmp_path):
+def test_the_study_runs_end_to_end(run_dir, tmp_path, monkeypatch):
     """study.py trains its baselines and prints every table (tiny step counts, 4 prompts)."""
     import shutil
 
@@ -126,10 +126,14 @@ def test_the_study_runs_end_to_end(run_dir, tmp_path):
     assert training.ODEPairs(str(tmp_path / "causal_init" / "ode_pairs")).teachers == {"causal"}
     assert text.count("CausVid** (ODE init") == 2  # a row of Table 4 and of Fig. 8
     assert 1.0 < study.predicted_cache_speedup(cv.get_config("tiny"), 48) < 20
-    # on a causal_ode_init run the one-step table's new pairs are the causal teacher's, from its own weights
+    # on a causal_ode_init run the one-step table's new pairs are the causal teacher's, made by its own sampler
+    makers, sampler = [], cv.sample_ode_causal
+    monkeypatch.setattr(cv, "sample_ode_causal", lambda model, *a, **k: makers.append(model) or sampler(model, *a, **k))
     causal = study.main(["--tiny", "--run-dir", str(tmp_path / "causal_init"), "--device", "cpu", "--only", "onestep"])
     assert training.ODEPairs(str(tmp_path / "causal_init" / "study" / "heldout_causal_pairs")).teachers == {"causal"}
     assert causal.count("| held-out (3) |") == 3 * 4 and "the causal teacher's weights (before stage 1)" in causal
+    expected = utils.load_model(str(tmp_path / "causal_init" / "causal_diffusion.safetensors")).state_dict()
+    assert makers and all(m.causal and all(torch.equal(v, expected[k]) for k, v in m.state_dict().items()) for m in makers)
 
 
 def test_the_successors_study_trains_only_its_own_students(run_dir, tmp_path):
