@@ -361,19 +361,19 @@ def one_step(args, run, teacher, causal, cfg, device, report):
     (as Alg. 2 feeds it), scored against the trajectory's end point -- per step and chunk, on the
     run's ODE pairs and on new ones (new noise and prompt draw) of the same teacher: the causal one
     where the run's pairs are causal_ode_init's."""
-    own = os.path.join(run, "ode_pairs")
-    n, is_causal = min(128, len(training.ODEPairs(own))), training.ODEPairs(own).teachers == {"causal"}
+    own_pairs = training.ODEPairs(os.path.join(run, "ode_pairs"))
+    n, is_causal = min(128, len(own_pairs)), own_pairs.teachers == {"causal"}
     if n == 0:
         raise cv.CausVidError(f"{run!r} has no ode_pairs/; run `python train_dmd.py --tiny --run-dir {run}` first")
     maker = causal if is_causal else teacher  # who made the run's pairs: makes the new ones, gives the first weights
     held = os.path.join(run, "study", "heldout_causal_pairs" if is_causal else "heldout_pairs")
-    if training.ODEPairs(held).teachers - {"causal" if is_causal else "trained"}:
+    ns = argparse.Namespace(prompts=None, exact_teacher=False, seed=args.seed + 1000)
+    held_cfg, held_pairs = dataclasses.replace(cfg, ode_pairs=n, causal_ode_init=is_causal), training.ODEPairs(held)
+    if held_pairs.teachers - {train_ode.teacher_kind(ns, held_cfg)}:
         raise cv.CausVidError(f"{held!r} holds another teacher's pairs; delete it")
     text_encoder = utils.load_text_encoder(maker).to(device)
-    if len(training.ODEPairs(held)) < n:
-        ns = argparse.Namespace(prompts=None, exact_teacher=False, seed=args.seed + 1000)
-        train_ode.make_ode_pairs(ns, dataclasses.replace(cfg, ode_pairs=n, causal_ode_init=is_causal),
-                                 utils.load_model(maker, device=device), text_encoder, device, held)
+    if len(held_pairs) < n:
+        train_ode.make_ode_pairs(ns, held_cfg, utils.load_model(maker, device=device), text_encoder, device, held)
     first = "the causal teacher's weights" if is_causal else "teacher's weights, causal"
     students = [(f"{first} (before stage 1)", maker), ("4-step student, ODE init only", os.path.join(run, "ode.safetensors"))]
     students += [(label, path) for label, path in [("CausVid student (ODE init + DMD)", os.path.join(run, "dmd.safetensors")),
@@ -382,8 +382,7 @@ def one_step(args, run, teacher, causal, cfg, device, report):
     students = [(label, utils.load_model(path, causal=True, device=device).eval()) for label, path in students]
     ts, K, C, rows = cv.student_timesteps(cfg).to(device), cfg.chunk_size, cfg.num_frames // cfg.chunk_size, []
     psnr = lambda mse: f"{10 * torch.log10(4 / mse).item():.2f}"  # noqa: E731 -- pixels in [-1, 1]
-    for where, path in [("training", own), ("held-out", held)]:
-        pairs = training.ODEPairs(path)
+    for where, pairs in [("training", own_pairs), ("held-out", training.ODEPairs(held))]:  # (held: as made above)
         traj, prompts = pairs.get(range(n)).to(device), pairs.prompts[:n]
         text = utils.stack_text(utils.embed_prompts(text_encoder, prompts), prompts, device)
         x0, fresh = traj[:, -1], torch.randn(traj[:, -1].shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
