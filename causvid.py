@@ -102,7 +102,7 @@ class Config:
     # CausVid's successors, off by default (docs/successors.md)
     self_forcing: bool = False  # Self-Forcing: DMD on the student's own KV-cached rollout, grad through one step
     causal_ode_init: bool = False  # Causal Forcing: ODE pairs from a causal diffusion teacher's own sampler
-    causal_teacher_steps: int = 6000  # toy world: that teacher, fine-tuned from the teacher by teacher forcing
+    causal_teacher_steps: int = 10000  # toy world: that teacher, fine-tuned from the teacher by teacher forcing
     lr_causal_teacher: float = 1e-3  # its peak learning rate (warm-up, cosine, EMA as the teacher's)
 
 

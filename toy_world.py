@@ -7,6 +7,7 @@ be scored against every clip its prompt admits.
 """
 
 import functools
+import math
 
 import torch
 import torch.nn as nn
@@ -143,7 +144,8 @@ def score_toy(frames: torch.Tensor, prompts: list[str]) -> dict:
     steady motion, the share of frame steps that move the object 1 px along the prompt's axis (and
     motion_steps: the shares that pause, move 1 px, jump 2+ px, or leave the axis; first_chunk_pause:
     the pause share of the three steps from the first chunk's frames, where a causal student pauses), and
-    the kinds of error of the wrongly fitted samples (colour, shape, motion axis, direction on the axis)."""
+    the kinds of error of the wrongly fitted samples (colour, shape, motion axis, direction on the axis);
+    breakdown and clean_frame_psnr: where the best-fit PSNR goes (the comment below)."""
     psnr = psnr_to_all(frames)  # (N, 48, 121)
     steps = motion_steps(frames, prompts)
     shares = {name: hit.double().mean().item() for name, hit in
@@ -160,6 +162,14 @@ def score_toy(frames: torch.Tensor, prompts: list[str]) -> dict:
         errors["shape"] += sh != sh2
         if d != d2:  # along the right axis but the other way, or along the other axis
             errors["direction" if axis_of(d) == axis_of(d2) else "axis"] += 1
+    # where the PSNR goes (docs/experiments.md): the share and mean best-fit PSNR of the samples with the wrong
+    # prompt, with a first-chunk pause, and clean; and the clean ones' PSNR frame by frame against their best fit
+    paused = correct & (steps[:, :3] == 0).any(1)
+    groups = {"wrong prompt": ~correct, "first-chunk pause": paused, "clean": correct & ~paused}
+    breakdown = {k: (m.double().mean().item(), best[m].mean().item() if m.any() else math.nan) for k, m in groups.items()}
+    ref = all_clips(frames.shape[1])[idx, start].double()  # (N, F, 16, 16, 3)
+    mse = ((frames.double() - ref) ** 2).flatten(2).mean(2)  # (N, F)
+    clean_frames = (10 * torch.log10(255.0**2 / mse.clamp_min(1e-10)))[groups["clean"]].mean(0)
     diversity = []
     for p in set(prompts):
         rows = [i for i, q in enumerate(prompts) if q == p]
@@ -171,7 +181,8 @@ def score_toy(frames: torch.Tensor, prompts: list[str]) -> dict:
             "first_chunk_pause": (steps[:, :3] == 0).double().mean().item(),  # frame steps 0-1, 1-2, 2-3
             "diversity": sum(diversity) / len(diversity) if diversity else float("nan"),
             "steady_motion": shares["1 px"], "motion_steps": shares, "errors": errors,
-            "per_sample_psnr": best, "per_sample_correct": correct}
+            "per_sample_psnr": best, "per_sample_correct": correct, "breakdown": breakdown,
+            "clean_frame_psnr": clean_frames}
 
 
 def window_psnr(frames: torch.Tensor, prompts: list[str], window: int = 12) -> torch.Tensor:
@@ -202,6 +213,8 @@ def print_scores(frames: torch.Tensor, prompts: list[str], length: int, several:
     if not all(s["per_sample_correct"]):
         print(f"wrong prompt fits best for {int((~s['per_sample_correct']).sum())} of {len(prompts)}; they got wrong: "
               + ", ".join(f"{k} {v}" for k, v in s["errors"].items()))
+    print("by sample: " + " | ".join(f"{k} {100 * share:.1f}% at {psnr:.2f} dB" for k, (share, psnr) in s["breakdown"].items())
+          + "; the clean ones frame by frame: " + " ".join(f"{v:.1f}" for v in s["clean_frame_psnr"].tolist()) + " dB")
     if frames.shape[1] > length:
         s["window_psnr"] = window_psnr(frames, prompts, length)
         print("per-window best-fit PSNR: " + " ".join(f"{v:.1f}" for v in s["window_psnr"].mean(0).tolist()))
