@@ -164,12 +164,12 @@ def score_toy(frames: torch.Tensor, prompts: list[str]) -> dict:
             errors["direction" if axis_of(d) == axis_of(d2) else "axis"] += 1
     # where the PSNR goes (docs/experiments.md): the share and mean best-fit PSNR of the samples with the wrong
     # prompt, with a first-chunk pause, and clean; and the clean ones' PSNR frame by frame against their best fit
-    paused = correct & (steps[:, :3] == 0).any(1)
+    paused = correct & (steps[:, :3] == 0).any(1)  # the steps first_chunk_pause counts
     groups = {"wrong prompt": ~correct, "first-chunk pause": paused, "clean": correct & ~paused}
     breakdown = {k: (m.double().mean().item(), best[m].mean().item() if m.any() else math.nan) for k, m in groups.items()}
     ref = all_clips(frames.shape[1])[idx, start].double()  # (N, F, 16, 16, 3)
     mse = ((frames.double() - ref) ** 2).flatten(2).mean(2)  # (N, F)
-    clean_frames = (10 * torch.log10(255.0**2 / mse.clamp_min(1e-10)))[groups["clean"]].mean(0)
+    clean_frames = (10 * torch.log10(255.0**2 / mse.clamp_min(1e-10)))[groups["clean"]].mean(0)  # averaged as best is
     diversity = []
     for p in set(prompts):
         rows = [i for i, q in enumerate(prompts) if q == p]

@@ -100,7 +100,7 @@ def test_score_perfect_noisy_and_wrong():
     assert toy.score_toy(clip, [p])["errors"] == {"colour": 0, "shape": 0, "axis": 0, "direction": 0}
 
 
-def test_where_the_psnr_goes():
+def test_where_the_psnr_goes(capsys):
     """score_toy's breakdown: the share and mean best-fit PSNR of the samples with the wrong prompt,
     with a pause in the first chunk's steps (prompt right), and clean; clean_frame_psnr: the clean
     samples' PSNR frame by frame against their best fit."""
@@ -111,6 +111,7 @@ def test_where_the_psnr_goes():
     noisy[5] = (noisy[5].float() + noise).clamp(0, 255).round().to(torch.uint8)
     late = torch.cat([clip[:1], clip[:11]])  # frame 0 shown twice: a pause in the first chunk, then the clip
     backwards = toy.render("a red circle moving left", 8, 3, 12)
+    backwards = torch.cat([backwards[:1], backwards[:11]])  # and a pause: it counts as wrong, once
     s = toy.score_toy(torch.stack([noisy, late, backwards]), [p] * 3)
     assert s["per_sample_correct"].tolist() == [True, True, False]
     psnr = s["per_sample_psnr"].tolist()
@@ -119,6 +120,9 @@ def test_where_the_psnr_goes():
     frame, exact = s["clean_frame_psnr"], 10 * math.log10(255**2 / 1e-10)  # (an exact frame's PSNR is capped)
     assert frame[5] == pytest.approx(10 * math.log10(255**2 / ((noisy[5].double() - clip[5].double()) ** 2).mean()))
     assert 15 < frame[5] < 40 and frame[torch.arange(12) != 5].tolist() == pytest.approx([exact] * 11)
+    toy.print_scores(torch.stack([noisy, late, backwards]), [p] * 3, 12, True)
+    assert f"by sample: wrong prompt 33.3% at {psnr[2]:.2f} dB | first-chunk pause 33.3% at {psnr[1]:.2f} dB | " \
+           f"clean 33.3% at {psnr[0]:.2f} dB; the clean ones frame by frame: " in capsys.readouterr().out
 
 
 def test_diversity():
