@@ -164,7 +164,8 @@ def score_toy(frames: torch.Tensor, prompts: list[str]) -> dict:
             errors["direction" if axis_of(d) == axis_of(d2) else "axis"] += 1
     # where the PSNR goes (docs/experiments.md): the share and mean best-fit PSNR of the samples with the wrong
     # prompt, with a first-chunk pause, and clean; and the clean ones' PSNR frame by frame against their best fit
-    paused = correct & (steps[:, :3] == 0).any(1)  # the steps first_chunk_pause counts
+    first_pauses = steps[:, :3] == 0  # frame steps 0-1, 1-2, 2-3: the first chunk's frames
+    paused = correct & first_pauses.any(1)
     groups = {"wrong prompt": ~correct, "first-chunk pause": paused, "clean": correct & ~paused}
     breakdown = {k: (m.double().mean().item(), best[m].mean().item() if m.any() else math.nan) for k, m in groups.items()}
     ref = all_clips(frames.shape[1])[idx, start].double()  # (N, F, 16, 16, 3)
@@ -178,7 +179,7 @@ def score_toy(frames: torch.Tensor, prompts: list[str]) -> dict:
             expected = 121 * (1 - (120 / 121) ** n)
             diversity.append(len({int(start[i]) for i in rows}) / expected)
     return {"best_fit_psnr": best.mean().item(), "prompt_accuracy": correct.float().mean().item(),
-            "first_chunk_pause": (steps[:, :3] == 0).double().mean().item(),  # frame steps 0-1, 1-2, 2-3
+            "first_chunk_pause": first_pauses.double().mean().item(),
             "diversity": sum(diversity) / len(diversity) if diversity else float("nan"),
             "steady_motion": shares["1 px"], "motion_steps": shares, "errors": errors,
             "per_sample_psnr": best, "per_sample_correct": correct, "breakdown": breakdown,
