@@ -41,10 +41,9 @@ def inference_dtype(device: torch.device) -> torch.dtype:
 
 
 def autocast(device: torch.device, training: bool = False):
-    """bf16 autocast on CUDA. On a CPU only for training steps, and only where the CPU computes in
-    bf16 natively (AVX512-BF16 or AMX: about 15-20% faster per toy teacher step); sampling on a CPU,
-    and training on other CPUs, stays fp32 -- as does all of it with CAUSVID_CPU_FP32=1 (the same
-    numbers on every CPU)."""
+    """bf16 autocast on CUDA. On a CPU only for training steps, and only where the CPU computes in bf16
+    natively (AVX512-BF16 or AMX: about 15-20% faster per toy teacher step); sampling on a CPU, training on
+    other CPUs, and all of it with CAUSVID_CPU_FP32=1 (the same numbers on every CPU) stay fp32."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     native = os.environ.get("CAUSVID_CPU_FP32") != "1" and (
@@ -181,9 +180,8 @@ def stack_text(emb: dict[str, torch.Tensor], prompts: list[str], device) -> torc
 
 
 def chunk_rng(seed: int, chunk: int, stream: int, device) -> torch.Generator:
-    """The random stream of one chunk (stream 0: its starting noise; 1: its re-noising, Alg. 2 line
-    8), on `device`. It depends on the seed and the chunk's index only, so extending a video never
-    changes its past."""
+    """The random stream of one chunk (stream 0: its starting noise; 1: its re-noising, Alg. 2 line 8), on
+    `device`. It depends on the seed and the chunk's index only: extending a video never changes its past."""
     return torch.Generator(device).manual_seed(seed * 1_000_003 + 2 * chunk + stream)
 
 
@@ -200,18 +198,17 @@ def prepare_for_inference(model: cv.DiT, device, dtype=None, compile: bool = Fal
 def stream_video(model, kind: str, text, cfg: cv.Config, num_frames: int, seed: int, device, uncond=None,
                  context=None, video=None, start: int = 0, window=None, sink=None, use_cache: bool = True, vae=None,
                  batch: int = 64) -> Iterator[torch.Tensor]:
-    """Videos from every kind of model, yielded as they are made: chunk by chunk (N, K, C, H, W), float
-    on the CPU, for the streaming student; whole for the teachers.
+    """Videos from every kind of model, yielded as they are made: chunk by chunk (N, K, C, H, W), float on
+    the CPU, for the streaming student; whole for the teachers.
       "teacher"  the bidirectional model: Euler + CFG over the whole clip (sample_ode)
       "causal"   a causal diffusion model: Euler + CFG chunk by chunk with the KV cache (sample_ode_causal)
       "student"  CausVid's streaming generator (Alg. 2; recompute_generate with use_cache=False)
-    text (N, L, D_text) or one such tensor per chunk; context (N, F_c, ...) clean frames before the
-    video (I2V), yielded first; video (N, F, ...) inputs noised chunk by chunk to student step `start`
-    (V2V; pixels with a vae, encoded chunk by chunk as the stream reaches them); window, sink: see
-    stream_generate; vae decodes each chunk as it is made. The N videos run in batches of `batch`
-    (from row i on with seed + i), advanced together: chunk c of every video is out before chunk c + 1
-    is made. A chunk's noise (chunk_rng) is drawn when the stream reaches it: nothing here grows with
-    the video's length."""
+    text (N, L, D_text) or one such tensor per chunk; context (N, F_c, ...) clean frames before the video
+    (I2V), yielded first; video (N, F, ...) inputs noised chunk by chunk to student step `start` (V2V;
+    pixels with a vae, encoded as the stream reaches them); window, sink: see stream_generate; vae decodes
+    each chunk as it is made. The N videos run in batches of `batch` (from row i on with seed + i), advanced
+    together: chunk c of every video is out before chunk c + 1 is made. A chunk's noise (chunk_rng) is
+    drawn when the stream reaches it: nothing here grows with the video's length."""
     per_chunk = not isinstance(text, torch.Tensor)
     N, K = len(text[0] if per_chunk else text), cfg.chunk_size
 
@@ -364,15 +361,12 @@ def add_common_args(p):
     """The flags every script shares."""
     p.add_argument("--tiny", action="store_true", help="the toy-world preset: runs on a CPU")
     p.add_argument("--config", choices=sorted(cv.PRESETS), help="a named preset (--tiny is --config tiny)")
-    p.add_argument("--run-dir", dest="run", help="the run directory: checkpoints are read from and written to it "
-                                 "(default: runs/<config>)")
+    p.add_argument("--run-dir", dest="run", help="where checkpoints are read and written (default: runs/<config>)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, help="batch size (default: the preset's)")
-    p.add_argument("--model-dir", help="Wan: the official Wan2.1-T2V-1.3B directory, either layout (DiT shapes, "
-                                       "text_encoder/ and vae/ are taken from it)")
-    p.add_argument("--text-encoder", help="Wan: a transformers UMT5 directory (tokenizer/ beside it), if not "
-                                          "<model-dir>/text_encoder")
+    p.add_argument("--model-dir", help="Wan: the official Wan2.1-T2V-1.3B directory, either layout (with text_encoder/, vae/)")
+    p.add_argument("--text-encoder", help="Wan: a UMT5 directory (tokenizer/ beside it), if not <model-dir>/text_encoder")
     p.add_argument("--vae", help="Wan: a diffusers AutoencoderKLWan directory, if not <model-dir>/vae")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set num_frames=9 --set student_step_indices=0,36,44")
@@ -387,13 +381,14 @@ def add_training_args(p):
                                                      "there is none (default: the preset's teacher_train_steps)")
     p.add_argument("--causal-teacher-steps", type=int, help="toy world, causal_ode_init: train the causal teacher "
                    "for this many steps if the run has none (default: the one shipped in weights/)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="causal-forcing: Causal Forcing's whole recipe, "
+                   "causal ODE init + Self-Forcing's DMD (default: CausVid's; see RECIPES, docs/successors.md)")
     p.add_argument("--pairs", type=int, help="number of ODE pairs (default: the preset's ode_pairs)")
     p.add_argument("--prompts", help="prompt file, one per line, for the ODE pairs (default: the 48 toy "
                                      "prompts; required for Wan)")
     p.add_argument("--exact-teacher", action="store_true", help="toy world: the world's exact denoiser plays the "
                                                                 "teacher (ODE pairs, DMD's real score)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from <run>/<stage>_state/"
-                                                         "(models, optimizers, step, RNG)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from <run>/<stage>_state/")
     p.add_argument("--save-every", type=int, default=500, help="steps between saves of the resumable state "
                                                                "(default: 500; Ctrl-C also saves)")
     p.add_argument("--log-every", type=int, default=100, help="steps between log lines (default: 100)")
@@ -422,19 +417,26 @@ def parse_overrides(items: list[str]) -> dict:
 
 # flags that set a Config field: (argparse dest, field)
 FLAG_FIELDS = [("batch_size", "batch_size"), ("teacher_steps", "teacher_train_steps"), ("pairs", "ode_pairs"),
-               ("causal_teacher_steps", "causal_teacher_steps"),
-               ("ode_steps", "ode_steps"), ("dmd_steps", "dmd_steps")]
+               ("causal_teacher_steps", "causal_teacher_steps"), ("ode_steps", "ode_steps"), ("dmd_steps", "dmd_steps")]
+
+# --recipe: a successor's whole recipe as one flag (over the preset, under the flags and --set). Causal Forcing's:
+# causal ODE init, then Self-Forcing's DMD with their Adam (beta1 0), critic lr / 5 and EMA (configs/causal_forcing_
+# dmd_chunkwise.yaml); on the toy world at rates x 4 for twice the iterations, the best measured (docs/experiments.md)
+CAUSAL_FORCING = dict(causal_ode_init=True, self_forcing=True, dmd_beta1=0.0, generator_ema=0.99, generator_ema_start=200)
+RECIPES = {"causal-forcing": {"tiny": dict(CAUSAL_FORCING, lr_generator=2e-4, lr_critic=4e-5, dmd_steps=800),
+                              "wan2.1-t2v-1.3b": dict(CAUSAL_FORCING, lr_generator=2e-6, lr_critic=4e-7)}}
 
 
 def resolve(args) -> tuple[cv.Config, torch.device, str]:
-    """-> (config, device, run directory), from the common flags: the preset, then the flags that set
-    a field, then --set, then the Wan directory's shapes and paths."""
+    """-> (config, device, run directory), from the common flags: the preset, then --recipe, then the flags
+    that set a field, then --set, then the Wan directory's shapes and paths."""
     if args.tiny and args.config not in (None, "tiny"):
         raise cv.CausVidError(f"--tiny and --config {args.config} contradict each other; give one")
     name = "tiny" if args.tiny else args.config
     if name is None:
         raise cv.CausVidError("choose a preset: --tiny (toy world, CPU) or --config wan2.1-t2v-1.3b")
-    overrides = {f: getattr(args, dest) for dest, f in FLAG_FIELDS if getattr(args, dest, None) is not None}
+    overrides = dict(RECIPES[args.recipe][name]) if getattr(args, "recipe", None) else {}
+    overrides.update({f: getattr(args, dest) for dest, f in FLAG_FIELDS if getattr(args, dest, None) is not None})
     overrides.update(parse_overrides(args.set))
     cfg = cv.get_config(name, **overrides)
     if args.model_dir:
@@ -460,9 +462,8 @@ SHIPPED_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weig
 
 
 def teacher_path(args, run: str, cfg: cv.Config) -> str:
-    """The one place that says where the bidirectional teacher comes from: --teacher; else the run's own
-    teacher.safetensors; else the official Wan directory (--model-dir); else, on the toy world, the
-    teacher shipped in weights/ -- unless --teacher-steps asks for one pre-trained into the run."""
+    """Where the bidirectional teacher comes from: --teacher; else the run's teacher.safetensors; else the Wan
+    directory (--model-dir); else, on the toy world, weights/'s -- unless --teacher-steps trains one into the run."""
     own, given = os.path.join(run, "teacher.safetensors"), getattr(args, "teacher", None)
     if isinstance(given, str):  # train scripts' --teacher PATH (sample.py's --teacher is a switch)
         return given
@@ -479,9 +480,8 @@ SHIPPED_CAUSAL_TEACHER = os.path.join(os.path.dirname(SHIPPED_TEACHER), "toy_cau
 
 
 def causal_teacher_path(args, run: str, cfg: cv.Config) -> str:
-    """Where causal_ode_init's causal teacher comes from: the run's causal_diffusion.safetensors; else, on
-    the toy world, the one shipped in weights/ -- unless --causal-teacher-steps asks for one trained into
-    the run."""
+    """Where causal_ode_init's causal teacher comes from: the run's causal_diffusion.safetensors; else, on the toy
+    world, weights/'s -- unless --causal-teacher-steps trains one into the run."""
     own = os.path.join(run, "causal_diffusion.safetensors")
     if os.path.exists(own) or cfg.name != "tiny" or getattr(args, "causal_teacher_steps", None) is not None:
         return own

@@ -5,6 +5,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import imageio.v2 as imageio
 import numpy as np
@@ -516,3 +518,30 @@ def test_causal_ode_init_starts_from_the_shipped_causal_teacher(tmp_path, capsys
     assert f"causal teacher: {utils.SHIPPED_CAUSAL_TEACHER}" in capsys.readouterr().out
     assert not (tmp_path / "causal_diffusion.safetensors").exists()
     assert training.ODEPairs(str(tmp_path / "ode_pairs")).teachers == {"causal"}
+
+
+def test_causal_forcings_recipe_is_one_flag(tmp_path):
+    """--recipe causal-forcing (the README's first table) is Causal Forcing's whole recipe over the preset --
+    causal ODE init from the shipped causal teacher, then Self-Forcing's DMD with its optimiser and EMA at
+    the toy world's measured rates and length (Wan: Causal Forcing's own) -- and the flags and --set still
+    override it. Typed as a user types it, in a subprocess."""
+    resolve = lambda *argv: utils.resolve(train_dmd.parse_args(list(argv)))[0]
+    cfg = resolve("--tiny", "--recipe", "causal-forcing")
+    assert (cfg.causal_ode_init, cfg.self_forcing, cfg.dmd_beta1, cfg.generator_ema, cfg.generator_ema_start,
+            cfg.lr_generator, cfg.lr_critic, cfg.dmd_steps) == (True, True, 0.0, 0.99, 200, 2e-4, 4e-5, 800)
+    assert cfg == cv.get_config("tiny", **utils.RECIPES["causal-forcing"]["tiny"])  # nothing else changes
+    wan_cfg = resolve("--config", "wan2.1-t2v-1.3b", "--recipe", "causal-forcing")
+    assert (wan_cfg.self_forcing, wan_cfg.lr_generator, wan_cfg.lr_critic, wan_cfg.dmd_steps) == (True, 2e-6, 4e-7, 6000)
+    over = resolve("--tiny", "--recipe", "causal-forcing", "--steps", "7", "--set", "lr_critic=1e-5")
+    assert (over.dmd_steps, over.lr_critic, over.lr_generator) == (7, 1e-5, 2e-4)
+    assert resolve("--tiny") == cv.get_config("tiny")  # CausVid stays the default
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CAUSVID_CPU_FP32": "1"}
+    proc = subprocess.run([sys.executable, "train_dmd.py", "--tiny", "--recipe", "causal-forcing", "--run-dir", str(tmp_path),
+                           "--batch-size", "2", "--pairs", "2", "--ode-steps", "1", "--steps", "2", "--set", "warmup=1",
+                           "--sample-every", "100", "--device", "cpu"], cwd=os.path.dirname(os.path.dirname(__file__)),
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert f"causal teacher: {utils.SHIPPED_CAUSAL_TEACHER}" in proc.stdout
+    assert training.ODEPairs(str(tmp_path / "ode_pairs")).teachers == {"causal"}
+    ran = utils.load_checkpoint(str(tmp_path / "dmd.safetensors"), keep=lambda k: False)[2]["run_config"]
+    assert {k: ran[k] for k in utils.RECIPES["causal-forcing"]["tiny"]} == {**utils.RECIPES["causal-forcing"]["tiny"], "dmd_steps": 2}
