@@ -65,7 +65,8 @@ def get_causal_teacher(args, cfg: cv.Config, teacher, text_encoder, device, run:
         print(f"causal teacher: {path}")
         return utils.load_model(path, causal=True, device=device, expect=cfg).eval().requires_grad_(False)
     if cfg.name != "tiny":
-        raise cv.CausVidError(f"causal_ode_init needs a causal diffusion model at {path!r}")
+        raise cv.CausVidError(f"causal_ode_init (--recipe causal-forcing) needs a causal diffusion model at {path!r}; "
+                              "none is shipped or trained for Wan: put one there, or drop the option")
     print(f"training the causal teacher into {path} for {cfg.causal_teacher_steps} steps (teacher forcing)")
     model = copy.deepcopy(teacher).train().requires_grad_(True)
     model.causal = True

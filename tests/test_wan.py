@@ -180,6 +180,10 @@ def test_the_three_scripts_run_on_a_wan_layout_directory(wan_run, tmp_path):
     assert frames.shape == (1 + 4 * 5, 4 * 32 + 2, 4 * 48 + 2, 3) and not (run / "wan.npz").exists()  # npz: toy only
     with pytest.raises(cv.CausVidError, match="pass --prompts FILE"):
         train_ode.main(common + ["--run-dir", str(tmp_path / "other")])
+    with pytest.raises(cv.CausVidError, match="needs a causal diffusion model at .*none is shipped or trained for Wan"):
+        train_ode.main(common + ["--run-dir", str(tmp_path / "cf"), "--prompts", str(run.parent / "prompts.txt"),
+                                 "--recipe", "causal-forcing"])  # Causal Forcing's Wan teacher is not ours to train
+    assert not (tmp_path / "cf" / "ode_pairs").exists()
 
 
 def test_bf16_inference_stays_close_to_fp32(wan_run):
