@@ -381,8 +381,8 @@ def add_training_args(p):
                                                      "there is none (default: the preset's teacher_train_steps)")
     p.add_argument("--causal-teacher-steps", type=int, help="toy world, causal_ode_init: train the causal teacher "
                    "for this many steps if the run has none (default: the one shipped in weights/)")
-    p.add_argument("--recipe", choices=sorted(RECIPES), help="causal-forcing: Causal Forcing's whole recipe, "
-                   "causal ODE init + Self-Forcing's DMD (default: CausVid's; see RECIPES, docs/successors.md)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="causal-forcing: Causal Forcing's recipe, causal "
+                   "ODE init + Self-Forcing's DMD, optimiser and EMA (default: CausVid's; RECIPES, docs/successors.md)")
     p.add_argument("--pairs", type=int, help="number of ODE pairs (default: the preset's ode_pairs)")
     p.add_argument("--prompts", help="prompt file, one per line, for the ODE pairs (default: the 48 toy "
                                      "prompts; required for Wan)")
@@ -419,9 +419,9 @@ def parse_overrides(items: list[str]) -> dict:
 FLAG_FIELDS = [("batch_size", "batch_size"), ("teacher_steps", "teacher_train_steps"), ("pairs", "ode_pairs"),
                ("causal_teacher_steps", "causal_teacher_steps"), ("ode_steps", "ode_steps"), ("dmd_steps", "dmd_steps")]
 
-# --recipe: a successor's whole recipe as one flag (over the preset, under the flags and --set). Causal Forcing's:
-# causal ODE init, then Self-Forcing's DMD with their Adam (beta1 0), critic lr / 5 and EMA (configs/causal_forcing_
-# dmd_chunkwise.yaml); on the toy world at rates x 4 for twice the iterations, the best measured (docs/experiments.md)
+# --recipe: a successor's recipe as one flag (over the preset, under the flags and --set). Causal Forcing's: causal ODE
+# init, Self-Forcing's DMD with their Adam (beta1 0), rates and EMA (configs/causal_forcing_dmd_chunkwise.yaml; shift,
+# steps, CFG kept); on the toy world at rates x 4 for twice the iterations, the best measured (docs/experiments.md)
 CAUSAL_FORCING = dict(causal_ode_init=True, self_forcing=True, dmd_beta1=0.0, generator_ema=0.99, generator_ema_start=200)
 RECIPES = {"causal-forcing": {"tiny": dict(CAUSAL_FORCING, lr_generator=2e-4, lr_critic=4e-5, dmd_steps=800),
                               "wan2.1-t2v-1.3b": dict(CAUSAL_FORCING, lr_generator=2e-6, lr_critic=4e-7)}}

@@ -521,7 +521,7 @@ def test_causal_ode_init_starts_from_the_shipped_causal_teacher(tmp_path, capsys
 
 
 def test_causal_forcings_recipe_is_one_flag(tmp_path):
-    """--recipe causal-forcing (the README's first table) is Causal Forcing's whole recipe over the preset --
+    """--recipe causal-forcing (the README's first table) is Causal Forcing's recipe over the preset --
     causal ODE init from the shipped causal teacher, then Self-Forcing's DMD with its optimiser and EMA at
     the toy world's measured rates and length (Wan: Causal Forcing's own) -- and the flags and --set still
     override it. Typed as a user types it, in a subprocess."""
