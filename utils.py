@@ -421,7 +421,7 @@ FLAG_FIELDS = [("batch_size", "batch_size"), ("teacher_steps", "teacher_train_st
 
 # --recipe: a successor's recipe as one flag (over the preset, under the flags and --set). Causal Forcing's: causal ODE
 # init, Self-Forcing's DMD with their Adam (beta1 0), rates and EMA (configs/causal_forcing_dmd_chunkwise.yaml; shift,
-# steps, CFG kept); on the toy world at rates x 4 for twice the iterations, the best measured (docs/experiments.md)
+# steps, CFG kept); on the toy world at rates x 4 for twice the iterations, the most accurate (docs/successors.md)
 CAUSAL_FORCING = dict(causal_ode_init=True, self_forcing=True, dmd_beta1=0.0, generator_ema=0.99, generator_ema_start=200)
 RECIPES = {"causal-forcing": {"tiny": dict(CAUSAL_FORCING, lr_generator=2e-4, lr_critic=4e-5, dmd_steps=800),
                               "wan2.1-t2v-1.3b": dict(CAUSAL_FORCING, lr_generator=2e-6, lr_critic=4e-7)}}
