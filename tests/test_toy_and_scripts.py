@@ -5,8 +5,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import imageio.v2 as imageio
 import numpy as np
@@ -20,6 +18,7 @@ import train_dmd
 import train_ode
 import training
 import utils
+from test_distributed import one_process  # `python script args` in a subprocess, as typed
 
 CIRCLE = """
 ..##..
@@ -535,13 +534,10 @@ def test_causal_forcings_recipe_is_one_flag(tmp_path):
     over = resolve("--tiny", "--recipe", "causal-forcing", "--steps", "7", "--set", "lr_critic=1e-5")
     assert (over.dmd_steps, over.lr_critic, over.lr_generator) == (7, 1e-5, 2e-4)
     assert resolve("--tiny") == cv.get_config("tiny")  # CausVid stays the default
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CAUSVID_CPU_FP32": "1"}
-    proc = subprocess.run([sys.executable, "train_dmd.py", "--tiny", "--recipe", "causal-forcing", "--run-dir", str(tmp_path),
-                           "--batch-size", "2", "--pairs", "2", "--ode-steps", "1", "--steps", "2", "--set", "warmup=1",
-                           "--sample-every", "100", "--device", "cpu"], cwd=os.path.dirname(os.path.dirname(__file__)),
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert f"causal teacher: {utils.SHIPPED_CAUSAL_TEACHER}" in proc.stdout
+    out = one_process("train_dmd.py", ["--tiny", "--recipe", "causal-forcing", "--run-dir", str(tmp_path), "--batch-size", "2",
+                                       "--pairs", "2", "--ode-steps", "1", "--steps", "2", "--set", "warmup=1",
+                                       "--sample-every", "100", "--device", "cpu"])
+    assert f"causal teacher: {utils.SHIPPED_CAUSAL_TEACHER}" in out
     assert training.ODEPairs(str(tmp_path / "ode_pairs")).teachers == {"causal"}
     ran = utils.load_checkpoint(str(tmp_path / "dmd.safetensors"), keep=lambda k: False)[2]["run_config"]
     assert {k: ran[k] for k in utils.RECIPES["causal-forcing"]["tiny"]} == {**utils.RECIPES["causal-forcing"]["tiny"], "dmd_steps": 2}
