@@ -141,7 +141,7 @@ def test_readme_torchrun_toy_pipeline_runs_end_to_end_and_sample_loads_it(tmp_pa
 
 
 def test_ode_regression_on_two_ranks_is_one_process_and_sigint_resumes_exactly(run_dir, tmp_path):
-    one, two, stopped = (copy_run(run_dir, tmp_path / name) for name in ("one", "two", "stopped"))
+    one, two = (copy_run(run_dir, tmp_path / name) for name in ("one", "two"))
     args = COMMON + ["--steps", str(ODE_STEPS), "--pairs", "3"]
     one_process("train_ode.py", args + ["--run-dir", str(one), "--set", "accumulate=2"])
     finish(torchrun(2, "train_ode.py", args + ["--run-dir", str(two)]))
@@ -152,8 +152,8 @@ def test_ode_regression_on_two_ranks_is_one_process_and_sigint_resumes_exactly(r
                         cv.get_config("tiny").lr_ode, ODE_STEPS)
 
     # Ctrl-C (SIGINT to the launcher, which passes it on) after step 2: both ranks stop after the same step
-    stop = torchrun(2, "train_ode.py", args + ["--run-dir", str(stopped)])
-    signal_after(stop, stopped / "ode_log.jsonl", 2, signal.SIGINT)
+    stopped = launched_and_stopped(lambda: copy_run(run_dir, tmp_path / "stopped"), "train_ode.py", args, 2,
+                                   signal.SIGINT)
     saved = json.loads((stopped / "ode_state" / "run.json").read_text())
     assert saved["ranks"] == 2 and saved["step"] >= 2 and not (stopped / "ode.safetensors").exists()
     assert saved["step"] < ODE_STEPS
@@ -164,19 +164,41 @@ def test_ode_regression_on_two_ranks_is_one_process_and_sigint_resumes_exactly(r
 
 def signal_after(proc: subprocess.Popen, log: Path, lines: int, sig: int) -> int:
     """Send `sig` once the run has logged `lines` lines; -> the exit code, once it has saved and exited."""
+    out = signalled(proc, log, lines, sig)
+    assert proc.returncode != 0 and "interrupted: saved" in out, out[-3000:]
+    return proc.returncode
+
+
+def signalled(proc: subprocess.Popen, log: Path, lines: int, sig: int) -> str:
+    """Send `sig` once the run has logged `lines` lines; -> its output, once it has exited."""
     deadline = time.time() + 300
     while not (log.exists() and len(log.read_text().splitlines()) >= lines):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.05)
     proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "interrupted: saved" in out, out[-3000:]
-    return proc.returncode
+    return proc.communicate(timeout=120)[0]
+
+
+def launched_and_stopped(fresh_dir, script: str, args: list[str], lines: int, sig: int, tries: int = 3) -> Path:
+    """`torchrun` on 2 ranks in fresh_dir(), and `sig` to the launcher once the run has logged `lines`
+    lines; -> the run directory, once the run has saved and exited. The launcher passes the signal on
+    from its monitor loop, which once (in CI) handled it only after the workers had finished: a run that
+    ended (its final weights written) before the signal reached it is made again; any other fails."""
+    stage = script.removeprefix("train_").removesuffix(".py")
+    for _ in range(tries):
+        run = fresh_dir()
+        proc = torchrun(2, script, args + ["--run-dir", str(run)])
+        out = signalled(proc, run / f"{stage}_log.jsonl", lines, sig)
+        if not (run / f"{stage}.safetensors").exists():
+            assert proc.returncode != 0 and "interrupted: saved" in out, out[-3000:]
+            return run
+        shutil.rmtree(run)
+    raise AssertionError(f"the launcher passed {signal.Signals(sig).name} on only after the run ended, {tries} times")
 
 
 def test_dmd_on_two_ranks_is_one_process_and_sigterm_resumes_from_two_ranks_on_one_and_back(run_dir, tmp_path):
     names = ("teacher.safetensors", "ode.safetensors")
-    one, two, stopped = (copy_run(run_dir, tmp_path / n, names) for n in ("one", "two", "stopped"))
+    one, two = (copy_run(run_dir, tmp_path / n, names) for n in ("one", "two"))
     # with Self-Forcing's EMA (an AveragedModel, sharded like the generator, saved and resharded with it)
     args = COMMON + ["--steps", str(DMD_STEPS), "--sample-every", "1000", "--set", "generator_ema=0.5",
                      "--set", "generator_ema_start=4"]
@@ -191,8 +213,8 @@ def test_dmd_on_two_ranks_is_one_process_and_sigterm_resumes_from_two_ranks_on_o
                         cv.get_config("tiny").lr_generator, turns)
 
     # SIGTERM (what a cluster sends before it preempts) to the launcher after iteration 3 ...
-    stop = torchrun(2, "train_dmd.py", args + ["--run-dir", str(stopped)])
-    signal_after(stop, stopped / "dmd_log.jsonl", 3, signal.SIGTERM)
+    stopped = launched_and_stopped(lambda: copy_run(run_dir, tmp_path / "stopped", names), "train_dmd.py", args, 3,
+                                   signal.SIGTERM)
     k = json.loads((stopped / "dmd_state" / "run.json").read_text())["step"]
     assert 3 <= k < DMD_STEPS - 4, k
     # ... resumes on 1 process, which needs accumulate 2 (DCP reshards; the streams are per micro-batch),
