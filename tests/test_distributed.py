@@ -185,7 +185,7 @@ def launched_and_stopped(fresh_dir, script: str, args: list[str], lines: int, si
     from its monitor loop, which once (in CI) handled it only after the workers had finished: a run that
     ended (its final weights written) before the signal reached it is made again; any other fails."""
     stage = script.removeprefix("train_").removesuffix(".py")
-    for _ in range(tries):
+    for _ in range(tries):  # (runs in all)
         run = fresh_dir()
         proc = torchrun(2, script, args + ["--run-dir", str(run)])
         out = signalled(proc, run / f"{stage}_log.jsonl", lines, sig)
@@ -193,7 +193,8 @@ def launched_and_stopped(fresh_dir, script: str, args: list[str], lines: int, si
             assert proc.returncode != 0 and "interrupted: saved" in out, out[-3000:]
             return run
         shutil.rmtree(run)
-    raise AssertionError(f"the launcher passed {signal.Signals(sig).name} on only after the run ended, {tries} times")
+    raise AssertionError(f"{tries} runs ended before {signal.Signals(sig).name} stopped them (the launcher passed it on "
+                         f"late, or the workers ignored it); the last one's output:\n{out[-3000:]}")
 
 
 def test_dmd_on_two_ranks_is_one_process_and_sigterm_resumes_from_two_ranks_on_one_and_back(run_dir, tmp_path):
