@@ -164,7 +164,10 @@ def test_ode_regression_on_two_ranks_is_one_process_and_sigint_resumes_exactly(r
 
 def signal_after(proc: subprocess.Popen, log: Path, lines: int, sig: int) -> int:
     """Send `sig` once the run has logged `lines` lines; -> the exit code, once it has saved and exited."""
-    out = signalled(proc, log, lines, sig)
+    return saved_and_exited(proc, signalled(proc, log, lines, sig))
+
+
+def saved_and_exited(proc: subprocess.Popen, out: str) -> int:
     assert proc.returncode != 0 and "interrupted: saved" in out, out[-3000:]
     return proc.returncode
 
@@ -185,12 +188,12 @@ def launched_and_stopped(fresh_dir, script: str, args: list[str], lines: int, si
     from its monitor loop, which once (in CI) handled it only after the workers had finished: a run that
     ended (its final weights written) before the signal reached it is made again; any other fails."""
     stage = script.removeprefix("train_").removesuffix(".py")
-    for _ in range(tries):  # (runs in all)
+    for _ in range(tries):  # runs in all
         run = fresh_dir()
         proc = torchrun(2, script, args + ["--run-dir", str(run)])
         out = signalled(proc, run / f"{stage}_log.jsonl", lines, sig)
         if not (run / f"{stage}.safetensors").exists():
-            assert proc.returncode != 0 and "interrupted: saved" in out, out[-3000:]
+            saved_and_exited(proc, out)
             return run
         shutil.rmtree(run)
     raise AssertionError(f"{tries} runs ended before {signal.Signals(sig).name} stopped them (the launcher passed it on "
