@@ -138,22 +138,37 @@ def training_steps(cfg: cv.Config, device, rows: list):
         sync(device)
         rows.append([label, "", f"{time.perf_counter() - t0:.2f} s / step", "", peak_memory(device)])
 
-    model, streams = student(), training.Streams(0, cfg.accumulate)
+    model = student()
+    streams = training.Streams(0, cfg.accumulate)
     opt = training.adamw(model.parameters(), cfg.lr_ode, device)
-    step = lambda: train_ode.ode_step(model, opt, lambda g: (clip(1, Q + 1), text), timesteps, cfg, device, streams)
-    step()  # warm-up: the optimizer's state
-    measure("ODE regression step", step)
+
+    def ode_step():
+        train_ode.ode_step(model, opt, lambda g: (clip(1, Q + 1), text), timesteps, cfg, streams)
+
+    ode_step()  # warm-up: the optimizer's state
+    measure("ODE regression step", ode_step)
     del model, opt
-    generator, critic = student(), cv.DiT(cfg).to(device).train()
+    generator = student()
+    critic = cv.DiT(cfg).to(device).train()
     teacher = copy.deepcopy(critic).eval().requires_grad_(False).to(utils.inference_dtype(device))
     critic.gradient_checkpointing = cfg.gradient_checkpointing
-    opts = (training.adamw(generator.parameters(), cfg.lr_generator, device),
-            training.adamw(critic.parameters(), cfg.lr_critic, device))
-    step = lambda it: train_dmd.dmd_step(it, generator, critic, teacher, *opts, lambda g: (clip(1), text), text, timesteps,
-                                         cfg, device, streams)
-    step(0)  # warm-up: both optimizers' state
-    measure("DMD iteration, generator + critic", lambda: step(0))
-    measure("DMD iteration, critic only", lambda: step(1))
+    s = train_dmd.DMD(
+        generator=generator,
+        critic=critic,
+        real=teacher,
+        opt_g=training.adamw(generator.parameters(), cfg.lr_generator, device),
+        opt_c=training.adamw(critic.parameters(), cfg.lr_critic, device),
+        videos=lambda g: (clip(1), text),
+        generator_input=train_dmd.generator_inputs(cfg, device, seed=0),
+        uncond=text,
+        timesteps=timesteps,
+        streams=streams,
+        cfg=cfg,
+        device=device,
+    )
+    train_dmd.dmd_iteration(0, s)  # warm-up: both optimizers' state
+    measure("DMD iteration, generator + critic", lambda: train_dmd.dmd_iteration(0, s))
+    measure("DMD iteration, critic only", lambda: train_dmd.dmd_iteration(1, s))
 
 
 def main(argv=None):

@@ -62,18 +62,18 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 
 
-def train_missing(args, cfg, device, run, teacher):
+def train_missing(args, world, run, teacher):
     """The causal diffusion model (causal_ode_init's teacher: the run's, the shipped one, or one trained
     here by teacher forcing) and the two DMD ablations."""
     ode = os.path.join(run, "ode.safetensors")
     for path in (teacher, ode):
         if not os.path.exists(path):
             raise cv.CausVidError(f"{path!r} not found; run `python train_dmd.py --tiny --run-dir {run}` first")
-    causal = utils.causal_teacher_path(args, run, cfg)
+    causal = utils.causal_teacher_path(args, run, world)
     if not os.path.exists(causal):  # the same model as causal_ode_init's teacher
         torch.manual_seed(args.seed)
-        train_ode.get_causal_teacher(args, cfg, utils.load_model(teacher, device=device), utils.load_text_encoder(teacher),
-                                     device, run)
+        bidirectional = utils.load_model(teacher, device=world.device)
+        train_ode.get_causal_teacher(args, world, bidirectional, world.text_encoder(teacher), run)
     common = ["--tiny", "--seed", str(args.seed), "--save-every", str(args.save_every)] + ["--resume"] * args.resume
     common += [a for item in args.set for a in ("--set", item)]
     common += ["--steps", str(args.dmd_steps)] if args.dmd_steps else []
@@ -103,14 +103,16 @@ def load(run, ckpt, kind, device, prompts):
     """-> (model, text (N, L, D_text), uncond (1, L, D_text)) for a row."""
     path = os.path.join(run, ckpt)
     model = utils.load_model(path, causal=kind != "teacher", device=device).eval()
-    emb = utils.embed_prompts(utils.load_text_encoder(path), prompts + [model.cfg.negative_prompt])
+    emb = toy.read_text_encoder(path).embed(prompts + [model.cfg.negative_prompt])
     return model, utils.stack_text(emb, prompts, "cpu"), emb[model.cfg.negative_prompt][None].to(device)
 
 
-def sample(model, kind, text, uncond, cfg, frames, seed, device, **kw):
+def sample(model, kind, text, uncond, cfg, frames, seed, device, window=None, context=None, use_cache=True):
     """-> (uint8 frames (N, F, H, W, 3), seconds to the first chunk, seconds in all)."""
-    video, first, seconds = utils.generate(model, kind, text, cfg, frames, seed, device, uncond, **kw)
-    return toy.to_uint8(video), first, seconds
+    generate = utils.streaming(window) if use_cache else cv.recompute_generate
+    make = utils.sampler(model, kind, cfg, device, uncond, generate)
+    world = utils.make_world(cfg, device)
+    return utils.generate(make, text, frames, world, seed, context=context)
 
 
 def forward_passes(kind, cfg, frames):
@@ -268,13 +270,17 @@ def applications(run, cfg, device, seed, report, prompts):
 
     student = utils.load_model(os.path.join(run, "dmd.safetensors"), device=device).eval()
     K, g = cfg.chunk_size, torch.Generator().manual_seed(seed)
-    emb = utils.embed_prompts(utils.load_text_encoder(os.path.join(run, "dmd.safetensors")), toy.PROMPTS)
+    emb = toy.read_text_encoder(os.path.join(run, "dmd.safetensors")).embed(toy.PROMPTS)
     ts = cv.student_timesteps(cfg).to(device)
     starts = torch.randint(0, toy.MAX_POS + 1, (len(prompts), 2), generator=g)
     truth = torch.stack([toy.render(p, int(x), int(y), cfg.num_frames) for p, (x, y) in zip(prompts, starts)])
     text = utils.stack_text(emb, prompts, device)
     noise = torch.randn(len(prompts), cfg.num_frames, cfg.channels, cfg.height, cfg.width, generator=g).to(device)
-    stream = lambda x, txt, tt=ts, **kw: toy.to_uint8(torch.cat(list(cv.stream_generate(student, x, txt, tt, g, **kw)), 1))
+
+    def stream(x, txt, tt=ts, context=None, window=None):
+        chunks = utils.streaming(window)(student, x, txt, tt, g, context)
+        return toy.to_uint8(torch.cat(list(chunks), 1))
+
 
     # image-to-video: frame 0 repeated to a chunk is the cached context; K + ... generated frames follow
     context = toy.to_model_space(truth[:, :1]).expand(-1, K, -1, -1, -1).to(device)
@@ -371,9 +377,10 @@ def one_step(args, run, teacher, causal, cfg, device, report):
     held_cfg, held_pairs = dataclasses.replace(cfg, ode_pairs=n, causal_ode_init=is_causal), training.ODEPairs(held)
     if held_pairs.teachers - {train_ode.teacher_kind(ns, held_cfg)}:
         raise cv.CausVidError(f"{held!r} holds another teacher's pairs; delete it")
-    text_encoder = utils.load_text_encoder(maker).to(device)
+    text_encoder = toy.read_text_encoder(maker).to(device)
     if len(held_pairs) < n:
-        train_ode.make_ode_pairs(ns, held_cfg, utils.load_model(maker, device=device), text_encoder, device, held)
+        held_world = utils.make_world(held_cfg, device)
+        train_ode.make_ode_pairs(ns, held_world, utils.load_model(maker, device=device), text_encoder, held)
     first = "the causal teacher's weights" if is_causal else "teacher's weights, causal"
     students = [(f"{first} (before stage 1)", maker), ("4-step student, ODE init only", os.path.join(run, "ode.safetensors"))]
     students += [(label, path) for label, path in [("CausVid student (ODE init + DMD)", os.path.join(run, "dmd.safetensors")),
@@ -384,7 +391,7 @@ def one_step(args, run, teacher, causal, cfg, device, report):
     psnr = lambda mse: f"{10 * torch.log10(4 / mse).item():.2f}"  # noqa: E731 -- pixels in [-1, 1]
     for where, pairs in [("training", own_pairs), ("held-out", training.ODEPairs(held))]:  # (held: as made above)
         traj, prompts = pairs.get(range(n)).to(device), pairs.prompts[:n]
-        text = utils.stack_text(utils.embed_prompts(text_encoder, prompts), prompts, device)
+        text = utils.stack_text(text_encoder.embed(prompts), prompts, device)
         x0, fresh = traj[:, -1], torch.randn(traj[:, -1].shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
         for label, model in students:
             for q, t in enumerate(ts.tolist()):
@@ -406,12 +413,12 @@ def one_step(args, run, teacher, causal, cfg, device, report):
                         + ["mean", "mean, end point re-noised"], rows))
 
 
-def train_successors(args, run, cfg, device):
+def train_successors(args, run, world):
     """Each variant's student from the run's teacher. Self-Forcing starts DMD from the ODE student it
     shares with its base; its DMD gets the wall-clock of the run's own DMD (iterations scaled by the
     seconds per iteration of a 10-iteration calibration). The causal init trains its own stage 1."""
     base = utils.load_checkpoint(os.path.join(run, "dmd.safetensors"), keep=lambda k: False)[2]
-    common = ["--tiny", "--seed", str(args.seed), "--teacher", utils.teacher_path(args, run, cfg)]
+    common = ["--tiny", "--seed", str(args.seed), "--teacher", utils.teacher_path(args, run, world)]
     common += (["--device", args.device] if args.device else []) + [a for item in args.set for a in ("--set", item)]
     common += ["--batch-size", str(args.batch_size)] if args.batch_size else []
     for _, sub, flags in SUCCESSORS[1:]:
@@ -434,7 +441,7 @@ def train_successors(args, run, cfg, device):
 
 def successors(args, run, cfg, device, report, base):
     if "train" in (args.only or PARTS):
-        train_successors(args, run, cfg, device)
+        train_successors(args, run, utils.make_world(cfg, device))
     prompts = [p for p in base for _ in range(args.seeds)]
     header = ["model", "best-fit PSNR (dB)", "prompt accuracy", "steady 1-px motion", "first-chunk pauses",
               "diversity", "DMD iterations", "DMD s/iteration"]
@@ -469,7 +476,7 @@ def long_video(run, cfg, device, seed, frames, report, prompts):
         noise = torch.cat([torch.randn(len(prompts), K, cfg.channels, cfg.height, cfg.width,
                                        generator=utils.chunk_rng(seed, c, 0, device)) for c in range(frames // K)], 1)
         chunks, times, t0 = [], [], time.perf_counter()
-        for chunk in cv.stream_generate(student, noise, text.to(device), ts, rng, **kw):
+        for chunk in utils.streaming(**kw)(student, noise, text.to(device), ts, rng):
             chunks.append(chunk)
             times.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
@@ -534,9 +541,10 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     parts = args.only or PARTS
     utils.writable_dir(os.path.join(run, "study"), "--run-dir")
-    teacher, causal = utils.teacher_path(args, run, cfg), utils.causal_teacher_path(args, run, cfg)
+    world = utils.make_world(cfg, device)
+    teacher, causal = utils.teacher_path(args, run, world), utils.causal_teacher_path(args, run, world)
     if "train" in parts and ({"table4", "fig8"} & set(parts) or parts == ["train"]):  # the baselines they compare
-        train_missing(args, cfg, device, run, teacher)
+        train_missing(args, world, run, teacher)
     report = [f"## Toy-world study (`python study.py --tiny --run-dir {run}`)\n"]
     prompts = toy.PROMPTS[:args.num_prompts]
     if "table4" in parts:

@@ -1,5 +1,6 @@
 """Moving Shapes, the toy world behind --tiny (shared/toy_world.md): a renderer with exact dynamics,
-the data, the scores, the world's exact denoiser, and the tiny text encoder.
+the data, the scores, the world's exact denoiser, the tiny text encoder, and ToyWorld, the world
+as the scripts see it (wan.WanWorld is the same interface for Wan2.1).
 
 16x16 RGB clips of one coloured square or circle moving 1 px per frame and bouncing off the walls,
 prompted as "a red circle moving left" (48 prompts). The dynamics are exact, so a generated clip can
@@ -7,7 +8,9 @@ be scored against every clip its prompt admits.
 """
 
 import functools
+import json
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -292,3 +295,103 @@ def tiny_text_encoder(cfg: cv.Config, state_dict: dict | None = None, seed: int 
     if state_dict is not None:
         encoder.load_state_dict(state_dict)
     return TextEncoder(ByT5Tokenizer(), encoder, cfg.text_len)
+
+
+# ------------------------------------------------------------------------------------------------
+# The toy world as the scripts see it
+# ------------------------------------------------------------------------------------------------
+
+WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+
+
+def read_text_encoder(checkpoint: str) -> TextEncoder:
+    """The tiny text encoder stored in a checkpoint beside its DiT (tensors "text_encoder.*"; the
+    file was written by training.save_model and read once already by the DiT's loader)."""
+    from safetensors import safe_open
+
+    with safe_open(checkpoint, framework="pt") as f:
+        cfg = cv.config_from_dict(json.loads(f.metadata()["config"]))
+        prefix = "text_encoder."
+        state = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    if not state:
+        raise cv.CausVidError(f"{checkpoint!r} uses the tiny text encoder but does not contain its weights")
+    return tiny_text_encoder(cfg, state)
+
+
+class ToyWorld:
+    """Moving Shapes as the scripts see it. wan.WanWorld has the same members, so no script asks
+    which world it runs in:
+      prompts and text      prompts, preview_prompts, text_encoder(), exact_teacher()
+      frames and the DiT    pixel_size, pixel_frames(), latent_frames(), encode(),
+                            encode_stream(), decode_stream()  (here the DiT works on the pixels)
+      videos to train on    clips (flow-matching pre-training), training_videos() (DMD's data)
+      a scorer              score()
+      sizes and weights     generation_batch, pretrained_teacher, pretrained_causal_teacher"""
+
+    name = "the toy world"
+    prompts = PROMPTS  # what the scripts train on and sample by default
+    preview_prompts = PROMPTS[::6]  # train_dmd.py's progress GIFs
+    generation_batch = 64  # videos sampled (and ODE pairs made) at once
+    pretrained_teacher = os.path.join(WEIGHTS, "toy_teacher.safetensors")  # weights/README.md
+    pretrained_causal_teacher = os.path.join(WEIGHTS, "toy_causal_teacher.safetensors")
+
+    def __init__(self, cfg: cv.Config, device="cpu"):
+        self.cfg = cfg
+        self.device = device
+        self.pixel_size = (cfg.height, cfg.width)
+
+    # prompts and text
+
+    def text_encoder(self, checkpoint: str | None = None) -> TextEncoder:
+        """The tiny UMT5 kept in `checkpoint`, or (None) a fresh one for a new teacher."""
+        if checkpoint is None:
+            return tiny_text_encoder(self.cfg).to(self.device)
+        return read_text_encoder(checkpoint).to(self.device)
+
+    def exact_teacher(self, text_encoder: TextEncoder) -> nn.Module:
+        """The world's exact denoiser in the teacher's place (--exact-teacher)."""
+        negative = self.cfg.negative_prompt
+        return ExactToyDenoiser(text_encoder.embed(PROMPTS + [negative]), negative)
+
+    # frames and the DiT's space: the DiT works on the pixels themselves, in [-1, 1]
+
+    def pixel_frames(self, latent_frames: int) -> int:
+        return latent_frames
+
+    def latent_frames(self, pixel_frames: int) -> int:
+        return pixel_frames
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (B, F, H, W, 3) -> the DiT's space (B, F, 3, H, W)."""
+        return to_model_space(frames).to(self.device)
+
+    def encode_stream(self, pieces, chunk: int):
+        """uint8 pixels arriving in pieces of any length -> the DiT's chunks of `chunk` frames."""
+        buffer = None
+        for piece in pieces:
+            x = to_model_space(piece).to(self.device)
+            buffer = x if buffer is None else torch.cat([buffer, x], 1)
+            while buffer.shape[1] >= chunk:
+                yield buffer[:, :chunk]
+                buffer = buffer[:, chunk:]
+
+    def decode_stream(self, chunks):
+        """The DiT's chunks -> uint8 pixels (B, K, H, W, 3) on the CPU, chunk by chunk."""
+        for x in chunks:
+            yield to_uint8(x)
+
+    # videos to train on
+
+    def clips(self, batch_size: int, rng: torch.Generator):
+        """Rendered clips and their prompts: ((B, F, 3, H, W) in [-1, 1], B prompts)."""
+        return toy_batch(batch_size, self.cfg.num_frames, rng)
+
+    def training_videos(self, pairs=None):
+        """Alg. 1 line 4's videos: rendered clips. -> (draw(rng) -> (x0, prompts), every prompt)."""
+        return (lambda rng: self.clips(self.cfg.batch_size, rng)), PROMPTS
+
+    # a scorer
+
+    def score(self, frames: torch.Tensor, prompts: list[str], several: bool) -> dict:
+        """Prints and returns the toy-world scores of uint8 frames (N, F, H, W, 3)."""
+        return print_scores(frames, prompts, self.cfg.num_frames, several)

@@ -1,7 +1,8 @@
 """What the two training scripts share and the method does not need: many GPUs (torchrun, FSDP2),
 the random streams of each micro-batch, the ODE pairs on disk, the guarded optimizer step, the
 resumable loop, the logs and DMD's diagnostics, and the one flow-matching pre-training loop of the
-toy world's models. Nothing here is CausVid; causvid.py is. (utils.py: what sampling shares too.)
+models that exist before CausVid starts. Nothing here is CausVid; causvid.py is. (utils.py: what
+sampling shares too.)
 """
 
 import contextlib
@@ -14,8 +15,9 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -24,9 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import causvid as cv
-import toy_world as toy
 import utils
-import wan
 
 # DCP says on every save and load without a process group that it assumes one process: it is right
 warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
@@ -110,6 +110,16 @@ def gradient_sync(model: nn.Module, enabled: bool):
             model.set_requires_gradient_sync(True)
 
 
+def micro_batches(streams: "Streams", model: nn.Module) -> Iterator[torch.Generator]:
+    """Gradient accumulation in one loop: for each of this rank's micro-batches, its random streams
+    (yields its data generator; torch's global one is switched to its state) and, on the last one
+    only, the gradient reduction over the ranks."""
+    A = len(streams.index)
+    for a in range(A):
+        with streams.use(a) as rng, gradient_sync(model, a + 1 == A):
+            yield rng
+
+
 def mean_over_ranks(value) -> float:
     """A number averaged over the ranks (the loss every rank logs and checks)."""
     value = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
@@ -128,7 +138,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_model(path: str, model: cv.DiT, text_encoder: wan.TextEncoder | None = None, **meta):
+def save_model(path: str, model: cv.DiT, text_encoder=None, **meta):
     """The DiT's weights, role (causal or not) and config; with the tiny text encoder also its weights
     (prefix "text_encoder."), so the file alone rebuilds both. Wan's UMT5 stays in its own directory.
     Every rank calls; the shards are gathered, rank 0 writes one file, the others wait for it."""
@@ -514,47 +524,92 @@ def nanmean_over_ranks(values: list[float]) -> float:
     return mean_over_ranks(v.nansum()) / count if count else math.nan
 
 
-def train_flow_matching(model: cv.DiT, text_encoder, cfg: cv.Config, path: str, steps: int, lr: float, device,
-                        seed: int, stage: str, ema_decay: float | None = None, teacher_forcing: bool = False,
-                        resume: bool = False, save_every: int = 500, log_every: int = 100) -> cv.DiT:
-    """The one flow-matching training loop (Eq. 2) on the toy world, for the models that exist before
-    CausVid starts: the bidirectional teacher (one t per clip; a stand-in for a pretrained video model)
-    and, with teacher_forcing, causal_ode_init's causal teacher (block-causal, one noisy chunk after
-    clean ones: cv.teacher_forcing_loss). Chunk c is drawn with probability proportional to 1 / (c + 1):
-    every chunk gets the same share of the compute, and chunk 0 -- no context, the prompt alone sets its
-    motion -- about half of the steps. Shifted logit-normal timesteps; cfg_dropout empty prompts, so CFG
-    works; warm-up + cosine learning rate; EMA if ema_decay. Trains `model` in place and saves it (EMA
-    weights if any) to `path`."""
+def mean_logs(logs: list[dict]) -> dict[str, float]:
+    """One dict of the means, over micro-batches and ranks, of the values logged in each."""
+    if not logs:
+        return {}
+    return {k: nanmean_over_ranks([log[k] for log in logs]) for k in logs[0]}
+
+
+@dataclass
+class LoopFlags:
+    """How a training loop saves and logs: the scripts' --resume, --save-every and --log-every."""
+
+    resume: bool = False
+    save_every: int = 500
+    log_every: int = 100
+
+    @classmethod
+    def of(cls, args) -> "LoopFlags":
+        return cls(args.resume, args.save_every, args.log_every)
+
+
+@dataclass
+class Pretraining:
+    """A model trained with flow matching before CausVid starts, where no pretrained one exists:
+    the toy world's bidirectional teacher (a stand-in for a pretrained video model), or Causal
+    Forcing's causal teacher (successors.teacher_forcing_step)."""
+
+    stage: str  # its name in the logs
+    steps: int
+    lr: float  # peak; linear warm-up, cosine decay
+    seed: int
+    loss: Callable  # (model, x0 (B, F, C, H, W), t (B,), text, rng) -> the loss
+
+
+def clip_flow_matching(model, x0, t, text, rng):
+    """The bidirectional teacher's loss (Eq. 2): one t per clip, every frame at it."""
+    return cv.flow_matching_loss(model, x0, t[:, None].expand(-1, x0.shape[1]), text)
+
+
+def train_flow_matching(model, text_encoder, job: Pretraining, data, path: str, flags: LoopFlags):
+    """The one flow-matching training loop, on the clips of a world (data: toy_world.ToyWorld, its
+    clips(B, rng) -> (x0, prompts), prompts, config and device): shifted logit-normal timesteps;
+    cfg_dropout empty prompts, so that CFG works; warm-up + cosine learning rate; EMA of
+    cfg.ema_decay. Trains `model` in place and saves it (the EMA weights) to `path` with its text
+    encoder."""
     if world() > 1:
-        raise cv.CausVidError(f"train the {stage} model in one process (python, not torchrun), then run torchrun again")
-    emb = utils.embed_prompts(text_encoder, toy.PROMPTS + [""])
-    average = ema(model, ema_decay) if ema_decay else None
-    opt = adamw(model.parameters(), lr, device, betas=(0.9, 0.99))
-    schedule = warmup_cosine(opt, steps, cfg.warmup)
-    g = torch.Generator().manual_seed(seed)
-    t0, B, Fr, K = time.time(), cfg.batch_size, cfg.num_frames, cfg.chunk_size
-    state = {"model": model, "opt": opt, "schedule": schedule, "data": g, **({"ema": average} if average is not None else {})}
-    with TrainLoop(path.replace(".safetensors", "_state"), cfg, steps, state, resume, save_every,
-                   f"{stage} training") as loop:
+        raise cv.CausVidError(
+            f"train the {job.stage} model in one process (python, not torchrun), then run torchrun again"
+        )
+    cfg = data.cfg
+    device = data.device
+    emb = text_encoder.embed(list(data.prompts) + [""])
+    average = ema(model, cfg.ema_decay) if cfg.ema_decay else None
+    opt = adamw(model.parameters(), job.lr, device, betas=(0.9, 0.99))
+    schedule = warmup_cosine(opt, job.steps, cfg.warmup)
+    g = torch.Generator().manual_seed(job.seed)
+    B = cfg.batch_size
+    state = {"model": model, "opt": opt, "schedule": schedule, "data": g}
+    if average is not None:
+        state["ema"] = average
+    t0 = time.time()
+    loop = TrainLoop(
+        path.replace(".safetensors", "_state"),
+        cfg,
+        job.steps,
+        state,
+        resume=flags.resume,
+        save_every=flags.save_every,
+        desc=f"{job.stage} training",
+    )
+    with loop:
         for step in loop:
-            x0, prompts = toy.toy_batch(B, Fr, g)
+            x0, prompts = data.clips(B, g)
             drop = torch.rand(B, generator=g) < cfg.cfg_dropout
             text = utils.stack_text(emb, ["" if d else p for p, d in zip(prompts, drop)], device)
-            t = cv.shift_timesteps(torch.sigmoid(torch.randn(B, 1, generator=g)) * 1000, cfg.shift).to(device)
+            u = torch.sigmoid(torch.randn(B, 1, generator=g)) * 1000  # logit-normal, then shifted
+            t = cv.shift_timesteps(u, cfg.shift).to(device)
             with utils.autocast(device, training=True):
-                if teacher_forcing:  # one chunk per step; chunk c costs c + 1 chunks' compute, so P ~ 1 / (c + 1)
-                    chunk = int(torch.multinomial(1 / torch.arange(1.0, Fr // K + 1), 1, generator=g))
-                    loss = cv.teacher_forcing_loss(model, x0.to(device), t[:, 0], text, chunk, K)
-                else:
-                    loss = cv.flow_matching_loss(model, x0.to(device), t.expand(B, Fr), text)
+                loss = job.loss(model, x0.to(device), t[:, 0], text, g)
             norm = optimizer_step(loss, opt, model.parameters(), cfg.grad_clip)
             schedule.step()
             if average is not None:
                 average.update_parameters(model)
-            if (step + 1) % log_every == 0 or step + 1 == steps:
-                log(stage, step + 1, steps, t0, loss=loss.item(), grad_norm=norm)
+            if (step + 1) % flags.log_every == 0 or step + 1 == job.steps:
+                log(job.stage, step + 1, job.steps, t0, loss=loss.item(), grad_norm=norm)
         if average is not None:
             model.load_state_dict(average.module.state_dict())
-        save_model(path, model.eval(), text_encoder, stage=stage, steps=steps)  # before the state is dropped
+        save_model(path, model.eval(), text_encoder, stage=job.stage, steps=job.steps)  # before the state goes
     print(f"wrote {path}")
     return model

@@ -1,4 +1,5 @@
-"""Wan2.1's files: the DiT's weights from either official layout, the UMT5 text encoder and the VAE.
+"""Wan2.1's files: the DiT's weights from either official layout, the UMT5 text encoder and the VAE,
+and WanWorld, Wan as the scripts see it (toy_world.ToyWorld is the same interface for the toy world).
 
 Nothing here is CausVid; it is what turns a local Wan2.1-T2V-1.3B directory into causvid.DiT, text
 embeddings and pixels. Our DiT's parameter names are Wan2.1's original ones, so the original release
@@ -45,6 +46,14 @@ class TextEncoder(nn.Module):
         ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
         out = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         return out * mask.unsqueeze(-1).to(out.dtype)
+
+    def embed(self, prompts: list[str], batch: int = 64) -> dict[str, torch.Tensor]:
+        """Encode a fixed set of prompts once: prompt -> (L, D_text), kept on the CPU."""
+        unique = list(dict.fromkeys(prompts))
+        out = {}
+        for i in range(0, len(unique), batch):
+            out.update(zip(unique[i : i + batch], self(unique[i : i + batch]).float().cpu()))
+        return out
 
 
 def load_umt5(path: str, text_len: int, dtype=torch.float32) -> TextEncoder:
@@ -296,3 +305,86 @@ class WanVAE:
                 first = False
             yield rearrange(torch.cat(out, 2).clamp(-1, 1), "b c f h w -> b f c h w")
         vae.clear_cache()
+
+
+# ------------------------------------------------------------------------------------------------
+# Wan as the scripts see it
+# ------------------------------------------------------------------------------------------------
+
+
+class WanWorld:
+    """Wan2.1 with toy_world.ToyWorld's members (see there). Wan brings no prompts, no videos and no
+    scorer of its own: prompts come from --prompts / --prompt, the teacher from --model-dir, DMD's
+    videos are the teacher's ODE end points (stage 1's pairs), and nothing is scored."""
+
+    name = "Wan"
+    prompts: list[str] = []
+    preview_prompts: list[str] = []  # no progress GIFs: they would hold the VAE in training's memory
+    clips = None  # no video dataset to pre-train a teacher on
+    pretrained_causal_teacher = None  # none is shipped (Causal Forcing's Wan teacher is theirs)
+
+    def __init__(self, cfg: cv.Config, device="cpu", dtype=torch.float32, model_dir: str | None = None):
+        self.cfg = cfg
+        self.device = device
+        self.dtype = dtype  # UMT5's and the VAE's
+        self.pretrained_teacher = model_dir
+        self.pixel_size = (8 * cfg.height, 8 * cfg.width)
+        self.generation_batch = min(64, cfg.batch_size)
+        self._vae = None
+
+    # prompts and text
+
+    def text_encoder(self, checkpoint: str | None = None) -> TextEncoder:
+        """UMT5 from cfg.text_encoder (the checkpoint does not hold it)."""
+        return load_umt5(self.cfg.text_encoder, self.cfg.text_len, self.dtype).to(self.device)
+
+    def exact_teacher(self, text_encoder: TextEncoder):
+        raise cv.CausVidError("--exact-teacher exists for the toy world only (--tiny); drop it")
+
+    # frames and the DiT's space: the VAE, loaded when first needed
+
+    pixel_frames = staticmethod(pixel_frames)
+    latent_frames = staticmethod(latent_frames)
+
+    @property
+    def vae(self) -> "WanVAE":
+        if self._vae is None:
+            if not self.cfg.vae:
+                raise cv.CausVidError("Wan's frames go through its VAE: pass --model-dir (or --vae)")
+            self._vae = WanVAE(self.cfg.vae, self.device, self.dtype)
+        return self._vae
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (B, 1 + 4k, H, W, 3) -> normalised latents (B, 1 + k, C, H / 8, W / 8)."""
+        return self.vae.encode(unit(frames).to(self.device)).float()
+
+    def encode_stream(self, pieces, chunk: int):
+        """uint8 pixels arriving in pieces of any length -> latent chunks of `chunk` frames."""
+        return self.vae.encode_stream((unit(p).to(self.device) for p in pieces), chunk)
+
+    def decode_stream(self, chunks):
+        """Latent chunks -> uint8 pixels on the CPU, chunk by chunk (one frame, then four a latent)."""
+        for x in self.vae.decode_stream(chunks):
+            pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            yield pixels.movedim(-3, -1).cpu()
+
+    # videos to train on
+
+    def training_videos(self, pairs):
+        """Alg. 1 line 4's videos: the teacher's ODE end points stand in for a video dataset.
+        -> (draw(rng) -> (x0, prompts), every prompt)."""
+        if not len(pairs):
+            raise cv.CausVidError(f"no ODE pairs in {pairs.path!r}; run train_ode.py first")
+
+        def draw(rng):  # reads only the end points it draws
+            i = torch.randint(0, len(pairs), (self.cfg.batch_size,), generator=rng)
+            return pairs.get(i, state=-1), [pairs.prompts[j] for j in i]
+
+        return draw, pairs.prompts
+
+    score = None  # nothing to score Wan's videos against
+
+
+def unit(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (..., F, H, W, 3) -> floats in [-1, 1] (..., F, 3, H, W), what the VAE takes."""
+    return frames.movedim(-1, -3).float() / 127.5 - 1
