@@ -28,11 +28,22 @@ import wan
 
 
 def parse_args(argv=None):
-    p = utils.add_common_args(argparse.ArgumentParser(description=__doc__,
-                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
+    p = utils.add_common_args(
+        argparse.ArgumentParser(
+            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+    )
     p.add_argument("--num-frames", type=int, help="latent frames per video (default: the preset's)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (default: 3)")
-    p.add_argument("--skip", choices=["compile", "training"], action="append", default=[], help="leave a part out")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed runs after one warm-up (default: 3)"
+    )
+    p.add_argument(
+        "--skip",
+        choices=["compile", "training"],
+        action="append",
+        default=[],
+        help="leave a part out",
+    )
     return p.parse_args(argv)
 
 
@@ -41,9 +52,14 @@ def attention_flops(cfg: cv.Config, q_frames: int, kv_frames: int) -> int:
     layers, self- and cross-attention; embeddings and head are negligible."""
     N = (cfg.height // cfg.patch_size[1]) * (cfg.width // cfg.patch_size[2])
     Sq, Skv, D, L = q_frames * N, kv_frames * N, cfg.dim, cfg.text_len
-    per_layer = 2 * (4 * Sq * D * D + 2 * Sq * Skv * D  # self-attention: q, k, v, o and QK^T, AV
-                     + 2 * Sq * D * D + 2 * L * D * D + 2 * Sq * L * D  # cross-attention
-                     + 2 * Sq * D * cfg.ffn_dim)  # FFN
+    per_layer = 2 * (
+        4 * Sq * D * D
+        + 2 * Sq * Skv * D  # self-attention: q, k, v, o and QK^T, AV
+        + 2 * Sq * D * D
+        + 2 * L * D * D
+        + 2 * Sq * L * D  # cross-attention
+        + 2 * Sq * D * cfg.ffn_dim
+    )  # FFN
     return cfg.num_layers * per_layer
 
 
@@ -51,7 +67,10 @@ def stream_flops(cfg: cv.Config, frames: int) -> int:
     """One streamed video: Q steps per chunk over the cache + itself, and each finished chunk but the
     last written to the cache."""
     K, Q = cfg.chunk_size, len(cfg.student_step_indices)
-    return sum((Q + (c + 1 < frames // K)) * attention_flops(cfg, K, (c + 1) * K) for c in range(frames // K))
+    return sum(
+        (Q + (c + 1 < frames // K)) * attention_flops(cfg, K, (c + 1) * K)
+        for c in range(frames // K)
+    )
 
 
 def parameters(cfg: cv.Config) -> int:
@@ -102,26 +121,44 @@ def inference(cfg: cv.Config, device, frames: int, args, rows: list):
         from diffusers import AutoencoderKLWan  # Wan's default config is the real VAE's
 
         torch.backends.cudnn.benchmark = True
-        vae = wan.WanVAE(cfg.vae or AutoencoderKLWan(), device, utils.inference_dtype(device))  # random weights
+        vae = wan.WanVAE(
+            cfg.vae or AutoencoderKLWan(), device, utils.inference_dtype(device)
+        )  # random weights
     for label in ["eager"] + ["compiled"] * ("compile" not in args.skip):
         if label == "compiled":
             utils.prepare_for_inference(model, device, compile=True)
         reset_peak(device)
         first, total = timed(stream, device, args.repeats)
         tflops = stream_flops(cfg, frames) / total / 1e12
-        rows.append([f"DiT streaming, {label}", f"{first:.3f} s", f"{pixels / total:.1f} frames/s",
-                     f"{tflops:.3g} TFLOP/s", peak_memory(device)])
+        rows.append(
+            [
+                f"DiT streaming, {label}",
+                f"{first:.3f} s",
+                f"{pixels / total:.1f} frames/s",
+                f"{tflops:.3g} TFLOP/s",
+                peak_memory(device),
+            ]
+        )
         if vae is not None:
             first, total = timed(lambda: vae.decode_stream(stream()), device, args.repeats)
-            rows.append([f"DiT + VAE, {label}, end to end", f"{first:.3f} s", f"{pixels / total:.1f} frames/s", "",
-                         peak_memory(device)])
+            rows.append(
+                [
+                    f"DiT + VAE, {label}, end to end",
+                    f"{first:.3f} s",
+                    f"{pixels / total:.1f} frames/s",
+                    "",
+                    peak_memory(device),
+                ]
+            )
 
 
 def training_steps(cfg: cv.Config, device, rows: list):
     """One ODE step and one DMD iteration of each kind, at batch 1 and the preset's shapes."""
     cfg = dataclasses.replace(cfg, batch_size=1)
     Q, g = len(cfg.student_step_indices), torch.Generator().manual_seed(0)
-    clip = lambda *lead: torch.randn(*lead, cfg.num_frames, cfg.channels, cfg.height, cfg.width, generator=g).to(device)
+    clip = lambda *lead: torch.randn(
+        *lead, cfg.num_frames, cfg.channels, cfg.height, cfg.width, generator=g
+    ).to(device)
     text = torch.randn(1, cfg.text_len, cfg.text_dim, device=device)
     timesteps = cv.student_timesteps(cfg).to(device)
 
@@ -136,7 +173,9 @@ def training_steps(cfg: cv.Config, device, rows: list):
         t0 = time.perf_counter()
         step()
         sync(device)
-        rows.append([label, "", f"{time.perf_counter() - t0:.2f} s / step", "", peak_memory(device)])
+        rows.append(
+            [label, "", f"{time.perf_counter() - t0:.2f} s / step", "", peak_memory(device)]
+        )
 
     model = student()
     streams = training.Streams(0, cfg.accumulate)
@@ -178,9 +217,15 @@ def main(argv=None):
     inference(cfg, device, args.num_frames or cfg.num_frames, args, rows)
     if "training" not in args.skip:
         training_steps(cfg, device, rows)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{cfg.name} ({parameters(cfg) / 1e9:.3f} B parameters) on {name}, torch {torch.__version__}, "
-          f"random weights, batch 1\n")
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"\n{cfg.name} ({parameters(cfg) / 1e9:.3f} B parameters) on {name}, torch {torch.__version__}, "
+        f"random weights, batch 1\n"
+    )
     lines = ["| | first chunk | throughput | compute | peak memory |", "|---|---|---|---|---|"]
     print("\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]))
     return rows

@@ -27,8 +27,8 @@ Conventions (the same as Wan2.1 and the official CausVid release):
 import functools
 import itertools
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -119,7 +119,9 @@ class Config:
     lr_causal_teacher: float = 1e-3  # its peak learning rate (warm-up, cosine, EMA)
     # A rolling KV cache for long videos (a window that never re-encodes):
     sink: int = -1  # -1: the official re-encoding window; n >= 0: a rolling cache keeping n frames
-    sink_gap: int = 0  # RoPE gap between the sink and the recent frames: 0 none, k at most k, -1 all
+    sink_gap: int = (
+        0  # RoPE gap between the sink and the recent frames: 0 none, k at most k, -1 all
+    )
 
 
 # Wan2.1's default negative prompt (its sample_neg_prompt): CFG's "unconditional" branch
@@ -249,7 +251,9 @@ def guided_velocity(model: Callable, x, t, text, uncond, guidance: float) -> tor
 
 
 @torch.no_grad()
-def sample_ode(model: Callable, noise, text, uncond=None, guidance=1.0, steps=50, shift=1.0, keep=()):
+def sample_ode(
+    model: Callable, noise, text, uncond=None, guidance=1.0, steps=50, shift=1.0, keep=()
+):
     """Euler integration of the probability-flow ODE dx/ds = v from s = 1 (noise) to s = 0.
 
     keep: indices into the schedule at which to record the state (the ODE pairs of Sec. 4.3).
@@ -499,7 +503,9 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(
             nn.Linear(D, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, D)
         )
-        self.modulation = nn.Parameter(torch.zeros(1, 6, D))  # a learned table added to the time embedding
+        self.modulation = nn.Parameter(
+            torch.zeros(1, 6, D)
+        )  # a learned table added to the time embedding
 
     def forward(self, x, e, text, rotation, mask=None, cache=None, layer=0):
         """x (B, S, D); e (B, F, 6, D) per-frame time modulation; text (B, L, D)."""
@@ -534,7 +540,9 @@ class DiT(nn.Module):
     def __init__(self, cfg: Config, causal: bool = False):
         super().__init__()
         if cfg.patch_size[0] != 1:
-            raise ValueError("per-frame timesteps need patch_size[0] == 1 (one latent frame per row)")
+            raise ValueError(
+                "per-frame timesteps need patch_size[0] == 1 (one latent frame per row)"
+            )
         if cfg.dim % cfg.num_heads:
             raise ValueError(f"dim {cfg.dim} is not divisible by num_heads {cfg.num_heads}")
         self.cfg = cfg
@@ -600,7 +608,9 @@ class DiT(nn.Module):
         angles = rope_angles(cfg.dim // cfg.num_heads, offset + Fr, rows, cols, device=x.device)
         rotation = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
         mask = None
-        if self.causal and (cache is None or Fr > cfg.chunk_size):  # one chunk after a cache: no mask
+        if self.causal and (
+            cache is None or Fr > cfg.chunk_size
+        ):  # one chunk after a cache: no mask
             mask = self.block_mask(Fr, rows * cols, offset, x.device)
         for i, block in enumerate(self.blocks):
             args = (x, e, text, rotation, mask, cache, i)
@@ -650,7 +660,9 @@ def renoise(x0: torch.Tensor, t: float, generator: torch.Generator | None = None
     return add_noise(x0, eps, torch.full(x0.shape[:2], t, device=x0.device))
 
 
-def denoise_chunk(model: Callable, x, text, timesteps, cache: KVCache | None = None, generator=None):
+def denoise_chunk(
+    model: Callable, x, text, timesteps, cache: KVCache | None = None, generator=None
+):
     """Alg. 2 lines 5-9 for one chunk x (B, K, C, H, W) at timesteps[0]: predict x0 with the cache,
     re-noise it to the next step, ... Returns the clean chunk and the inputs of every step."""
     states = []
@@ -680,7 +692,9 @@ def as_chunks(noise, chunk_size: int) -> Iterator[torch.Tensor]:
     if not isinstance(noise, torch.Tensor):
         return iter(noise)
     if noise.shape[1] % chunk_size:
-        raise ValueError(f"{noise.shape[1]} frames are not a whole number of chunks of {chunk_size}")
+        raise ValueError(
+            f"{noise.shape[1]} frames are not a whole number of chunks of {chunk_size}"
+        )
     return iter(noise.split(chunk_size, dim=1))
 
 
@@ -701,7 +715,9 @@ def stream_generate(
     """
     K = model.cfg.chunk_size
     if context is not None and context.shape[1] % K:
-        raise ValueError(f"the context's {context.shape[1]} frames are not a whole number of chunks of {K}")
+        raise ValueError(
+            f"the context's {context.shape[1]} frames are not a whole number of chunks of {K}"
+        )
     cache = KVCache() if cache is None else cache  # line 2
     past = context  # clean frames not yet in the cache
     for c, x in enumerate(as_chunks(noise, K)):  # lines 3-4: the chunk's starting noise
@@ -715,7 +731,15 @@ def stream_generate(
 
 @torch.no_grad()
 def windowed_generate(
-    model: DiT, noise, text, timesteps, generator: Rng = None, context=None, *, window: int, keep=None
+    model: DiT,
+    noise,
+    text,
+    timesteps,
+    generator: Rng = None,
+    context=None,
+    *,
+    window: int,
+    keep=None,
 ) -> Iterator[torch.Tensor]:
     """Long videos as the official release makes them: stream_generate over a cache of at most
     `window` frames, the chunk being made included. When the next chunk would not fit, a fresh
@@ -813,7 +837,9 @@ def with_clean_step(timesteps: torch.Tensor) -> torch.Tensor:
     return torch.cat([timesteps, timesteps.new_zeros(1)])
 
 
-def chunkwise_states(states: torch.Tensor, timesteps: torch.Tensor, chunk_size: int, clean_context=True):
+def chunkwise_states(
+    states: torch.Tensor, timesteps: torch.Tensor, chunk_size: int, clean_context=True
+):
     """states (B, Q+1, F, C, H, W): a clip at each of the Q student steps, then clean (t = 0). Draws
     each chunk's step (the clean one too if clean_context) -> (x_t (B, F, C, H, W), t (B, F))."""
     B, Q1, Fr = states.shape[:3]
@@ -826,7 +852,12 @@ def chunkwise_states(states: torch.Tensor, timesteps: torch.Tensor, chunk_size: 
 
 
 def ode_regression_loss(
-    student: Callable, trajectory: torch.Tensor, text, timesteps, chunk_size: int, clean_context=True
+    student: Callable,
+    trajectory: torch.Tensor,
+    text,
+    timesteps,
+    chunk_size: int,
+    clean_context=True,
 ) -> torch.Tensor:
     """Eq. 6: || G({x^i_{t_i}}, {t_i}) - {x^i_0} ||^2, every chunk i at its own student step t_i.
 

@@ -28,11 +28,16 @@ import wan
 
 
 def parse_args(argv=None):
-    p = utils.add_common_args(argparse.ArgumentParser(description=__doc__,
-                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
+    p = utils.add_common_args(
+        argparse.ArgumentParser(
+            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+    )
     p.add_argument("--ckpt", help="the student checkpoint (default: <run>/dmd.safetensors)")
     p.add_argument("--out", help="the export directory (default: <run>/export)")
-    p.add_argument("--lora-rank", type=int, default=64, help="the LoRA's rank; 0: no LoRA (default: 64)")
+    p.add_argument(
+        "--lora-rank", type=int, default=64, help="the LoRA's rank; 0: no LoRA (default: 64)"
+    )
     return p.parse_args(argv)
 
 
@@ -40,13 +45,19 @@ def lora(student: nn.Module, teacher: nn.Module, rank: int) -> tuple[dict, dict,
     """(student - teacher) of every linear layer as a rank-`rank` product up @ down (the SVD's best),
     bias differences whole. -> (the LoRA under Wan's names, relative error the rank leaves per layer
     type, relative difference per parameter type that no LoRA carries)."""
-    out, err, left = {}, collections.defaultdict(lambda: [0.0, 0.0]), collections.defaultdict(lambda: [0.0, 0.0])
+    out, err, left = (
+        {},
+        collections.defaultdict(lambda: [0.0, 0.0]),
+        collections.defaultdict(lambda: [0.0, 0.0]),
+    )
     linear = {name for name, m in student.named_modules() if isinstance(m, nn.Linear)}
     theirs = dict(teacher.named_parameters())
     for name, w in student.named_parameters():
         module, _, kind = name.rpartition(".")
         delta, base = (w - theirs[name]).detach().double(), theirs[name].detach().double()
-        group = ".".join(p for p in name.split(".") if not p.isdigit())  # blocks.3.ffn.0.weight -> blocks.ffn.weight
+        group = ".".join(
+            p for p in name.split(".") if not p.isdigit()
+        )  # blocks.3.ffn.0.weight -> blocks.ffn.weight
         if module not in linear:
             left[group][0] += delta.square().sum().item()
             left[group][1] += base.square().sum().item()
@@ -54,7 +65,9 @@ def lora(student: nn.Module, teacher: nn.Module, rank: int) -> tuple[dict, dict,
             out[f"diffusion_model.{module}.diff_b"] = delta.float()
         else:
             U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-            r = min(rank, len(S))  # (zero columns pad a smaller layer to `rank`: one rank, one LoRA scale)
+            r = min(
+                rank, len(S)
+            )  # (zero columns pad a smaller layer to `rank`: one rank, one LoRA scale)
             up = torch.cat([U[:, :r] * S[:r], delta.new_zeros(delta.shape[0], rank - r)], 1)
             down = torch.cat([Vh[:r], delta.new_zeros(rank - r, delta.shape[1])])
             out[f"diffusion_model.{module}.lora_up.weight"] = up.float().contiguous()
@@ -73,12 +86,18 @@ def main(argv=None):
     path = args.ckpt or os.path.join(run, "dmd.safetensors")
     student = utils.load_model(path, device=device)
     if student.cfg.name == "tiny" or student.cfg.text_encoder == "tiny":
-        raise cv.CausVidError(f"{path!r} is a toy-world checkpoint; export is for Wan students (--config wan2.1-t2v-1.3b)")
+        raise cv.CausVidError(
+            f"{path!r} is a toy-world checkpoint; export is for Wan students (--config wan2.1-t2v-1.3b)"
+        )
     if args.lora_rank < 0:
-        raise cv.CausVidError(f"--lora-rank {args.lora_rank} must be >= 0 (0: the transformer directory only)")
+        raise cv.CausVidError(
+            f"--lora-rank {args.lora_rank} must be >= 0 (0: the transformer directory only)"
+        )
     if args.lora_rank and not args.model_dir:
-        raise cv.CausVidError("the LoRA is the student's difference from its teacher: pass --model-dir (the Wan "
-                              "directory it was distilled from), or --lora-rank 0 for the transformer alone")
+        raise cv.CausVidError(
+            "the LoRA is the student's difference from its teacher: pass --model-dir (the Wan "
+            "directory it was distilled from), or --lora-rank 0 for the transformer alone"
+        )
     out = utils.writable_dir(args.out or os.path.join(run, "export"), "--out")
     wan.save_diffusers(student, os.path.join(out, "transformer"))
     print(f"wrote {os.path.join(out, 'transformer')} (diffusers WanTransformer3DModel)")
@@ -86,15 +105,25 @@ def main(argv=None):
         return
     teacher = wan.load_wan(args.model_dir, student.cfg).to(device)
     if any(a.shape != b.shape for a, b in zip(student.parameters(), teacher.parameters())):
-        raise cv.CausVidError(f"{path!r} does not have the shapes of the Wan model in {args.model_dir!r}: not its teacher")
+        raise cv.CausVidError(
+            f"{path!r} does not have the shapes of the Wan model in {args.model_dir!r}: not its teacher"
+        )
     with torch.no_grad():
         state, err, left = lora(student, teacher, args.lora_rank)
     name = os.path.join(out, f"causvid_lora_rank{args.lora_rank}.safetensors")
-    save_file({k: v.cpu() for k, v in state.items()}, name, metadata={"format": "pt", "rank": str(args.lora_rank)})
-    print(f"wrote {name}: relative error ||(S - T) - LoRA|| / ||S - T|| per layer type at rank {args.lora_rank}:")
+    save_file(
+        {k: v.cpu() for k, v in state.items()},
+        name,
+        metadata={"format": "pt", "rank": str(args.lora_rank)},
+    )
+    print(
+        f"wrote {name}: relative error ||(S - T) - LoRA|| / ||S - T|| per layer type at rank {args.lora_rank}:"
+    )
     for k, v in sorted(err.items()):
         print(f"  {k:40s} {v:.2e}")
-    print("not in the LoRA (no LoRA form; diffusers and ComfyUI keep the teacher's): ||S - T|| / ||T||:")
+    print(
+        "not in the LoRA (no LoRA form; diffusers and ComfyUI keep the teacher's): ||S - T|| / ||T||:"
+    )
     for k, v in sorted(left.items()):
         print(f"  {k:40s} {v:.2e}")
 

@@ -157,7 +157,9 @@ def check_args(args, cfg: cv.Config) -> int | None:
     window (None: unbounded)."""
     K = cfg.chunk_size
     if any(not p.strip() for p in args.prompt or []):
-        raise cv.CausVidError("--prompt '' is empty; give a text prompt such as 'a red square moving left'")
+        raise cv.CausVidError(
+            "--prompt '' is empty; give a text prompt such as 'a red square moving left'"
+        )
     if args.samples_per_prompt < 1:
         raise cv.CausVidError(f"--samples-per-prompt {args.samples_per_prompt} must be at least 1")
     if args.teacher and (args.image or args.video or args.switch or args.window is not None):
@@ -186,7 +188,9 @@ def read_video(path: str, world) -> torch.Tensor:
     n = frames.shape[1]
     whole = world.pixel_frames(world.latent_frames(n))
     if whole != n:
-        raise cv.CausVidError(f"--video has {n} frames; Wan's VAE encodes 1 + 4k frames: trim it to {whole}")
+        raise cv.CausVidError(
+            f"--video has {n} frames; Wan's VAE encodes 1 + 4k frames: trim it to {whole}"
+        )
     K = world.cfg.chunk_size
     if world.latent_frames(n) < K:
         raise cv.CausVidError(
@@ -212,7 +216,9 @@ def frame_count(args, cfg: cv.Config, video, world, window) -> int:
             f"{max(1, num_frames // K) * K}"
         )
     if given is not None and given < num_frames:
-        raise cv.CausVidError(f"--video has {video.shape[1]} frames, fewer than --num-frames {num_frames}")
+        raise cv.CausVidError(
+            f"--video has {video.shape[1]} frames, fewer than --num-frames {num_frames}"
+        )
     if args.no_cache and window is not None and num_frames > window:
         raise cv.CausVidError(
             "--no-cache recomputes the whole past; use it with --window 0 or videos no longer than "
@@ -241,11 +247,15 @@ def load(args, path: str, cfg: cv.Config, device):
                 f"--set {k}: the network's shape comes from the checkpoint "
                 f"({k}={getattr(model.cfg, k)!r}); drop it"
             )
-    paths = dict(text_encoder=cfg.text_encoder or model.cfg.text_encoder, vae=cfg.vae or model.cfg.vae)
+    paths = dict(
+        text_encoder=cfg.text_encoder or model.cfg.text_encoder, vae=cfg.vae or model.cfg.vae
+    )
     return model, kind, replace(model.cfg, **paths, **overrides)
 
 
-def texts(text_encoder, prompts: list[str], switches: dict[int, str], num_chunks: int, negative: str):
+def texts(
+    text_encoder, prompts: list[str], switches: dict[int, str], num_chunks: int, negative: str
+):
     """-> (the text of the videos (N, L, D_text), or one such tensor per chunk where the prompt
     switches: the latest switch at or before it, else the video's own prompt; the negative
     prompt's embedding (1, L, D_text))."""
@@ -281,7 +291,9 @@ def main(argv=None):
     else:
         path = os.path.join(run, "dmd.safetensors")
     model, kind, cfg = load(args, path, cfg, device)
-    world = utils.make_world(cfg, device, args.model_dir)  # the same world, at the checkpoint's config
+    world = utils.make_world(
+        cfg, device, args.model_dir
+    )  # the same world, at the checkpoint's config
     text_encoder = world.text_encoder(path)
     if args.exact_teacher:
         model = world.exact_teacher(text_encoder)
@@ -289,7 +301,9 @@ def main(argv=None):
     if cfg.sink >= 0 and window is not None and num_frames + K * (image is not None) > window:
         sink = cfg.sink
         if sink > window - 2 * K:
-            raise cv.CausVidError(f"sink {sink} leaves no room for two chunks in the window {window}; lower it")
+            raise cv.CausVidError(
+                f"sink {sink} leaves no room for two chunks in the window {window}; lower it"
+            )
 
     # Inputs: the prompts, the text of each chunk, the image or the video to follow.
     base = args.prompt or world.prompts
@@ -297,7 +311,9 @@ def main(argv=None):
         raise cv.CausVidError(f"{world.name} has no prompts of its own: give --prompt TEXT")
     if video is not None and video.shape[0] > 1:  # an npz of several videos: one prompt each
         if len(base) not in (1, video.shape[0]):
-            raise cv.CausVidError(f"--video holds {video.shape[0]} videos: give one --prompt, or one per video")
+            raise cv.CausVidError(
+                f"--video holds {video.shape[0]} videos: give one --prompt, or one per video"
+            )
         base = base * (video.shape[0] // len(base))
     prompts = [p for p in base for _ in range(args.samples_per_prompt)]
     text, uncond = texts(text_encoder, prompts, switches, num_frames // K, cfg.negative_prompt)
@@ -371,7 +387,11 @@ def describe(args, path, kind, prompts, num_frames, window, switches, cfg, start
         mode = "text-to-video"
     if switches:
         mode += f", prompt switches {switches}"
-    roles = {"student": "causal student", "causal": "causal teacher", "teacher": "bidirectional teacher"}
+    roles = {
+        "student": "causal student",
+        "causal": "causal teacher",
+        "teacher": "bidirectional teacher",
+    }
     role = "exact toy teacher" if args.exact_teacher else roles[kind]
     print(
         f"model: {path} ({role}), {len(prompts)} videos of {num_frames} frames, {mode}, "

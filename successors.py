@@ -38,7 +38,9 @@ class RolloutKVCache(cv.KVCache):
         return keys, values
 
 
-def self_forcing_rollout(generator: cv.DiT, noise, text, timesteps, rng=None, step=None) -> torch.Tensor:
+def self_forcing_rollout(
+    generator: cv.DiT, noise, text, timesteps, rng=None, step=None
+) -> torch.Tensor:
     """DMD's generator input is the student's own Alg. 2 rollout from noise, KV cache included. One
     student step s is drawn per call for all chunks: each chunk runs steps 0..s-1 without gradient
     and step s with it, and its x0 there is its output, cached at t = 0 without gradient.
@@ -84,7 +86,9 @@ def self_forcing_input(seed: int, device):
 # ------------------------------------------------------------------------------------------------
 
 
-def teacher_forcing_loss(model, x0: torch.Tensor, t: torch.Tensor, text, chunk: int, chunk_size: int):
+def teacher_forcing_loss(
+    model, x0: torch.Tensor, t: torch.Tensor, text, chunk: int, chunk_size: int
+):
     """Eq. 2 for a block-causal model on chunk `chunk` of x0 (B, F, C, H, W) at t (B,), after the
     clean chunks before it at t = 0 -- what its sampler's KV cache holds (sample_ode_causal) -- with
     nothing after it. So every chunk's ODE target is set by its own noise and its past alone.
@@ -98,7 +102,9 @@ def teacher_forcing_loss(model, x0: torch.Tensor, t: torch.Tensor, text, chunk: 
     return F.mse_loss(v.float(), (eps - x0)[:, -chunk_size:].float())
 
 
-def teacher_forcing_step(model: cv.DiT, x0: torch.Tensor, t: torch.Tensor, text, rng) -> torch.Tensor:
+def teacher_forcing_step(
+    model: cv.DiT, x0: torch.Tensor, t: torch.Tensor, text, rng
+) -> torch.Tensor:
     """One training step's loss for the causal teacher (t (B,) one per clip): chunk c is drawn with
     probability proportional to 1 / (c + 1). Chunk c costs c + 1 chunks' compute, so every chunk
     gets the same share of it, and chunk 0 -- no context, the prompt alone sets its motion -- about
@@ -143,12 +149,17 @@ class RollingKVCache(cv.KVCache):
         return self.num_frames + self.gap
 
     def attend_to(self, layer: int, k, v, rotation):
-        a = self.sink * self.N  # rotation covers the gap's positions too: drop their rows
+        keys, values = self.write(layer, k, v)  # before RoPE
+        return cv.apply_rope(keys, self.visible(rotation)), values
+
+    def visible(self, rotation: torch.Tensor) -> torch.Tensor:
+        """The rows of `rotation` (the cache's positions and the chunk's, the evicted gap included)
+        at which the cached frames and the chunk sit: the gap's rows dropped."""
+        a = self.sink * self.N
         b = (self.sink + self.gap) * self.N
         if b > a:
-            rotation = torch.cat([rotation[:a], rotation[b:]])
-        keys, values = self.write(layer, k, v)  # before RoPE
-        return cv.apply_rope(keys, rotation), values
+            return torch.cat([rotation[:a], rotation[b:]])
+        return rotation
 
     def commit(self, frames: int, tokens: int):
         super().commit(frames, tokens)

@@ -18,8 +18,14 @@ import torch.nn as nn
 import causvid as cv
 from wan import TextEncoder
 
-COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
-          "magenta": (255, 0, 255), "cyan": (0, 255, 255)}
+COLORS = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "magenta": (255, 0, 255),
+    "cyan": (0, 255, 255),
+}
 SHAPES = ("square", "circle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 PROMPTS = [f"a {c} {s} moving {d}" for c in COLORS for s in SHAPES for d in DIRECTIONS]  # 48
@@ -27,12 +33,20 @@ FRAME, BOX, MAX_POS = 16, 6, 10  # frame side, object box side, largest top-left
 
 
 def parse_prompt(prompt: str) -> tuple[str, str, str]:
-    """"a red circle moving left" -> ("red", "circle", "left")."""
+    """ "a red circle moving left" -> ("red", "circle", "left")."""
     words = prompt.split()
-    if len(words) != 5 or words[0] != "a" or words[3] != "moving" or words[1] not in COLORS \
-            or words[2] not in SHAPES or words[4] not in DIRECTIONS:
-        raise ValueError(f"{prompt!r} is not a toy prompt; expected 'a {{color}} {{shape}} moving {{direction}}' "
-                         f"with color in {list(COLORS)}, shape in {list(SHAPES)}, direction in {list(DIRECTIONS)}")
+    if (
+        len(words) != 5
+        or words[0] != "a"
+        or words[3] != "moving"
+        or words[1] not in COLORS
+        or words[2] not in SHAPES
+        or words[4] not in DIRECTIONS
+    ):
+        raise ValueError(
+            f"{prompt!r} is not a toy prompt; expected 'a {{color}} {{shape}} moving {{direction}}' "
+            f"with color in {list(COLORS)}, shape in {list(SHAPES)}, direction in {list(DIRECTIONS)}"
+        )
     return words[1], words[2], words[4]
 
 
@@ -66,7 +80,7 @@ def render(prompt: str, x: int, y: int, num_frames: int) -> torch.Tensor:
     mask, rgb = shape_mask(shape), torch.tensor(COLORS[color], dtype=torch.uint8)
     clip = torch.zeros(num_frames, FRAME, FRAME, 3, dtype=torch.uint8)
     for f, (px, py) in enumerate(trajectory(x, y, direction, num_frames)):
-        clip[f, py:py + BOX, px:px + BOX][mask] = rgb
+        clip[f, py : py + BOX, px : px + BOX][mask] = rgb
     return clip
 
 
@@ -74,9 +88,19 @@ def render(prompt: str, x: int, y: int, num_frames: int) -> torch.Tensor:
 def all_clips(num_frames: int) -> torch.Tensor:
     """Every clip of the world: uint8 (48 prompts, 121 starts, F, 16, 16, 3), start index = y * 11 + x."""
     starts = [(x, y) for y in range(MAX_POS + 1) for x in range(MAX_POS + 1)]
-    lit = {(sh, d): torch.stack([render(f"a red {sh} moving {d}", x, y, num_frames)[..., :1] > 0 for x, y in starts])
-           for sh in SHAPES for d in DIRECTIONS}  # colour only paints: render each motion once
-    return torch.stack([lit[sh, d] * torch.tensor(COLORS[c], dtype=torch.uint8) for c, sh, d in map(parse_prompt, PROMPTS)])
+    lit = {
+        (sh, d): torch.stack(
+            [render(f"a red {sh} moving {d}", x, y, num_frames)[..., :1] > 0 for x, y in starts]
+        )
+        for sh in SHAPES
+        for d in DIRECTIONS
+    }  # colour only paints: render each motion once
+    return torch.stack(
+        [
+            lit[sh, d] * torch.tensor(COLORS[c], dtype=torch.uint8)
+            for c, sh, d in map(parse_prompt, PROMPTS)
+        ]
+    )
 
 
 def to_model_space(frames: torch.Tensor) -> torch.Tensor:
@@ -100,7 +124,9 @@ def psnr_to_all(frames: torch.Tensor) -> torch.Tensor:
     """PSNR (0-255 scale, whole clip) of each clip against every clip of the world.
     frames uint8 (N, F, 16, 16, 3) -> (N, 48, 121)."""
     x = frames.flatten(1).double()  # (N, P)
-    mse = torch.stack([torch.cdist(x, ref.flatten(1).double()) ** 2 for ref in all_clips(frames.shape[1])], 1)
+    mse = torch.stack(
+        [torch.cdist(x, ref.flatten(1).double()) ** 2 for ref in all_clips(frames.shape[1])], 1
+    )
     return 10 * torch.log10(255.0**2 / (mse / x.shape[1]).clamp_min(1e-10))
 
 
@@ -114,7 +140,9 @@ def object_positions(frames: torch.Tensor, prompts: list[str]) -> tuple[torch.Te
     black) fits the frame best, and whether it fits better than an empty frame (the object is there).
     frames uint8 (N, F, 16, 16, 3) -> corners long (N, F, 2) as (x, y), seen bool (N, F)."""
     corners = torch.tensor([(x, y) for y in range(MAX_POS + 1) for x in range(MAX_POS + 1)])
-    refs = all_clips(1)[:, :, 0].flatten(2).double()  # (48, 121, P): each prompt's object at every corner
+    refs = (
+        all_clips(1)[:, :, 0].flatten(2).double()
+    )  # (48, 121, P): each prompt's object at every corner
     pos, seen = [], []
     for clip, p in zip(frames.flatten(2).double(), prompts):
         mse = torch.cdist(clip, refs[PROMPTS.index(p)]) ** 2  # (F, 121)
@@ -151,16 +179,31 @@ def score_toy(frames: torch.Tensor, prompts: list[str]) -> dict:
     breakdown and clean_frame_psnr: where the best-fit PSNR goes (the comment below)."""
     psnr = psnr_to_all(frames)  # (N, 48, 121)
     steps = motion_steps(frames, prompts)
-    shares = {name: hit.double().mean().item() for name, hit in
-              [("pause", steps == 0), ("1 px", steps == 1), ("2+ px", steps >= 2), ("off axis / missing", steps < 0)]}
+    shares = {
+        name: hit.double().mean().item()
+        for name, hit in [
+            ("pause", steps == 0),
+            ("1 px", steps == 1),
+            ("2+ px", steps >= 2),
+            ("off axis / missing", steps < 0),
+        ]
+    }
     idx = torch.tensor([PROMPTS.index(p) for p in prompts])
     per_prompt = psnr.amax(2)  # (N, 48)
     best = per_prompt[torch.arange(len(prompts)), idx]
     correct = best >= per_prompt.amax(1)
     start = psnr[torch.arange(len(prompts)), idx].argmax(1)
-    errors = {"colour": 0, "shape": 0, "axis": 0, "direction": 0}  # what the best-fitting wrong prompt got wrong
+    errors = {
+        "colour": 0,
+        "shape": 0,
+        "axis": 0,
+        "direction": 0,
+    }  # what the best-fitting wrong prompt got wrong
     for n in (~correct).nonzero()[:, 0].tolist():
-        (c, sh, d), (c2, sh2, d2) = parse_prompt(prompts[n]), parse_prompt(PROMPTS[int(per_prompt[n].argmax())])
+        (c, sh, d), (c2, sh2, d2) = (
+            parse_prompt(prompts[n]),
+            parse_prompt(PROMPTS[int(per_prompt[n].argmax())]),
+        )
         errors["colour"] += c != c2
         errors["shape"] += sh != sh2
         if d != d2:  # along the right axis but the other way, or along the other axis
@@ -170,10 +213,15 @@ def score_toy(frames: torch.Tensor, prompts: list[str]) -> dict:
     first_pauses = steps[:, :3] == 0  # frame steps 0-1, 1-2, 2-3: the first chunk's frames
     paused = correct & first_pauses.any(1)
     groups = {"wrong prompt": ~correct, "first-chunk pause": paused, "clean": correct & ~paused}
-    breakdown = {k: (m.double().mean().item(), best[m].mean().item() if m.any() else math.nan) for k, m in groups.items()}
+    breakdown = {
+        k: (m.double().mean().item(), best[m].mean().item() if m.any() else math.nan)
+        for k, m in groups.items()
+    }
     ref = all_clips(frames.shape[1])[idx, start].double()  # (N, F, 16, 16, 3)
     mse = ((frames.double() - ref) ** 2).flatten(2).mean(2)  # (N, F)
-    clean_frames = (10 * torch.log10(255.0**2 / mse.clamp_min(1e-10)))[groups["clean"]].mean(0)  # averaged as best is
+    clean_frames = (10 * torch.log10(255.0**2 / mse.clamp_min(1e-10)))[groups["clean"]].mean(
+        0
+    )  # averaged as best is
     diversity = []
     for p in set(prompts):
         rows = [i for i, q in enumerate(prompts) if q == p]
@@ -181,12 +229,19 @@ def score_toy(frames: torch.Tensor, prompts: list[str]) -> dict:
         if n > 1:
             expected = 121 * (1 - (120 / 121) ** n)
             diversity.append(len({int(start[i]) for i in rows}) / expected)
-    return {"best_fit_psnr": best.mean().item(), "prompt_accuracy": correct.float().mean().item(),
-            "first_chunk_pause": first_pauses.double().mean().item(),
-            "diversity": sum(diversity) / len(diversity) if diversity else float("nan"),
-            "steady_motion": shares["1 px"], "motion_steps": shares, "errors": errors,
-            "per_sample_psnr": best, "per_sample_correct": correct, "breakdown": breakdown,
-            "clean_frame_psnr": clean_frames}
+    return {
+        "best_fit_psnr": best.mean().item(),
+        "prompt_accuracy": correct.float().mean().item(),
+        "first_chunk_pause": first_pauses.double().mean().item(),
+        "diversity": sum(diversity) / len(diversity) if diversity else float("nan"),
+        "steady_motion": shares["1 px"],
+        "motion_steps": shares,
+        "errors": errors,
+        "per_sample_psnr": best,
+        "per_sample_correct": correct,
+        "breakdown": breakdown,
+        "clean_frame_psnr": clean_frames,
+    }
 
 
 def window_psnr(frames: torch.Tensor, prompts: list[str], window: int = 12) -> torch.Tensor:
@@ -195,12 +250,17 @@ def window_psnr(frames: torch.Tensor, prompts: list[str], window: int = 12) -> t
     frames uint8 (N, F, 16, 16, 3) -> (N, F // window)."""
     out = []
     for w in range(frames.shape[1] // window):
-        psnr = psnr_to_all(frames[:, w * window:(w + 1) * window]).amax(2)  # (N, 48)
+        psnr = psnr_to_all(frames[:, w * window : (w + 1) * window]).amax(2)  # (N, 48)
         best = []
         for n, p in enumerate(prompts):
             color, shape, direction = parse_prompt(p)
-            best.append(max(psnr[n, PROMPTS.index(f"a {color} {shape} moving {d}")] for d in DIRECTIONS
-                            if axis_of(d) == axis_of(direction)))
+            best.append(
+                max(
+                    psnr[n, PROMPTS.index(f"a {color} {shape} moving {d}")]
+                    for d in DIRECTIONS
+                    if axis_of(d) == axis_of(direction)
+                )
+            )
         out.append(torch.stack(best))
     return torch.stack(out, 1)
 
@@ -209,19 +269,37 @@ def print_scores(frames: torch.Tensor, prompts: list[str], length: int, several:
     """The toy world's scores of the first `length` frames, and per window for longer videos."""
     s = score_toy(frames[:, :length], prompts)
     diversity = f"{s['diversity']:.2f}" if several else "n/a (one sample per prompt)"
-    print(f"toy-world score (first {length} frames): best-fit PSNR {s['best_fit_psnr']:.2f} dB | "
-          f"prompt accuracy {100 * s['prompt_accuracy']:.1f}% | diversity {diversity} | "
-          f"steady 1-px motion {100 * s['steady_motion']:.1f}% of frame steps")
-    print("frame steps along the prompt's axis: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["motion_steps"].items())
-          + f" (pauses in the first chunk's steps: {100 * s['first_chunk_pause']:.1f}%)")
+    print(
+        f"toy-world score (first {length} frames): best-fit PSNR {s['best_fit_psnr']:.2f} dB | "
+        f"prompt accuracy {100 * s['prompt_accuracy']:.1f}% | diversity {diversity} | "
+        f"steady 1-px motion {100 * s['steady_motion']:.1f}% of frame steps"
+    )
+    print(
+        "frame steps along the prompt's axis: "
+        + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["motion_steps"].items())
+        + f" (pauses in the first chunk's steps: {100 * s['first_chunk_pause']:.1f}%)"
+    )
     if not all(s["per_sample_correct"]):
-        print(f"wrong prompt fits best for {int((~s['per_sample_correct']).sum())} of {len(prompts)}; they got wrong: "
-              + ", ".join(f"{k} {v}" for k, v in s["errors"].items()))
-    print("by sample: " + " | ".join(f"{k} {100 * share:.1f}% at {psnr:.2f} dB" for k, (share, psnr) in s["breakdown"].items())
-          + "; the clean ones frame by frame: " + " ".join(f"{v:.1f}" for v in s["clean_frame_psnr"].tolist()) + " dB")
+        print(
+            f"wrong prompt fits best for {int((~s['per_sample_correct']).sum())} of {len(prompts)}; they got wrong: "
+            + ", ".join(f"{k} {v}" for k, v in s["errors"].items())
+        )
+    print(
+        "by sample: "
+        + " | ".join(
+            f"{k} {100 * share:.1f}% at {psnr:.2f} dB"
+            for k, (share, psnr) in s["breakdown"].items()
+        )
+        + "; the clean ones frame by frame: "
+        + " ".join(f"{v:.1f}" for v in s["clean_frame_psnr"].tolist())
+        + " dB"
+    )
     if frames.shape[1] > length:
         s["window_psnr"] = window_psnr(frames, prompts, length)
-        print("per-window best-fit PSNR: " + " ".join(f"{v:.1f}" for v in s["window_psnr"].mean(0).tolist()))
+        print(
+            "per-window best-fit PSNR: "
+            + " ".join(f"{v:.1f}" for v in s["window_psnr"].mean(0).tolist())
+        )
     return s
 
 
@@ -241,8 +319,10 @@ class ExactToyDenoiser(nn.Module):
         super().__init__()
         names = [p for p in PROMPTS + [uncond_prompt] if p in emb]
         if len(names) != len(PROMPTS) + 1:
-            raise cv.CausVidError("the exact toy teacher needs the embeddings of all 48 toy prompts and the "
-                                  f"unconditional prompt {uncond_prompt!r}")
+            raise cv.CausVidError(
+                "the exact toy teacher needs the embeddings of all 48 toy prompts and the "
+                f"unconditional prompt {uncond_prompt!r}"
+            )
         self.table = torch.stack([emb[p].flatten() for p in names]).double()  # (49, L * D_text)
         self._clips: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -250,7 +330,9 @@ class ExactToyDenoiser(nn.Module):
         """Every clip of the world, frame-major (F, 48 * 121, D) float64 with D = 3 H W, and the squared
         norms of its frames (F, 5808)."""
         if num_frames not in self._clips:
-            X = to_model_space(all_clips(num_frames)).flatten(0, 1).flatten(2).double()  # (5808, F, D)
+            X = (
+                to_model_space(all_clips(num_frames)).flatten(0, 1).flatten(2).double()
+            )  # (5808, F, D)
             X = X.transpose(0, 1).contiguous().to(device)
             self._clips[num_frames] = X, X.pow(2).sum(2)
         return self._clips[num_frames]
@@ -260,7 +342,9 @@ class ExactToyDenoiser(nn.Module):
         d = torch.cdist(text.flatten(1).double().cpu(), self.table)  # (B, 49)
         best = d.min(1)
         if (best.values > 1e-3 * (1 + self.table.norm(dim=1).max())).any():
-            raise cv.CausVidError("the exact toy teacher was given a text embedding that is none of the toy prompts")
+            raise cv.CausVidError(
+                "the exact toy teacher was given a text embedding that is none of the toy prompts"
+            )
         return best.indices
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, **_) -> torch.Tensor:
@@ -272,10 +356,15 @@ class ExactToyDenoiser(nn.Module):
         x0 = torch.empty_like(xf)
         for p in which.unique().tolist():
             rows = which == p
-            m = slice(None) if p == P else slice(p * n, (p + 1) * n)  # unconditional: every clip of the world
+            m = (
+                slice(None) if p == P else slice(p * n, (p + 1) * n)
+            )  # unconditional: every clip of the world
             xr, sr, Xm = xf[:, rows], s[:, rows], X[:, m]  # (F, b, D), (F, b, 1), (F, M, D)
-            d2 = xr.pow(2).sum(2, keepdim=True) - 2 * (1 - sr) * (xr @ Xm.transpose(1, 2)) \
-                + (1 - sr) ** 2 * norms[:, None, m]  # (F, b, M): ||x_f - (1 - s_f) X_m,f||^2
+            d2 = (
+                xr.pow(2).sum(2, keepdim=True)
+                - 2 * (1 - sr) * (xr @ Xm.transpose(1, 2))
+                + (1 - sr) ** 2 * norms[:, None, m]
+            )  # (F, b, M): ||x_f - (1 - s_f) X_m,f||^2
             w = (-d2 / (2 * sr**2)).sum(0).softmax(1)  # (b, M)
             x0[:, rows] = w @ Xm
         v = (xf - x0) / s
@@ -287,8 +376,16 @@ def tiny_text_encoder(cfg: cv.Config, state_dict: dict | None = None, seed: int 
     byte tokenizer, frozen; its weights are stored with the teacher checkpoint."""
     from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
-    umt5 = UMT5Config(vocab_size=384, d_model=cfg.text_dim, d_kv=16, d_ff=2 * cfg.text_dim, num_layers=2,
-                      num_heads=cfg.text_dim // 16, relative_attention_num_buckets=32, dropout_rate=0.0)
+    umt5 = UMT5Config(
+        vocab_size=384,
+        d_model=cfg.text_dim,
+        d_kv=16,
+        d_ff=2 * cfg.text_dim,
+        num_layers=2,
+        num_heads=cfg.text_dim // 16,
+        relative_attention_num_buckets=32,
+        dropout_rate=0.0,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = UMT5EncoderModel(umt5)
@@ -314,7 +411,9 @@ def read_text_encoder(checkpoint: str) -> TextEncoder:
         prefix = "text_encoder."
         state = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     if not state:
-        raise cv.CausVidError(f"{checkpoint!r} uses the tiny text encoder but does not contain its weights")
+        raise cv.CausVidError(
+            f"{checkpoint!r} uses the tiny text encoder but does not contain its weights"
+        )
     return tiny_text_encoder(cfg, state)
 
 

@@ -187,7 +187,9 @@ def main(argv=None):
     ode_path = args.ode or os.path.join(run, "ode.safetensors")
     if not os.path.exists(ode_path):
         if args.ode or world.clips is None:
-            raise cv.CausVidError(f"stage-1 checkpoint {ode_path!r} not found; run train_ode.py first")
+            raise cv.CausVidError(
+                f"stage-1 checkpoint {ode_path!r} not found; run train_ode.py first"
+            )
         print(f"no stage-1 checkpoint at {ode_path}: running stage 1 (train_ode.py) first")
         train_ode.run(args, world, run)
     torch.manual_seed(args.seed)
@@ -199,7 +201,9 @@ def main(argv=None):
     teacher = utils.load_model(teacher_path, device=device, expect=cfg).eval().requires_grad_(False)
     critic = copy.deepcopy(teacher).train().requires_grad_(True)
     if device.type == "cuda":
-        teacher.to(torch.bfloat16)  # frozen: bf16 weights suffice (autocast computes in bf16 anyway)
+        teacher.to(
+            torch.bfloat16
+        )  # frozen: bf16 weights suffice (autocast computes in bf16 anyway)
     text_encoder = world.text_encoder(teacher_path)
     real = world.exact_teacher(text_encoder) if args.exact_teacher else teacher
     videos, pool = world.training_videos(training.ODEPairs(os.path.join(run, "ode_pairs")))
@@ -239,7 +243,13 @@ def main(argv=None):
     logs = collections.defaultdict(list)
     total = cfg.critic_warmup + cfg.dmd_steps
     log_path = os.path.join(run, "dmd_log.jsonl")
-    state = {"generator": generator, "critic": critic, "opt_g": s.opt_g, "opt_c": s.opt_c, "data": s.streams}
+    state = {
+        "generator": generator,
+        "critic": critic,
+        "opt_g": s.opt_g,
+        "opt_c": s.opt_c,
+        "data": s.streams,
+    }
     if ema is not None:
         state["ema"] = ema
     t0 = time.time()
@@ -269,7 +279,9 @@ def main(argv=None):
             if args.checkpoint_every and (it + 1) % args.checkpoint_every == 0 and it + 1 < total:
                 path = os.path.join(run, f"dmd_{it + 1:06d}.safetensors")
                 config = dataclasses.asdict(cfg)
-                training.save_model(path, generator, text_encoder, stage="dmd", steps=it + 1, run_config=config)
+                training.save_model(
+                    path, generator, text_encoder, stage="dmd", steps=it + 1, run_config=config
+                )
             if world.preview_prompts and ((it + 1) % args.sample_every == 0 or it + 1 == total):
                 preview(generator, world, emb, os.path.join(run, f"dmd_samples_{it + 1:06d}.gif"))
         if ema is not None and ema.n_averaged:  # (a run shorter than generator_ema_start keeps G)

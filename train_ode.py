@@ -69,7 +69,9 @@ def get_teacher(args, world, run: str):
         seed=args.seed,
         loss=training.clip_flow_matching,
     )
-    training.train_flow_matching(teacher, text_encoder, job, world, path, training.LoopFlags.of(args))
+    training.train_flow_matching(
+        teacher, text_encoder, job, world, path, training.LoopFlags.of(args)
+    )
     return teacher.requires_grad_(False), text_encoder
 
 
@@ -89,7 +91,9 @@ def get_causal_teacher(args, world, teacher, text_encoder, run: str) -> cv.DiT:
             f"none is shipped or trained for {world.name}: put one there, or drop the option"
         )
     cfg = world.cfg
-    print(f"training the causal teacher into {path} for {cfg.causal_teacher_steps} steps (teacher forcing)")
+    print(
+        f"training the causal teacher into {path} for {cfg.causal_teacher_steps} steps (teacher forcing)"
+    )
     model = copy.deepcopy(teacher).train().requires_grad_(True)
     model.causal = True
     job = training.Pretraining(
@@ -106,7 +110,9 @@ def get_causal_teacher(args, world, teacher, text_encoder, run: str) -> cv.DiT:
 def teacher_kind(args, cfg: cv.Config) -> str:
     """Who makes the ODE pairs: the trained (bidirectional) teacher, the exact toy one, or a causal one."""
     if args.exact_teacher and cfg.causal_ode_init:
-        raise cv.CausVidError("--exact-teacher is bidirectional; it cannot make causal_ode_init's pairs: drop one")
+        raise cv.CausVidError(
+            "--exact-teacher is bidirectional; it cannot make causal_ode_init's pairs: drop one"
+        )
     if args.exact_teacher:
         return "exact"
     if cfg.causal_ode_init:
@@ -121,17 +127,25 @@ def make_ode_pairs(args, world, teacher, text_encoder, path: str):
     killed run resumes), and shard i's noise depends only on the seed and i."""
     cfg, device, batch = world.cfg, world.device, world.generation_batch
     pool = utils.read_prompts(args.prompts, world)
-    draw = torch.randint(0, len(pool), (cfg.ode_pairs,), generator=torch.Generator().manual_seed(args.seed))
+    draw = torch.randint(
+        0, len(pool), (cfg.ode_pairs,), generator=torch.Generator().manual_seed(args.seed)
+    )
     prompts = [pool[i] for i in draw]
     emb = text_encoder.embed(prompts + [cfg.negative_prompt])
     uncond = emb[cfg.negative_prompt][None].to(device)
     real = world.exact_teacher(text_encoder) if args.exact_teacher else teacher
     # a bidirectional teacher samples the whole clip; a causal one (Causal Forcing) chunk by chunk
     sampler = cv.sample_ode_causal if getattr(real, "causal", False) else cv.sample_ode
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what the teacher computes in
+    dtype = (
+        torch.bfloat16 if device.type == "cuda" else torch.float32
+    )  # what the teacher computes in
     done = collections.Counter(shard for shard, _ in training.ODEPairs(path).rows)  # rows per shard
     shards = range(0, cfg.ode_pairs, batch)
-    pending = [b for b in shards if done[training.ODEPairs.shard(path, b // batch)] < len(prompts[b : b + batch])]
+    pending = [
+        b
+        for b in shards
+        if done[training.ODEPairs.shard(path, b // batch)] < len(prompts[b : b + batch])
+    ]
     training.barrier()  # every rank has listed the missing shards before any is written
     mine = pending[training.rank() :: training.world()]  # split evenly over the ranks
     for b in tqdm(mine, desc="ODE pairs", disable=training.rank() > 0):
@@ -184,7 +198,9 @@ def get_ode_pairs(args, world, teacher, text_encoder, run: str) -> training.ODEP
             f"{path!r} holds {len(pairs)} of {cfg.ode_pairs} pairs after making them; is the run "
             "directory on a filesystem every node shares?"
         )
-    print(f"wrote {path}: {len(pairs)} trajectories at t = {cv.student_timesteps(cfg).tolist()} and 0")
+    print(
+        f"wrote {path}: {len(pairs)} trajectories at t = {cv.student_timesteps(cfg).tolist()} and 0"
+    )
     return pairs
 
 
@@ -239,7 +255,9 @@ def regress_student(args, world, teacher, text_encoder, pairs: training.ODEPairs
         for step in loop:
             loss, norm = ode_step(student, opt, micro_batch, timesteps, cfg, streams)
             if (step + 1) % args.log_every == 0 or step + 1 == cfg.ode_steps:
-                training.log("ode", step + 1, cfg.ode_steps, t0, log_path, loss=loss, grad_norm=norm)
+                training.log(
+                    "ode", step + 1, cfg.ode_steps, t0, log_path, loss=loss, grad_norm=norm
+                )
         training.save_model(path, student.eval(), text_encoder, stage="ode", steps=cfg.ode_steps)
     print(f"wrote {path}")
 
@@ -249,7 +267,9 @@ def run(args, world, run_dir: str):
     torch.manual_seed(args.seed)
     teacher, text_encoder = get_teacher(args, world, run_dir)
     if world.cfg.causal_ode_init:  # Causal Forcing: the causal teacher makes the pairs and gives
-        teacher = get_causal_teacher(args, world, teacher, text_encoder, run_dir)  # the first weights
+        teacher = get_causal_teacher(
+            args, world, teacher, text_encoder, run_dir
+        )  # the first weights
     pairs = get_ode_pairs(args, world, teacher, text_encoder, run_dir)
     path = os.path.join(run_dir, "ode.safetensors")
     regress_student(args, world, teacher, text_encoder, pairs, path)

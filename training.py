@@ -15,9 +15,9 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
-from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -53,8 +53,11 @@ def init_distributed(device: torch.device) -> torch.device:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend(device), timeout=timedelta(hours=1),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend(device),
+            timeout=timedelta(hours=1),
+            device_id=device if device.type == "cuda" else None,
+        )
     if dist.get_rank() > 0:
         sys.stdout = open(os.devnull, "w")
     return device
@@ -81,7 +84,9 @@ def mixed_precision(device: torch.device):
 
     if device.type != "cuda":
         return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    return MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+    )
 
 
 def shard(model: nn.Module) -> nn.Module:
@@ -135,7 +140,9 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
 
 
 def save_model(path: str, model: cv.DiT, text_encoder=None, **meta):
@@ -145,7 +152,9 @@ def save_model(path: str, model: cv.DiT, text_encoder=None, **meta):
     tensors = dict(full_state_dict(model))
     if rank() == 0:
         if text_encoder is not None and model.cfg.text_encoder == "tiny":
-            tensors.update({f"text_encoder.{k}": v for k, v in text_encoder.encoder.state_dict().items()})
+            tensors.update(
+                {f"text_encoder.{k}": v for k, v in text_encoder.encoder.state_dict().items()}
+            )
         utils.save_checkpoint(path, tensors, model.cfg, causal=model.causal, **meta)
     barrier()  # the file is whole before any rank reads it (stage 1 -> stage 2)
 
@@ -162,7 +171,7 @@ class Streams:
         self.seed, self.index = seed, [rank() * accumulate + a for a in range(accumulate)]
         self.data = [torch.Generator().manual_seed(self.stream_seed(m)) for m in self.index]
         outer, self.torch = global_rng(), {}  # torch's global states of streams m > 0
-        for m in self.index[1 if self.index[0] == 0 else 0:]:
+        for m in self.index[1 if self.index[0] == 0 else 0 :]:
             torch.manual_seed(self.stream_seed(m))
             self.torch[m] = global_rng()
         set_global_rng(outer)
@@ -186,8 +195,10 @@ class Streams:
             set_global_rng(outer)
 
     def state_dict(self) -> dict:  # keyed by stream, not by rank: any rank may load any stream
-        return {**{f"data{m}": g.get_state() for m, g in zip(self.index, self.data)},
-                **{f"torch{m}.{k}": v for m, state in self.torch.items() for k, v in state.items()}}
+        return {
+            **{f"data{m}": g.get_state() for m, g in zip(self.index, self.data)},
+            **{f"torch{m}.{k}": v for m, state in self.torch.items() for k, v in state.items()},
+        }
 
     def load_state_dict(self, state: dict):
         for m, g in zip(self.index, self.data):
@@ -198,7 +209,10 @@ class Streams:
 
 def global_rng() -> dict:
     """torch's global generators: the CPU's and the current GPU's (each rank draws on its own GPU)."""
-    return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+    return {
+        "cpu": torch.get_rng_state(),
+        **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
+    }
 
 
 def set_global_rng(state: dict):
@@ -223,8 +237,13 @@ class ODEPairs:
         from safetensors import safe_open
 
         self.path, self.rows, self.prompts, self.teachers = path, [], [], set()
-        names = sorted(n for n in os.listdir(path) if n.startswith("pairs_") and n.endswith(".safetensors")) \
-            if os.path.isdir(path) else []
+        names = (
+            sorted(
+                n for n in os.listdir(path) if n.startswith("pairs_") and n.endswith(".safetensors")
+            )
+            if os.path.isdir(path)
+            else []
+        )
         for name in names:
             with safe_open(os.path.join(path, name), framework="pt") as f:
                 meta = f.metadata()
@@ -294,7 +313,9 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, clip:
 
 def adamw(params, lr: float, device, betas=(0.9, 0.999)) -> torch.optim.AdamW:
     """AdamW without weight decay; fused on CUDA (one kernel, no temporaries the size of the model)."""
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0, fused=True if device.type == "cuda" else None)
+    return torch.optim.AdamW(
+        params, lr=lr, betas=betas, weight_decay=0.0, fused=True if device.type == "cuda" else None
+    )
 
 
 def warmup_cosine(opt: torch.optim.Optimizer, total: int, warmup: int):
@@ -305,7 +326,9 @@ def warmup_cosine(opt: torch.optim.Optimizer, total: int, warmup: int):
     decay = CosineAnnealingLR(opt, max(1, total - warmup))
     if warmup == 0:
         return decay
-    return SequentialLR(opt, [LinearLR(opt, 1 / warmup, total_iters=warmup - 1), decay], [warmup])  # s: (s + 1) / warmup
+    return SequentialLR(
+        opt, [LinearLR(opt, 1 / warmup, total_iters=warmup - 1), decay], [warmup]
+    )  # s: (s + 1) / warmup
 
 
 def ema(model: nn.Module, decay: float) -> nn.Module:
@@ -337,12 +360,26 @@ class TrainLoop:
       with one line naming the step and saves the last good state;
     * when all steps are done the state is deleted (the stage's checkpoint replaces it)."""
 
-    def __init__(self, path: str, cfg: cv.Config, total: int, state: dict, resume: bool = False,
-                 save_every: int = 500, desc: str = "training"):
+    def __init__(
+        self,
+        path: str,
+        cfg: cv.Config,
+        total: int,
+        state: dict,
+        resume: bool = False,
+        save_every: int = 500,
+        desc: str = "training",
+    ):
         if "rng" in state:
             raise ValueError('"rng" is the name of the global RNG state; call yours something else')
         self.path, self.cfg, self.total, self.state = path, cfg, total, state
-        self.save_every, self.desc, self.step, self.first_step, self._stop = save_every, desc, 0, 0, 0
+        self.save_every, self.desc, self.step, self.first_step, self._stop = (
+            save_every,
+            desc,
+            0,
+            0,
+            0,
+        )
         saved = [p for p in (path, f"{path}.old") if os.path.exists(os.path.join(p, "run.json"))]
         if resume and saved:  # (.old: a save killed between its two renames)
             self._load(saved[0])
@@ -355,7 +392,10 @@ class TrainLoop:
         """Everything to save, as DCP state dicts (models and optimizers by parameter name, resharded on
         load); of the optimizers only those that have stepped (DCP would step the others, at lr 0, to
         give them a state); stream 0's global RNG on rank 0."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         out = {}
         for name, obj in self.state.items():
@@ -365,12 +405,20 @@ class TrainLoop:
                 if name in optimizers:
                     out[name] = get_optimizer_state_dict(self._model_of(obj), obj)
             else:
-                out[name] = {"state": obj.get_state()} if isinstance(obj, torch.Generator) else obj.state_dict()
+                out[name] = (
+                    {"state": obj.get_state()}
+                    if isinstance(obj, torch.Generator)
+                    else obj.state_dict()
+                )
         return {**out, **({"rng": global_rng()} if rank() == 0 else {})}
 
     def _model_of(self, opt: torch.optim.Optimizer) -> nn.Module:
         first = opt.param_groups[0]["params"][0]
-        return next(m for m in self.state.values() if isinstance(m, nn.Module) and any(p is first for p in m.parameters()))
+        return next(
+            m
+            for m in self.state.values()
+            if isinstance(m, nn.Module) and any(p is first for p in m.parameters())
+        )
 
     def _save(self):
         import torch.distributed.checkpoint as dcp
@@ -379,11 +427,21 @@ class TrainLoop:
         if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
-        stepped = [n for n, o in self.state.items() if isinstance(o, torch.optim.Optimizer) and o.state]
+        stepped = [
+            n for n, o in self.state.items() if isinstance(o, torch.optim.Optimizer) and o.state
+        ]
         dcp.save(self._state_dict(stepped), checkpoint_id=tmp, no_dist=world() == 1)
         if rank() == 0:
             with open(os.path.join(tmp, "run.json"), "w") as f:  # what it was saved with, as JSON
-                json.dump({"step": self.step, "ranks": world(), "optimizers": stepped, "config": asdict(self.cfg)}, f)
+                json.dump(
+                    {
+                        "step": self.step,
+                        "ranks": world(),
+                        "optimizers": stepped,
+                        "config": asdict(self.cfg),
+                    },
+                    f,
+                )
             shutil.rmtree(old, ignore_errors=True)
             if os.path.exists(self.path):
                 os.replace(self.path, old)
@@ -393,31 +451,45 @@ class TrainLoop:
 
     def _load(self, path: str):
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         with open(os.path.join(path, "run.json")) as f:
             saved = json.load(f)
         cfg = cv.config_from_dict(saved["config"])
-        diff = {f.name: (getattr(cfg, f.name), getattr(self.cfg, f.name)) for f in fields(cv.Config)
-                if f.name != "accumulate" and getattr(cfg, f.name) != getattr(self.cfg, f.name)}
+        diff = {
+            f.name: (getattr(cfg, f.name), getattr(self.cfg, f.name))
+            for f in fields(cv.Config)
+            if f.name != "accumulate" and getattr(cfg, f.name) != getattr(self.cfg, f.name)
+        }
         if diff:
-            raise cv.CausVidError(f"{path!r} was saved with another config ({diff}, saved vs now); "
-                                  "resume with the same flags, or delete it to start over")
+            raise cv.CausVidError(
+                f"{path!r} was saved with another config ({diff}, saved vs now); "
+                "resume with the same flags, or delete it to start over"
+            )
         if saved["ranks"] * cfg.accumulate != world() * self.cfg.accumulate:
-            raise cv.CausVidError(f"{path!r} was saved by {saved['ranks']} rank(s) x accumulate {cfg.accumulate}; "
-                                  f"resume with ranks x accumulate = {saved['ranks'] * cfg.accumulate} (the same global "
-                                  f"batch), e.g. --set accumulate={saved['ranks'] * cfg.accumulate // world()} on "
-                                  f"{world()} rank(s)")
+            raise cv.CausVidError(
+                f"{path!r} was saved by {saved['ranks']} rank(s) x accumulate {cfg.accumulate}; "
+                f"resume with ranks x accumulate = {saved['ranks'] * cfg.accumulate} (the same global "
+                f"batch), e.g. --set accumulate={saved['ranks'] * cfg.accumulate // world()} on "
+                f"{world()} rank(s)"
+            )
         state = self._state_dict(saved["optimizers"])
         dcp.load(state, checkpoint_id=path, no_dist=world() == 1)
         for name, obj in self.state.items():
             if isinstance(obj, nn.Module):
                 set_model_state_dict(obj, state[name])
             elif isinstance(obj, torch.optim.Optimizer):
-                if name in state:  # (one that had not stepped was saved without a state: it stays fresh)
+                if (
+                    name in state
+                ):  # (one that had not stepped was saved without a state: it stays fresh)
                     set_optimizer_state_dict(self._model_of(obj), obj, state[name])
             else:
-                obj.set_state(state[name]["state"]) if isinstance(obj, torch.Generator) else obj.load_state_dict(state[name])
+                obj.set_state(state[name]["state"]) if isinstance(
+                    obj, torch.Generator
+                ) else obj.load_state_dict(state[name])
         if rank() == 0:
             set_global_rng(state["rng"])
         self.step = saved["step"]
@@ -425,18 +497,29 @@ class TrainLoop:
     def __enter__(self):
         def on_signal(signum, frame):
             if self._stop and signum == signal.SIGINT:  # a second Ctrl-C: stop now (a scheduler's
-                raise KeyboardInterrupt                 # repeated SIGTERMs still wait for the save)
+                raise KeyboardInterrupt  # repeated SIGTERMs still wait for the save)
             self._stop = self._stop or signum
-            tqdm.write(f"{signal.Signals(signum).name}: stopping after step {self.step + 1}, saving {self.path} "
-                       "(Ctrl-C again to quit now)")
+            tqdm.write(
+                f"{signal.Signals(signum).name}: stopping after step {self.step + 1}, saving {self.path} "
+                "(Ctrl-C again to quit now)"
+            )
 
         main = threading.current_thread() is threading.main_thread()
-        self._old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        self._old = (
+            {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            if main
+            else {}
+        )
         return self
 
     def __iter__(self):
-        for step in tqdm(range(self.step, self.total), desc=self.desc, initial=self.step, total=self.total,
-                         disable=rank() > 0):
+        for step in tqdm(
+            range(self.step, self.total),
+            desc=self.desc,
+            initial=self.step,
+            total=self.total,
+            disable=rank() > 0,
+        ):
             yield step
             self.step = step + 1
             if world() > 1:  # all ranks stop after the same step
@@ -445,7 +528,9 @@ class TrainLoop:
                 self._stop = int(stop)
             if self._stop:
                 self._save()
-                tqdm.write(f"interrupted: saved {self.path} at step {self.step}; continue with --resume")
+                tqdm.write(
+                    f"interrupted: saved {self.path} at step {self.step}; continue with --resume"
+                )
                 raise SystemExit(128 + self._stop)
             if self.step % self.save_every == 0 and self.step < self.total:
                 self._save()
@@ -455,22 +540,29 @@ class TrainLoop:
             signal.signal(s, handler)
         if isinstance(error, NonFiniteError):
             self._save()
-            raise NonFiniteError(f"{self.desc} stopped at step {self.step + 1}: {error}; nothing of that step "
-                                 f"was applied and the last good state (after step {self.step}) is in {self.path} "
-                                 "-- lower the learning rate or clip harder, and continue with --resume") from None
+            raise NonFiniteError(
+                f"{self.desc} stopped at step {self.step + 1}: {error}; nothing of that step "
+                f"was applied and the last good state (after step {self.step}) is in {self.path} "
+                "-- lower the learning rate or clip harder, and continue with --resume"
+            ) from None
         if error is None and self.step >= self.total and rank() == 0:
             shutil.rmtree(self.path, ignore_errors=True)
         return False
 
 
-def log(stage: str, step: int, total: int, t0: float, record: str | None = None, shown=None, **values):
+def log(
+    stage: str, step: int, total: int, t0: float, record: str | None = None, shown=None, **values
+):
     """One line per log step: `ode step 100/600 | loss 0.031 | grad_norm 0.4 | 48 s`, of the values
     named in `shown` (default: all); record: a file to which all of them go as one JSON line."""
     items = " | ".join(f"{k} {v:.4g}" for k, v in values.items() if shown is None or k in shown)
     tqdm.write(f"{stage} step {step}/{total} | {items} | {time.time() - t0:.0f} s")
     if record and rank() == 0:
         with open(record, "a") as f:
-            f.write(json.dumps({"iteration": step, "seconds": round(time.time() - t0, 1), **values}) + "\n")
+            f.write(
+                json.dumps({"iteration": step, "seconds": round(time.time() - t0, 1), **values})
+                + "\n"
+            )
 
 
 @torch.no_grad()
@@ -485,28 +577,39 @@ def dmd_diagnostics(x0, t_in, grad, t, real, critic, text, timesteps, chunk_size
       grad_clean             over the chunks it was given clean (context: their gradient moves nothing)."""
     eps = torch.randn_like(x0)
     x_t, target = cv.add_noise(x0, eps, t), (eps - x0).float()
-    out = {"critic_fm": F.mse_loss(critic(x_t, t, text).float(), target).item(),
-           "teacher_fm": F.mse_loss(real(x_t, t, text).float(), target).item()}
+    out = {
+        "critic_fm": F.mse_loss(critic(x_t, t, text).float(), target).item(),
+        "teacher_fm": F.mse_loss(real(x_t, t, text).float(), target).item(),
+    }
     power = grad.float().pow(2).flatten(2).mean(2)  # (B, F)
     for i, chunk in enumerate(power.split(chunk_size, 1)):
         out[f"grad_chunk{i}"] = chunk.mean().sqrt().item()
-    for name, step in [*((f"grad_step{j}", t) for j, t in enumerate(timesteps.tolist())), ("grad_clean", 0.0)]:
-        out[name] = power[t_in == step].mean().sqrt().item()  # NaN where no chunk was made from that step
+    for name, step in [
+        *((f"grad_step{j}", t) for j, t in enumerate(timesteps.tolist())),
+        ("grad_clean", 0.0),
+    ]:
+        out[name] = (
+            power[t_in == step].mean().sqrt().item()
+        )  # NaN where no chunk was made from that step
     return out
 
 
 def local_parameters(model: nn.Module) -> list[torch.Tensor]:
     """fp32 CPU copies of the model's weights (under FSDP2: of this rank's shards; its state_dict is
     sharded even where a forward left the parameters gathered)."""
-    return [(p.to_local() if hasattr(p, "to_local") else p).detach().to("cpu", torch.float32, copy=True)
-            for p in model.state_dict().values()]
+    return [
+        (p.to_local() if hasattr(p, "to_local") else p).detach().to("cpu", torch.float32, copy=True)
+        for p in model.state_dict().values()
+    ]
 
 
 def distance_from(model: nn.Module, init: list[torch.Tensor]) -> float:
     """||phi - phi_init|| / ||phi_init||: how far the generator has moved from init = local_parameters(it)
     taken at the start (its stage-1 weights)."""
     moved = sum(float((p - p0).pow(2).sum()) for p, p0 in zip(local_parameters(model), init))
-    return math.sqrt(mean_over_ranks(moved) / mean_over_ranks(sum(float(p0.pow(2).sum()) for p0 in init)))
+    return math.sqrt(
+        mean_over_ranks(moved) / mean_over_ranks(sum(float(p0.pow(2).sum()) for p0 in init))
+    )
 
 
 def interval_means(logs: dict[str, list[float]]) -> dict[str, float]:
@@ -610,6 +713,8 @@ def train_flow_matching(model, text_encoder, job: Pretraining, data, path: str, 
                 log(job.stage, step + 1, job.steps, t0, loss=loss.item(), grad_norm=norm)
         if average is not None:
             model.load_state_dict(average.module.state_dict())
-        save_model(path, model.eval(), text_encoder, stage=job.stage, steps=job.steps)  # before the state goes
+        save_model(
+            path, model.eval(), text_encoder, stage=job.stage, steps=job.steps
+        )  # before the state goes
     print(f"wrote {path}")
     return model

@@ -10,8 +10,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, fields, replace
-from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,9 @@ def add_common_args(p):
         "--config", choices=sorted(cv.PRESETS), help="a named preset (--tiny is --config tiny)"
     )
     p.add_argument(
-        "--run-dir", dest="run", help="where checkpoints are read and written (default: runs/<config>)"
+        "--run-dir",
+        dest="run",
+        help="where checkpoints are read and written (default: runs/<config>)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
@@ -48,7 +50,9 @@ def add_common_args(p):
         "--text-encoder",
         help="Wan: a UMT5 directory (tokenizer/ beside it), if not <model-dir>/text_encoder",
     )
-    p.add_argument("--vae", help="Wan: a diffusers AutoencoderKLWan directory, if not <model-dir>/vae")
+    p.add_argument(
+        "--vae", help="Wan: a diffusers AutoencoderKLWan directory, if not <model-dir>/vae"
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -84,7 +88,9 @@ def add_training_args(p):
         help="causal-forcing: Causal Forcing's recipe, causal ODE init + Self-Forcing's DMD, "
         "optimiser and EMA (default: CausVid's; successors.RECIPES, docs/successors.md)",
     )
-    p.add_argument("--pairs", type=int, help="number of ODE pairs (default: the preset's ode_pairs)")
+    p.add_argument(
+        "--pairs", type=int, help="number of ODE pairs (default: the preset's ode_pairs)"
+    )
     p.add_argument(
         "--prompts",
         help="prompt file, one per line, for the ODE pairs (default: the 48 toy prompts; required "
@@ -96,7 +102,9 @@ def add_training_args(p):
         help="toy world: the world's exact denoiser plays the teacher (ODE pairs, DMD's real score)",
     )
     p.add_argument(
-        "--resume", action="store_true", help="continue an interrupted run from <run>/<stage>_state/"
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from <run>/<stage>_state/",
     )
     p.add_argument(
         "--save-every",
@@ -132,7 +140,9 @@ def parse_overrides(items: list[str]) -> dict:
             else:
                 out[key] = kind(value)
         except ValueError:
-            raise cv.CausVidError(f"--set {item!r}: {value!r} is not a valid {kind.__name__}") from None
+            raise cv.CausVidError(
+                f"--set {item!r}: {value!r} is not a valid {kind.__name__}"
+            ) from None
     return out
 
 
@@ -154,7 +164,9 @@ def resolve(args) -> tuple[cv.Config, torch.device, str]:
         raise cv.CausVidError(f"--tiny and --config {args.config} contradict each other; give one")
     name = "tiny" if args.tiny else args.config
     if name is None:
-        raise cv.CausVidError("choose a preset: --tiny (toy world, CPU) or --config wan2.1-t2v-1.3b")
+        raise cv.CausVidError(
+            "choose a preset: --tiny (toy world, CPU) or --config wan2.1-t2v-1.3b"
+        )
     overrides = {}
     if getattr(args, "recipe", None):
         overrides.update(successors.RECIPES[args.recipe][name])
@@ -222,7 +234,9 @@ def read_prompts(path: str | None, world) -> list[str]:
     """Training prompts: one per line of a text file, else the world's own (the toy world's 48)."""
     if path is None:
         if not world.prompts:
-            raise cv.CausVidError(f"pass --prompts FILE (one prompt per line) to train on {world.name}")
+            raise cv.CausVidError(
+                f"pass --prompts FILE (one prompt per line) to train on {world.name}"
+            )
         return list(world.prompts)
     if not os.path.isfile(path):
         raise cv.CausVidError(f"prompt file {path!r} not found")
@@ -254,7 +268,9 @@ def pick_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise cv.CausVidError(f"--device {name} was given but torch sees no CUDA GPU; use --device cpu")
+        raise cv.CausVidError(
+            f"--device {name} was given but torch sees no CUDA GPU; use --device cpu"
+        )
     return torch.device(name)
 
 
@@ -295,7 +311,9 @@ def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], cfg: cv.Config,
         cpu = {k: v.detach().cpu().clone() for k, v in tensors.items()}  # clone: no shared storage
         save_file(cpu, tmp, metadata=header)
         with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
+            os.fsync(
+                f.fileno()
+            )  # the bytes are on disk before the rename makes them the checkpoint
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
@@ -338,7 +356,9 @@ def check_preset(cfg: cv.Config, expected: cv.Config | None, path: str):
         )
 
 
-def load_model(path: str, causal: bool | None = None, device="cpu", expect: cv.Config | None = None):
+def load_model(
+    path: str, causal: bool | None = None, device="cpu", expect: cv.Config | None = None
+):
     """Rebuild a DiT from a checkpoint alone; causal=None keeps the role it was saved with. A
     directory is an official Wan2.1 release (the bidirectional teacher). expect: the preset the
     caller runs under; a checkpoint of another preset is refused."""
@@ -389,7 +409,9 @@ def streaming(window: int | None = None, sink: int | None = None, sink_gap: int 
         return cv.stream_generate
     if sink is None:
         return functools.partial(cv.windowed_generate, window=window)
-    return functools.partial(successors.rolling_generate, window=window, sink=sink, sink_gap=sink_gap)
+    return functools.partial(
+        successors.rolling_generate, window=window, sink=sink, sink_gap=sink_gap
+    )
 
 
 def sampler(model, kind: str, cfg: cv.Config, device, uncond=None, generate=None, start: int = 0):
@@ -488,7 +510,10 @@ def stream_video(
 
     batches = [rows(i) for i in range(0, N, batch)]
     while True:
-        with autocast(device), torch.no_grad():  # (around each step: a suspended generator holds neither)
+        with (
+            autocast(device),
+            torch.no_grad(),
+        ):  # (around each step: a suspended generator holds neither)
             chunks = [next(b, None) for b in batches]
         if chunks[0] is None:
             return

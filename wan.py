@@ -10,8 +10,8 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict
-from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -30,19 +30,33 @@ class TextEncoder(nn.Module):
 
     def __init__(self, tokenizer, encoder: nn.Module, text_len: int):
         super().__init__()
-        self.tokenizer, self.encoder, self.text_len = tokenizer, encoder.eval().requires_grad_(False), text_len
+        self.tokenizer, self.encoder, self.text_len = (
+            tokenizer,
+            encoder.eval().requires_grad_(False),
+            text_len,
+        )
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> torch.Tensor:
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise cv.CausVidError(f"prompts must be a non-empty list of strings, got {prompts!r:.80}")
+            raise cv.CausVidError(
+                f"prompts must be a non-empty list of strings, got {prompts!r:.80}"
+            )
         for p, n in zip(prompts, map(len, self.tokenizer(list(prompts)).input_ids)):
             if n > self.text_len:  # documented behaviour: truncate, and say so
-                warnings.warn(f"prompt {p!r:.60} is {n} tokens, longer than the text length {self.text_len}; "
-                              f"only its first {self.text_len} tokens are used", stacklevel=2)
+                warnings.warn(
+                    f"prompt {p!r:.60} is {n} tokens, longer than the text length {self.text_len}; "
+                    f"only its first {self.text_len} tokens are used",
+                    stacklevel=2,
+                )
         device = next(self.encoder.parameters()).device
-        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.text_len, truncation=True,
-                             return_tensors="pt")
+        tok = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.text_len,
+            truncation=True,
+            return_tensors="pt",
+        )
         ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
         out = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         return out * mask.unsqueeze(-1).to(out.dtype)
@@ -61,12 +75,16 @@ def load_umt5(path: str, text_len: int, dtype=torch.float32) -> TextEncoder:
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     if not path:
-        raise cv.CausVidError("no text encoder: pass --model-dir with a text_encoder/ inside (the diffusers layout), "
-                              "or --text-encoder DIR (the original release's UMT5 .pth is in another format: use "
-                              "Wan2.1-T2V-1.3B-Diffusers/text_encoder)")
+        raise cv.CausVidError(
+            "no text encoder: pass --model-dir with a text_encoder/ inside (the diffusers layout), "
+            "or --text-encoder DIR (the original release's UMT5 .pth is in another format: use "
+            "Wan2.1-T2V-1.3B-Diffusers/text_encoder)"
+        )
     if not os.path.isdir(path):
-        raise cv.CausVidError(f"text encoder directory {path!r} not found; pass the directory that holds "
-                              "a transformers UMT5 encoder (e.g. Wan2.1-T2V-1.3B-Diffusers/text_encoder)")
+        raise cv.CausVidError(
+            f"text encoder directory {path!r} not found; pass the directory that holds "
+            "a transformers UMT5 encoder (e.g. Wan2.1-T2V-1.3B-Diffusers/text_encoder)"
+        )
     tok_path = os.path.join(os.path.dirname(path.rstrip("/")), "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(tok_path if os.path.isdir(tok_path) else path)
     return TextEncoder(tokenizer, UMT5EncoderModel.from_pretrained(path, dtype=dtype), text_len)
@@ -111,22 +129,32 @@ def diffusers_key(key: str) -> str:
     m = re.match(r"blocks\.(\d+)\.(.*)", key)
     i, rest = (m.group(1), "blocks.{i}." + m.group(2)) if m else (None, key)
     module, _, param = rest.rpartition(".")
-    for ours, theirs in ((rest, None), (module, param)):  # parameters with no suffix, then module.param
+    for ours, theirs in (
+        (rest, None),
+        (module, param),
+    ):  # parameters with no suffix, then module.param
         if ours in WAN_TO_DIFFUSERS:
             name = WAN_TO_DIFFUSERS[ours].format(i=i)
             return name if theirs is None else f"{name}.{theirs}"
     raise KeyError(f"no diffusers name for parameter {key!r}")
 
 
-def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint"):
+def load_state_dict_strict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint"
+):
     """load_state_dict that names every missing, unexpected or mis-shaped key in one error."""
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
-        raise cv.CausVidError(f"{source} does not fit the model: missing {missing}, unexpected {unexpected}, "
-                              f"shape mismatches {shapes}")
+        raise cv.CausVidError(
+            f"{source} does not fit the model: missing {missing}, unexpected {unexpected}, "
+            f"shape mismatches {shapes}"
+        )
     model.load_state_dict(state)
 
 
@@ -136,7 +164,9 @@ def from_diffusers_state_dict(model: cv.DiT, state: dict[str, torch.Tensor]) -> 
     unexpected = sorted(set(state) - set(names.values()))
     if unexpected:
         raise cv.CausVidError(f"diffusers state dict has keys our DiT does not: {unexpected}")
-    load_state_dict_strict(model, {k: state[n] for k, n in names.items() if n in state}, "diffusers state dict")
+    load_state_dict_strict(
+        model, {k: state[n] for k, n in names.items() if n in state}, "diffusers state dict"
+    )
     return model
 
 
@@ -146,16 +176,34 @@ def save_diffusers(model: cv.DiT, path: str):
     from safetensors.torch import save_file
 
     cfg = model.cfg
-    config = {"_class_name": "WanTransformer3DModel", "patch_size": list(cfg.patch_size), "num_attention_heads":
-              cfg.num_heads, "attention_head_dim": cfg.dim // cfg.num_heads, "in_channels": cfg.channels,
-              "out_channels": cfg.channels, "text_dim": cfg.text_dim, "freq_dim": cfg.freq_dim, "ffn_dim": cfg.ffn_dim,
-              "num_layers": cfg.num_layers, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": cfg.eps,
-              "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": 1024}
+    config = {
+        "_class_name": "WanTransformer3DModel",
+        "patch_size": list(cfg.patch_size),
+        "num_attention_heads": cfg.num_heads,
+        "attention_head_dim": cfg.dim // cfg.num_heads,
+        "in_channels": cfg.channels,
+        "out_channels": cfg.channels,
+        "text_dim": cfg.text_dim,
+        "freq_dim": cfg.freq_dim,
+        "ffn_dim": cfg.ffn_dim,
+        "num_layers": cfg.num_layers,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": cfg.eps,
+        "image_dim": None,
+        "added_kv_proj_dim": None,
+        "rope_max_seq_len": 1024,
+    }
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    state = {diffusers_key(k): v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, os.path.join(path, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    state = {
+        diffusers_key(k): v.detach().float().cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
+    save_file(
+        state, os.path.join(path, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"}
+    )
 
 
 def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
@@ -174,7 +222,9 @@ def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
     state = {}
     for name in files:
         if not os.path.isfile(os.path.join(path, name)):
-            raise cv.CausVidError(f"{path!r}: shard {name!r} listed in {index[0]!r} is missing; download it again")
+            raise cv.CausVidError(
+                f"{path!r}: shard {name!r} listed in {index[0]!r} is missing; download it again"
+            )
         state.update(load_file(os.path.join(path, name)))
     return state
 
@@ -192,17 +242,38 @@ def wan_config(model_dir: str, base: cv.Config) -> tuple[cv.Config, str, str]:
         with open(os.path.join(dit_dir, "config.json")) as f:
             c = json.load(f)
     except OSError:
-        raise cv.CausVidError(f"{model_dir!r} is not a Wan2.1 directory: no config.json in it or in transformer/") from None
+        raise cv.CausVidError(
+            f"{model_dir!r} is not a Wan2.1 directory: no config.json in it or in transformer/"
+        ) from None
     if layout == "diffusers":
-        shapes = dict(dim=c["num_attention_heads"] * c["attention_head_dim"], num_heads=c["num_attention_heads"],
-                      channels=c["in_channels"], patch_size=tuple(c["patch_size"]), ffn_dim=c["ffn_dim"],
-                      num_layers=c["num_layers"], text_dim=c["text_dim"], freq_dim=c["freq_dim"], eps=c["eps"])
+        shapes = dict(
+            dim=c["num_attention_heads"] * c["attention_head_dim"],
+            num_heads=c["num_attention_heads"],
+            channels=c["in_channels"],
+            patch_size=tuple(c["patch_size"]),
+            ffn_dim=c["ffn_dim"],
+            num_layers=c["num_layers"],
+            text_dim=c["text_dim"],
+            freq_dim=c["freq_dim"],
+            eps=c["eps"],
+        )
     else:
-        shapes = dict(dim=c["dim"], num_heads=c["num_heads"], channels=c["in_dim"], ffn_dim=c["ffn_dim"],
-                      num_layers=c["num_layers"], text_dim=c.get("text_dim", 4096), freq_dim=c["freq_dim"],
-                      patch_size=tuple(c.get("patch_size", (1, 2, 2))), eps=c["eps"])
-    parts = {k: os.path.abspath(os.path.join(model_dir, k)) for k in ("text_encoder", "vae")
-             if os.path.isdir(os.path.join(model_dir, k))}
+        shapes = dict(
+            dim=c["dim"],
+            num_heads=c["num_heads"],
+            channels=c["in_dim"],
+            ffn_dim=c["ffn_dim"],
+            num_layers=c["num_layers"],
+            text_dim=c.get("text_dim", 4096),
+            freq_dim=c["freq_dim"],
+            patch_size=tuple(c.get("patch_size", (1, 2, 2))),
+            eps=c["eps"],
+        )
+    parts = {
+        k: os.path.abspath(os.path.join(model_dir, k))
+        for k in ("text_encoder", "vae")
+        if os.path.isdir(os.path.join(model_dir, k))
+    }
     return cv.Config(**{**asdict(base), **shapes, **parts}), dit_dir, layout
 
 
@@ -247,8 +318,10 @@ class WanVAE:
         vae = path_or_vae
         if not isinstance(vae, nn.Module):
             if not os.path.isdir(vae):
-                raise cv.CausVidError(f"VAE directory {vae!r} not found; pass Wan2.1-T2V-1.3B-Diffusers/vae "
-                                      "(--vae or --model-dir)")
+                raise cv.CausVidError(
+                    f"VAE directory {vae!r} not found; pass Wan2.1-T2V-1.3B-Diffusers/vae "
+                    "(--vae or --model-dir)"
+                )
             vae = AutoencoderKLWan.from_pretrained(vae, torch_dtype=dtype)
         self.vae = vae.to(device).eval().requires_grad_(False)
         torch.backends.cudnn.benchmark = True  # its 3D convolutions
@@ -274,11 +347,16 @@ class WanVAE:
             buffer = x if buffer is None else torch.cat([buffer, x], 1)
             while buffer.shape[1] >= (4 if made else 1):
                 n, vae._enc_conv_idx = 4 if made else 1, [0]
-                latents.append(vae.encoder(rearrange(buffer[:, :n].to(self.mean.dtype), "b f c h w -> b c f h w"),
-                                           feat_cache=vae._enc_feat_map, feat_idx=vae._enc_conv_idx))
+                latents.append(
+                    vae.encoder(
+                        rearrange(buffer[:, :n].to(self.mean.dtype), "b f c h w -> b c f h w"),
+                        feat_cache=vae._enc_feat_map,
+                        feat_idx=vae._enc_conv_idx,
+                    )
+                )
                 buffer, made = buffer[:, n:], made + 1
                 if len(latents) == chunk:  # quant_conv is per frame; the mode is the mean half
-                    mu = vae.quant_conv(torch.cat(latents, 2))[:, :vae.config.z_dim]
+                    mu = vae.quant_conv(torch.cat(latents, 2))[:, : vae.config.z_dim]
                     yield (rearrange(mu, "b c f h w -> b f c h w") - self.mean) / self.std
                     latents = []
         vae.clear_cache()
@@ -286,7 +364,9 @@ class WanVAE:
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """normalised latents (B, 1 + k, C, h, w) -> pixels in [-1, 1] (B, 1 + 4k, 3, 8 h, 8 w)."""
-        x = self.vae.decode(rearrange(z.to(self.mean.dtype) * self.std + self.mean, "b f c h w -> b c f h w")).sample
+        x = self.vae.decode(
+            rearrange(z.to(self.mean.dtype) * self.std + self.mean, "b f c h w -> b c f h w")
+        ).sample
         return rearrange(x, "b c f h w -> b f c h w")
 
     @torch.no_grad()
@@ -296,12 +376,18 @@ class WanVAE:
         vae, first = self.vae, True
         vae.clear_cache()
         for z in chunks:
-            x = vae.post_quant_conv(rearrange(z.to(self.mean.dtype) * self.std + self.mean, "b f c h w -> b c f h w"))
+            x = vae.post_quant_conv(
+                rearrange(z.to(self.mean.dtype) * self.std + self.mean, "b f c h w -> b c f h w")
+            )
             out = []
             for i in range(x.shape[2]):
                 vae._conv_idx = [0]
                 kw = {"first_chunk": True} if first else {}
-                out.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, **kw))
+                out.append(
+                    vae.decoder(
+                        x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, **kw
+                    )
+                )
                 first = False
             yield rearrange(torch.cat(out, 2).clamp(-1, 1), "b c f h w -> b f c h w")
         vae.clear_cache()
@@ -319,11 +405,15 @@ class WanWorld:
 
     name = "Wan"
     prompts: list[str] = []
-    preview_prompts: list[str] = []  # no progress GIFs: they would hold the VAE in training's memory
+    preview_prompts: list[
+        str
+    ] = []  # no progress GIFs: they would hold the VAE in training's memory
     clips = None  # no video dataset to pre-train a teacher on
     pretrained_causal_teacher = None  # none is shipped (Causal Forcing's Wan teacher is theirs)
 
-    def __init__(self, cfg: cv.Config, device="cpu", dtype=torch.float32, model_dir: str | None = None):
+    def __init__(
+        self, cfg: cv.Config, device="cpu", dtype=torch.float32, model_dir: str | None = None
+    ):
         self.cfg = cfg
         self.device = device
         self.dtype = dtype  # UMT5's and the VAE's
@@ -350,7 +440,9 @@ class WanWorld:
     def vae(self) -> "WanVAE":
         if self._vae is None:
             if not self.cfg.vae:
-                raise cv.CausVidError("Wan's frames go through its VAE: pass --model-dir (or --vae)")
+                raise cv.CausVidError(
+                    "Wan's frames go through its VAE: pass --model-dir (or --vae)"
+                )
             self._vae = WanVAE(self.cfg.vae, self.device, self.dtype)
         return self._vae
 

@@ -10,9 +10,29 @@ import train_dmd
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    train_dmd.main(["--tiny", "--run-dir", str(out), "--steps", "3", "--ode-steps", "2", "--teacher-steps", "3",
-                    "--pairs", "3", "--batch-size", "2", "--sample-every", "2", "--device", "cpu",
-                    "--set", "warmup=1"])  # --set reaches every stage
+    train_dmd.main(
+        [
+            "--tiny",
+            "--run-dir",
+            str(out),
+            "--steps",
+            "3",
+            "--ode-steps",
+            "2",
+            "--teacher-steps",
+            "3",
+            "--pairs",
+            "3",
+            "--batch-size",
+            "2",
+            "--sample-every",
+            "2",
+            "--device",
+            "cpu",
+            "--set",
+            "warmup=1",
+        ]
+    )  # --set reaches every stage
     return out
 
 

@@ -33,20 +33,31 @@ import causvid as cv
 import training
 import utils
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not built in"
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 _bin = Path(sys.executable).parent / "torchrun"
-TORCHRUN = [str(_bin)] if _bin.exists() else [sys.executable, "-m", "torch.distributed.run"]  # the same launcher
+TORCHRUN = (
+    [str(_bin)] if _bin.exists() else [sys.executable, "-m", "torch.distributed.run"]
+)  # the same launcher
 COMMON = ["--tiny", "--device", "cpu", "--batch-size", "2", "--log-every", "1", "--set", "warmup=1"]
 ODE_STEPS, DMD_STEPS = 16, 16  # long enough to be stopped part-way
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CAUSVID_CPU_FP32": "1"}  # fp32 on any CPU
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+    "CAUSVID_CPU_FP32": "1",
+}  # fp32 on any CPU
 
 
 def torchrun(nproc: int, script: str, args: list[str], **popen) -> subprocess.Popen:
     """`torchrun --standalone --nproc_per_node=N script args`, as a user types it (one thread each)."""
     cmd = TORCHRUN + ["--standalone", f"--nproc_per_node={nproc}", script, *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: int = 300) -> str:
@@ -57,7 +68,14 @@ def finish(proc: subprocess.Popen, timeout: int = 300) -> str:
 
 def one_process(script: str, args: list[str], rc: int = 0) -> str:
     """`python script args`; -> its output (stdout and stderr), once it exited with code `rc`."""
-    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, script, *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == rc, (proc.stdout + proc.stderr)[-3000:]
     return proc.stdout + proc.stderr
 
@@ -69,9 +87,16 @@ def read_log(path) -> dict[int, dict]:
 def assert_same(a: dict, b: dict, keys, rtol=1e-4):
     assert sorted(a) == sorted(b)
     for step in a:
-        assert sorted(a[step]) == sorted(b[step]), step  # the same values logged (DMD's only on generator turns)
+        assert sorted(a[step]) == sorted(b[step]), (
+            step
+        )  # the same values logged (DMD's only on generator turns)
         for k in [k for k in keys if k in b[step]]:
-            assert abs(a[step][k] - b[step][k]) <= rtol * (1 + abs(b[step][k])), (step, k, a[step][k], b[step][k])
+            assert abs(a[step][k] - b[step][k]) <= rtol * (1 + abs(b[step][k])), (
+                step,
+                k,
+                a[step][k],
+                b[step][k],
+            )
 
 
 def assert_same_weights(path_a, path_b, init, lr: float, updates: int, betas=(0.9, 0.999)):
@@ -94,9 +119,14 @@ def readme_commands() -> list[list[str]]:
     """Every command in the README's bash blocks, continuation lines joined, comments dropped, shell
     variables ($W, $NODE, $HOST) given a value."""
     readme = (ROOT / "README.md").read_text()
-    lines = "\n".join(re.findall(r"```bash\n(.*?)```", readme, re.S)).replace("\\\n", " ").splitlines()
-    return [shlex.split(re.sub(r"\$\w+", "0", line), comments=True) for line in lines if line.strip()
-            and not line.startswith("#")]
+    lines = (
+        "\n".join(re.findall(r"```bash\n(.*?)```", readme, re.S)).replace("\\\n", " ").splitlines()
+    )
+    return [
+        shlex.split(re.sub(r"\$\w+", "0", line), comments=True)
+        for line in lines
+        if line.strip() and not line.startswith("#")
+    ]
 
 
 def test_every_readme_command_is_accepted_by_torchrun_and_the_script():
@@ -128,15 +158,44 @@ def test_readme_torchrun_toy_pipeline_runs_end_to_end_and_sample_loads_it(tmp_pa
     sample.py loads in one process."""
     [line] = [c for c in readme_commands() if c[0] == "torchrun" and "--tiny" in c]
     run = tmp_path / "run"
-    sizes = ["--run-dir", str(run), "--pairs", "4", "--ode-steps", "2", "--steps", "6", "--batch-size", "2",
-             "--log-every", "1", "--sample-every", "6", "--save-every", "2"]
+    sizes = [
+        "--run-dir",
+        str(run),
+        "--pairs",
+        "4",
+        "--ode-steps",
+        "2",
+        "--steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--log-every",
+        "1",
+        "--sample-every",
+        "6",
+        "--save-every",
+        "2",
+    ]
     cmd = TORCHRUN + line[1:] + sizes
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert (run / "ode.safetensors").exists() and (run / "dmd.safetensors").exists()
     assert sorted(read_log(run / "dmd_log.jsonl")) == [1, 2, 3, 4, 5, 6]
-    assert not (run / "dmd_state").exists() and not (run / "ode_state").exists()  # done: the checkpoints replace them
-    one_process("sample.py", ["--tiny", "--run-dir", str(run), "--device", "cpu", "--prompt", "a red circle moving left"])
+    assert (
+        not (run / "dmd_state").exists() and not (run / "ode_state").exists()
+    )  # done: the checkpoints replace them
+    one_process(
+        "sample.py",
+        [
+            "--tiny",
+            "--run-dir",
+            str(run),
+            "--device",
+            "cpu",
+            "--prompt",
+            "a red circle moving left",
+        ],
+    )
     assert (run / "samples_dmd.gif").exists()
 
 
@@ -148,12 +207,18 @@ def test_ode_regression_on_two_ranks_is_one_process_and_sigint_resumes_exactly(r
     logs1, logs2 = read_log(one / "ode_log.jsonl"), read_log(two / "ode_log.jsonl")
     assert sorted(logs2) == list(range(1, ODE_STEPS + 1))
     assert_same(logs2, logs1, ["loss", "grad_norm"])
-    assert_same_weights(two / "ode.safetensors", one / "ode.safetensors", one / "teacher.safetensors",
-                        cv.get_config("tiny").lr_ode, ODE_STEPS)
+    assert_same_weights(
+        two / "ode.safetensors",
+        one / "ode.safetensors",
+        one / "teacher.safetensors",
+        cv.get_config("tiny").lr_ode,
+        ODE_STEPS,
+    )
 
     # Ctrl-C (SIGINT to the launcher, which passes it on) after step 2: both ranks stop after the same step
-    stopped = launched_and_stopped(lambda: copy_run(run_dir, tmp_path / "stopped"), "train_ode.py", args, 2,
-                                   signal.SIGINT)
+    stopped = launched_and_stopped(
+        lambda: copy_run(run_dir, tmp_path / "stopped"), "train_ode.py", args, 2, signal.SIGINT
+    )
     saved = json.loads((stopped / "ode_state" / "run.json").read_text())
     assert saved["ranks"] == 2 and saved["step"] >= 2 and not (stopped / "ode.safetensors").exists()
     assert saved["step"] < ODE_STEPS
@@ -182,7 +247,9 @@ def signalled(proc: subprocess.Popen, log: Path, lines: int, sig: int) -> str:
     return proc.communicate(timeout=120)[0]
 
 
-def launched_and_stopped(fresh_dir, script: str, args: list[str], lines: int, sig: int, tries: int = 3) -> Path:
+def launched_and_stopped(
+    fresh_dir, script: str, args: list[str], lines: int, sig: int, tries: int = 3
+) -> Path:
     """`torchrun` on 2 ranks in fresh_dir(), and `sig` to the launcher once the run has logged `lines`
     lines; -> the run directory, once the run has saved and exited. The launcher passes the signal on
     from its monitor loop, which once (in CI) handled it only after the workers had finished: a run that
@@ -196,44 +263,103 @@ def launched_and_stopped(fresh_dir, script: str, args: list[str], lines: int, si
             saved_and_exited(proc, out)
             return run
         shutil.rmtree(run)
-    raise AssertionError(f"{tries} runs ended before {signal.Signals(sig).name} stopped them (the launcher passed it on "
-                         f"late, or the workers ignored it); the last one's output:\n{out[-3000:]}")
+    raise AssertionError(
+        f"{tries} runs ended before {signal.Signals(sig).name} stopped them (the launcher passed it on "
+        f"late, or the workers ignored it); the last one's output:\n{out[-3000:]}"
+    )
 
 
-def test_dmd_on_two_ranks_is_one_process_and_sigterm_resumes_from_two_ranks_on_one_and_back(run_dir, tmp_path):
+def test_dmd_on_two_ranks_is_one_process_and_sigterm_resumes_from_two_ranks_on_one_and_back(
+    run_dir, tmp_path
+):
     names = ("teacher.safetensors", "ode.safetensors")
     one, two = (copy_run(run_dir, tmp_path / n, names) for n in ("one", "two"))
     # with Self-Forcing's EMA (an AveragedModel, sharded like the generator, saved and resharded with it)
-    args = COMMON + ["--steps", str(DMD_STEPS), "--sample-every", "1000", "--set", "generator_ema=0.5",
-                     "--set", "generator_ema_start=4"]
+    args = COMMON + [
+        "--steps",
+        str(DMD_STEPS),
+        "--sample-every",
+        "1000",
+        "--set",
+        "generator_ema=0.5",
+        "--set",
+        "generator_ema_start=4",
+    ]
     one_process("train_dmd.py", args + ["--run-dir", str(one), "--set", "accumulate=2"])
     finish(torchrun(2, "train_dmd.py", args + ["--run-dir", str(two)]))
     logs1, logs2 = read_log(one / "dmd_log.jsonl"), read_log(two / "dmd_log.jsonl")
-    keys = ["critic", "critic_grad", "dmd", "gen_grad", "dmd_t", "critic_fm", "teacher_fm", "grad_chunk0", "distance"]
+    keys = [
+        "critic",
+        "critic_grad",
+        "dmd",
+        "gen_grad",
+        "dmd_t",
+        "critic_fm",
+        "teacher_fm",
+        "grad_chunk0",
+        "distance",
+    ]
     assert_same(logs2, logs1, keys)  # generator turns: 1, 6, 11, ...
-    assert "critic_fm" in logs2[1] and "critic_fm" not in logs2[2] and logs2[DMD_STEPS]["distance"] > 0
+    assert (
+        "critic_fm" in logs2[1] and "critic_fm" not in logs2[2] and logs2[DMD_STEPS]["distance"] > 0
+    )
     turns = (DMD_STEPS + 4) // 5  # generator updates
-    assert_same_weights(two / "dmd.safetensors", one / "dmd.safetensors", one / "ode.safetensors",
-                        cv.get_config("tiny").lr_generator, turns)
+    assert_same_weights(
+        two / "dmd.safetensors",
+        one / "dmd.safetensors",
+        one / "ode.safetensors",
+        cv.get_config("tiny").lr_generator,
+        turns,
+    )
 
     # SIGTERM (what a cluster sends before it preempts) to the launcher after iteration 3 ...
-    stopped = launched_and_stopped(lambda: copy_run(run_dir, tmp_path / "stopped", names), "train_dmd.py", args, 3,
-                                   signal.SIGTERM)
+    stopped = launched_and_stopped(
+        lambda: copy_run(run_dir, tmp_path / "stopped", names),
+        "train_dmd.py",
+        args,
+        3,
+        signal.SIGTERM,
+    )
     k = json.loads((stopped / "dmd_state" / "run.json").read_text())["step"]
     assert 3 <= k < DMD_STEPS - 4, k
     # ... resumes on 1 process, which needs accumulate 2 (DCP reshards; the streams are per micro-batch),
     out = one_process("train_dmd.py", args + ["--run-dir", str(stopped), "--resume"], rc=2)
-    assert "resume with ranks x accumulate = 2 (the same global batch), e.g. --set accumulate=2" in out
-    again = subprocess.Popen([sys.executable, "train_dmd.py", *args, "--run-dir", str(stopped), "--resume", "--set",
-                              "accumulate=2"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert signal_after(again, stopped / "dmd_log.jsonl", k + 2, signal.SIGTERM) == 128 + signal.SIGTERM
+    assert (
+        "resume with ranks x accumulate = 2 (the same global batch), e.g. --set accumulate=2" in out
+    )
+    again = subprocess.Popen(
+        [
+            sys.executable,
+            "train_dmd.py",
+            *args,
+            "--run-dir",
+            str(stopped),
+            "--resume",
+            "--set",
+            "accumulate=2",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert (
+        signal_after(again, stopped / "dmd_log.jsonl", k + 2, signal.SIGTERM)
+        == 128 + signal.SIGTERM
+    )
     k2 = json.loads((stopped / "dmd_state" / "run.json").read_text())
     assert k2["ranks"] == 1 and k + 2 <= k2["step"] < DMD_STEPS, k2
     # ... which SIGTERM stops again, and the rest runs on 2 ranks: 2 -> 1 -> 2, the losses of the straight run
     finish(torchrun(2, "train_dmd.py", args + ["--run-dir", str(stopped), "--resume"]))
     assert_same(read_log(stopped / "dmd_log.jsonl"), logs2, keys)
-    assert_same_weights(stopped / "dmd.safetensors", two / "dmd.safetensors", one / "ode.safetensors",
-                        cv.get_config("tiny").lr_generator, turns)  # the EMA came through both reshards
+    assert_same_weights(
+        stopped / "dmd.safetensors",
+        two / "dmd.safetensors",
+        one / "ode.safetensors",
+        cv.get_config("tiny").lr_generator,
+        turns,
+    )  # the EMA came through both reshards
 
 
 def test_missing_ode_pairs_split_over_ranks_are_the_one_process_pairs(run_dir, tmp_path):
@@ -242,12 +368,23 @@ def test_missing_ode_pairs_split_over_ranks_are_the_one_process_pairs(run_dir, t
     one, two = copy_run(run_dir, tmp_path / "one"), copy_run(run_dir, tmp_path / "two")
     for run in (one, two):
         shutil.rmtree(run / "ode_pairs")
-    args = COMMON + ["--steps", "1", "--pairs", "130", "--set", "teacher_steps=6", "--set", "student_step_indices=0,2,4"]
+    args = COMMON + [
+        "--steps",
+        "1",
+        "--pairs",
+        "130",
+        "--set",
+        "teacher_steps=6",
+        "--set",
+        "student_step_indices=0,2,4",
+    ]
     one_process("train_ode.py", args + ["--run-dir", str(one)])
     (two / "ode_pairs").mkdir()
     shutil.copy(training.ODEPairs.shard(str(one / "ode_pairs"), 0), two / "ode_pairs")
     out = finish(torchrun(2, "train_ode.py", args + ["--run-dir", str(two)]))
-    assert "ODE pairs: 100%|██████████| 1/1" in out  # rank 0 made one shard (rank 1's bar is silent)
+    assert (
+        "ODE pairs: 100%|██████████| 1/1" in out
+    )  # rank 0 made one shard (rank 1's bar is silent)
     a, b = training.ODEPairs(str(one / "ode_pairs")), training.ODEPairs(str(two / "ode_pairs"))
     assert len(a) == len(b) == 130 and a.prompts == b.prompts
     assert torch.equal(a.get(range(0, 130, 7)), b.get(range(0, 130, 7)))

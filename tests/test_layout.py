@@ -17,14 +17,25 @@ def source(name):
 
 def test_causvid_is_the_method_alone():
     tree = ast.parse(source("causvid.py"))
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
-                for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module)])}
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module)])
+    }
     assert imported <= {"functools", "math", "dataclasses", "typing", "torch", "einops"}, imported
     assert len(source("causvid.py").splitlines()) <= 800
     # no module-level state but constants: every top-level assignment is the presets or a string/table
     names = [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets]
-    assert set(names) <= {"PRESETS", "WAN_NEGATIVE_PROMPT", "Rng"}, names  # the presets, a string, a type
-    for support in ["toy_world.py", "wan.py", "utils.py", "training.py"]:  # they import causvid, never the reverse
+    assert set(names) <= {"PRESETS", "WAN_NEGATIVE_PROMPT", "Rng"}, (
+        names
+    )  # the presets, a string, a type
+    for support in [
+        "toy_world.py",
+        "wan.py",
+        "utils.py",
+        "training.py",
+    ]:  # they import causvid, never the reverse
         assert "import causvid as cv" in source(support)
 
 
@@ -43,7 +54,7 @@ def test_the_scripts_are_short():
 
 def test_the_reading_guide_points_at_real_code():
     readme = source("README.md")
-    guide = readme[readme.index("## Reading guide"):readme.index("Conventions:")]
+    guide = readme[readme.index("## Reading guide") : readme.index("Conventions:")]
     rows = [line for line in guide.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) >= 15
     code = {name: source(name) for name in ["causvid.py", "train_ode.py", "train_dmd.py"]}
@@ -52,7 +63,11 @@ def test_the_reading_guide_points_at_real_code():
         for token in re.findall(r"`([^`]+)`", where):  # every function, class or field named exists
             for name in re.match(r"[\w.]*", token).group(0).split("."):
                 if name and name not in ("causvid", "train_ode", "train_dmd", "py"):
-                    assert any(re.search(rf"^\s*(def|class) {name}\b", text, re.M) for text in code.values()) \
-                        or hasattr(cv.Config(), name), (row, name)
-        for ref in re.findall(r"(Eq\. \d+|Alg\. \d)", paper):  # and the code cites what the guide says it cites
+                    assert any(
+                        re.search(rf"^\s*(def|class) {name}\b", text, re.M)
+                        for text in code.values()
+                    ) or hasattr(cv.Config(), name), (row, name)
+        for ref in re.findall(
+            r"(Eq\. \d+|Alg\. \d)", paper
+        ):  # and the code cites what the guide says it cites
             assert any(ref in text for text in code.values()), (row, ref)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -59,9 +60,23 @@ def test_not_a_checkpoint_and_truncated(run_dir, tmp_path):
 
 
 def test_checkpoint_of_another_preset(run_dir):
-    with pytest.raises(cv.CausVidError, match="holds a 'tiny' model but the preset asked for is 'wan2.1-t2v-1.3b'"):
-        sample.main(["--config", "wan2.1-t2v-1.3b", "--run-dir", str(run_dir), "--device", "cpu",
-                     "--ckpt", str(run_dir / "dmd.safetensors"), "--prompt", PROMPT])
+    with pytest.raises(
+        cv.CausVidError, match="holds a 'tiny' model but the preset asked for is 'wan2.1-t2v-1.3b'"
+    ):
+        sample.main(
+            [
+                "--config",
+                "wan2.1-t2v-1.3b",
+                "--run-dir",
+                str(run_dir),
+                "--device",
+                "cpu",
+                "--ckpt",
+                str(run_dir / "dmd.safetensors"),
+                "--prompt",
+                PROMPT,
+            ]
+        )
 
 
 @pytest.mark.parametrize("frames", ["7", "0", "-3"])
@@ -73,16 +88,18 @@ def test_bad_frame_counts(run_dir, frames):
 def test_bad_prompts(run_dir):
     with pytest.raises(cv.CausVidError, match="is empty; give a text prompt"):
         sample.main(["--tiny", "--run-dir", str(run_dir), "--prompt", "  "])
-    enc = utils.load_text_encoder(str(run_dir / "teacher.safetensors"))
+    enc = toy.read_text_encoder(str(run_dir / "teacher.safetensors"))
     for bad in [[], "a red square moving up", [PROMPT, 3], None]:
         with pytest.raises(cv.CausVidError, match="prompts must be a non-empty list of strings"):
             enc(bad)
 
 
 def test_long_prompt_is_truncated_with_a_warning(run_dir):
-    enc = utils.load_text_encoder(str(run_dir / "teacher.safetensors"))
+    enc = toy.read_text_encoder(str(run_dir / "teacher.safetensors"))
     long = "a red square moving up " * 4  # 92 bytes > text_len 32
-    with pytest.warns(UserWarning, match="longer than the text length 32; only its first 32 tokens are used"):
+    with pytest.warns(
+        UserWarning, match="longer than the text length 32; only its first 32 tokens are used"
+    ):
         out = enc([long])
     assert out.shape == (1, 32, 64)
     with warnings.catch_warnings():
@@ -99,7 +116,9 @@ def test_cuda_without_cuda(run_dir):
 def test_unwritable_out(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a directory")
-    with pytest.raises(cv.CausVidError, match="cannot write to --run-dir .* pass a directory you can write to"):
+    with pytest.raises(
+        cv.CausVidError, match="cannot write to --run-dir .* pass a directory you can write to"
+    ):
         train_ode.main(["--tiny", "--run-dir", str(blocker / "run")])
 
 
@@ -112,9 +131,23 @@ def test_contradicting_presets():
 
 def test_the_scripts_print_one_line_and_exit_2(tmp_path):
     for script in ["sample.py", "train_dmd.py"]:
-        r = subprocess.run([sys.executable, script, "--tiny", "--run-dir", str(tmp_path), "--device", "cpu",
-                            "--ckpt" if script == "sample.py" else "--ode", str(tmp_path / "missing.safetensors")],
-                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [
+                sys.executable,
+                script,
+                "--tiny",
+                "--run-dir",
+                str(tmp_path),
+                "--device",
+                "cpu",
+                "--ckpt" if script == "sample.py" else "--ode",
+                str(tmp_path / "missing.safetensors"),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 2
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and "not found" in lines[0]
@@ -151,8 +184,18 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint(run_dir, tmp_pat
 
 
 def test_nothing_is_unpickled():
-    for name in ["causvid.py", "toy_world.py", "wan.py", "utils.py", "training.py", "train_ode.py", "train_dmd.py", "sample.py",
-                 "study.py", "bench.py"]:
+    for name in [
+        "causvid.py",
+        "toy_world.py",
+        "wan.py",
+        "utils.py",
+        "training.py",
+        "train_ode.py",
+        "train_dmd.py",
+        "sample.py",
+        "study.py",
+        "bench.py",
+    ]:
         source = open(os.path.join(ROOT, name)).read()
         assert not re.search(r"import pickle|pickle\.loads?\(|allow_pickle=True", source)
         calls = re.findall(r"torch\.load\([^)]*\)", source)
@@ -195,7 +238,19 @@ def test_ode_resume_gives_the_same_losses(fresh_run, tmp_path_factory, monkeypat
     other = tmp_path_factory.mktemp("again")
     (other / "teacher.safetensors").write_bytes((fresh_run / "teacher.safetensors").read_bytes())
     shutil.copytree(fresh_run / "ode_pairs", other / "ode_pairs")
-    common = ["--tiny", "--device", "cpu", "--steps", "6", "--batch-size", "2", "--log-every", "1", "--pairs", "3"]
+    common = [
+        "--tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--log-every",
+        "1",
+        "--pairs",
+        "3",
+    ]
 
     straight = record_logs(monkeypatch)
     train_ode.main(common + ["--run-dir", str(fresh_run)])
@@ -214,7 +269,10 @@ def test_ode_resume_gives_the_same_losses(fresh_run, tmp_path_factory, monkeypat
     for key in resumed:
         assert resumed[key] == straight[key]  # bit-identical losses and gradient norms
     assert not (other / "ode_state").exists()  # done: the checkpoint replaces the state
-    a, b = utils.load_model(str(fresh_run / "ode.safetensors")), utils.load_model(str(other / "ode.safetensors"))
+    a, b = (
+        utils.load_model(str(fresh_run / "ode.safetensors")),
+        utils.load_model(str(other / "ode.safetensors")),
+    )
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
 
@@ -225,10 +283,15 @@ def test_flow_matching_resume_keeps_the_schedule_and_the_ema(tmp_path, monkeypat
     cfg, cpu = cv.get_config("tiny", batch_size=2, warmup=2), torch.device("cpu")
     text_encoder = toy.tiny_text_encoder(cfg)
 
+    world = toy.ToyWorld(replace(cfg, ema_decay=0.5), cpu)
+    job = training.Pretraining(
+        "teacher", steps=6, lr=1e-3, seed=0, loss=training.clip_flow_matching
+    )
+
     def train(path, resume=False):
         torch.manual_seed(0)  # the same initial weights, which a resumed run then replaces
-        return training.train_flow_matching(cv.DiT(cfg), text_encoder, cfg, str(path), 6, 1e-3, cpu, 0, "teacher",
-                                            ema_decay=0.5, resume=resume, log_every=1)
+        flags = training.LoopFlags(resume=resume, log_every=1)
+        return training.train_flow_matching(cv.DiT(cfg), text_encoder, job, world, str(path), flags)
 
     straight = train(tmp_path / "straight.safetensors").state_dict()
     interrupt_at_call(monkeypatch, cv, "flow_matching_loss", 3)
@@ -249,7 +312,11 @@ def test_the_learning_rate_warms_up_then_decays_as_a_cosine(warmup):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
     schedule = training.warmup_cosine(opt, total=30, warmup=warmup)
     for s in range(30):
-        want = 2.0 * (s + 1) / warmup if s < warmup else 2.0 * (1 + math.cos(math.pi * (s - warmup) / (30 - warmup))) / 2
+        want = (
+            2.0 * (s + 1) / warmup
+            if s < warmup
+            else 2.0 * (1 + math.cos(math.pi * (s - warmup) / (30 - warmup))) / 2
+        )
         assert opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-9, abs=1e-12), s
         opt.step()
         schedule.step()
@@ -262,8 +329,21 @@ def test_dmd_resume_gives_the_same_losses(fresh_run, tmp_path_factory, monkeypat
     other = tmp_path_factory.mktemp("again")
     for name in ["teacher.safetensors", "ode.safetensors"]:
         (other / name).write_bytes((fresh_run / name).read_bytes())
-    common = ["--tiny", "--device", "cpu", "--steps", "7", "--batch-size", "2", "--log-every", "1",
-              "--sample-every", "1000", "--set", f"critic_warmup={warmup}"]
+    common = [
+        "--tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "7",
+        "--batch-size",
+        "2",
+        "--log-every",
+        "1",
+        "--sample-every",
+        "1000",
+        "--set",
+        f"critic_warmup={warmup}",
+    ]
     straight = record_logs(monkeypatch)
     train_dmd.main(common + ["--run-dir", str(fresh_run)])
     monkeypatch.undo()
@@ -275,7 +355,10 @@ def test_dmd_resume_gives_the_same_losses(fresh_run, tmp_path_factory, monkeypat
     resumed = record_logs(monkeypatch)
     train_dmd.main(common + ["--run-dir", str(other), "--resume"])
     assert sorted(s for _, s in resumed) == list(range(4, 8 + warmup))
-    for key, values in resumed.items():  # every value, the diagnostics and the distance moved included
+    for (
+        key,
+        values,
+    ) in resumed.items():  # every value, the diagnostics and the distance moved included
         assert values == straight[key]
     first = 6 if warmup == 0 else warmup + 1  # the first generator step after the stop (ratio 5)
     assert set(resumed[("dmd", first)]) >= {"dmd", "gen_grad", "critic"}
@@ -285,10 +368,37 @@ def test_resume_refuses_another_config(fresh_run, monkeypatch):
     os.remove(fresh_run / "ode.safetensors")
     interrupt_at_call(monkeypatch, cv, "ode_regression_loss", 1)
     with pytest.raises(SystemExit):
-        train_ode.main(["--tiny", "--run-dir", str(fresh_run), "--steps", "4", "--batch-size", "2", "--pairs", "3"])
+        train_ode.main(
+            [
+                "--tiny",
+                "--run-dir",
+                str(fresh_run),
+                "--steps",
+                "4",
+                "--batch-size",
+                "2",
+                "--pairs",
+                "3",
+            ]
+        )
     monkeypatch.undo()
-    with pytest.raises(cv.CausVidError, match="saved with another config .*batch_size.*resume with the same flags"):
-        train_ode.main(["--tiny", "--run-dir", str(fresh_run), "--steps", "4", "--batch-size", "3", "--pairs", "3", "--resume"])
+    with pytest.raises(
+        cv.CausVidError, match="saved with another config .*batch_size.*resume with the same flags"
+    ):
+        train_ode.main(
+            [
+                "--tiny",
+                "--run-dir",
+                str(fresh_run),
+                "--steps",
+                "4",
+                "--batch-size",
+                "3",
+                "--pairs",
+                "3",
+                "--resume",
+            ]
+        )
 
 
 def test_nan_stops_training_naming_the_step(fresh_run, monkeypatch):
@@ -301,17 +411,51 @@ def test_nan_stops_training_naming_the_step(fresh_run, monkeypatch):
         return loss * float("nan") if calls[0] == 3 else loss
 
     monkeypatch.setattr(cv, "ode_regression_loss", poisoned)
-    with pytest.raises(training.NonFiniteError, match=r"ODE regression stopped at step 3: the loss is nan; .*"
-                                                r"last good state \(after step 2\) is in .*ode_state"):
-        train_ode.main(["--tiny", "--run-dir", str(fresh_run), "--steps", "5", "--batch-size", "2", "--pairs", "3"])
+    with pytest.raises(
+        training.NonFiniteError,
+        match=r"ODE regression stopped at step 3: the loss is nan; .*"
+        r"last good state \(after step 2\) is in .*ode_state",
+    ):
+        train_ode.main(
+            [
+                "--tiny",
+                "--run-dir",
+                str(fresh_run),
+                "--steps",
+                "5",
+                "--batch-size",
+                "2",
+                "--pairs",
+                "3",
+            ]
+        )
     assert json.loads((fresh_run / "ode_state" / "run.json").read_text())["step"] == 2
     assert not (fresh_run / "ode.safetensors").exists()
     monkeypatch.undo()  # the last good state resumes to finite losses and a finite student
     logs = record_logs(monkeypatch)
-    train_ode.main(["--tiny", "--run-dir", str(fresh_run), "--steps", "5", "--batch-size", "2", "--pairs", "3", "--resume",
-                    "--log-every", "1"])
-    assert sorted(logs) == [("ode", 3), ("ode", 4), ("ode", 5)] and all(math.isfinite(v["loss"]) for v in logs.values())
-    assert all(torch.isfinite(v).all() for v in utils.load_model(str(fresh_run / "ode.safetensors")).state_dict().values())
+    train_ode.main(
+        [
+            "--tiny",
+            "--run-dir",
+            str(fresh_run),
+            "--steps",
+            "5",
+            "--batch-size",
+            "2",
+            "--pairs",
+            "3",
+            "--resume",
+            "--log-every",
+            "1",
+        ]
+    )
+    assert sorted(logs) == [("ode", 3), ("ode", 4), ("ode", 5)] and all(
+        math.isfinite(v["loss"]) for v in logs.values()
+    )
+    assert all(
+        torch.isfinite(v).all()
+        for v in utils.load_model(str(fresh_run / "ode.safetensors")).state_dict().values()
+    )
 
 
 def test_nan_gradient_is_not_applied():
@@ -331,7 +475,17 @@ def test_nan_gradient_is_not_applied():
 def test_same_seed_same_samples_bitwise(run_dir):
     frames = {}
     for name, seed in [("a", 5), ("b", 5), ("c", 6)]:
-        sample.main(sample_args(run_dir, "--prompt", "a cyan circle moving left", "--seed", str(seed), "--name", name))
+        sample.main(
+            sample_args(
+                run_dir,
+                "--prompt",
+                "a cyan circle moving left",
+                "--seed",
+                str(seed),
+                "--name",
+                name,
+            )
+        )
         frames[name] = np.load(run_dir / f"{name}.npz")["frames"]
     assert np.array_equal(frames["a"], frames["b"])
     assert not np.array_equal(frames["a"], frames["c"])

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import causvid as cv
+import successors
 import training
 import utils
 import wan
@@ -18,9 +19,20 @@ diffusers = pytest.importorskip("diffusers")
 from einops import rearrange  # noqa: E402
 from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel  # noqa: E402
 
-TINY_DIT = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-                text_dim=16, freq_dim=32, ffn_dim=40, num_layers=2, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", eps=1e-6)
+TINY_DIT = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=4,
+    out_channels=4,
+    text_dim=16,
+    freq_dim=32,
+    ffn_dim=40,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+)
 
 
 def randomize(model, seed=0, std=0.1):
@@ -40,29 +52,62 @@ def wan_dir(tmp_path_factory):
     dit.save_config(root / "transformer")
     state, files = dit.state_dict(), {}  # three shards + an index, as the real release ships them
     for i, key in enumerate(sorted(state)):
-        files.setdefault(f"diffusion_pytorch_model-0000{i % 3 + 1}-of-00003.safetensors", {})[key] = state[key].contiguous()
+        files.setdefault(f"diffusion_pytorch_model-0000{i % 3 + 1}-of-00003.safetensors", {})[
+            key
+        ] = state[key].contiguous()
     for name, part in files.items():
         save_file(part, str(root / "transformer" / name))
-    (root / "transformer" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: name for name, part in files.items() for k in part}}))
-    te = randomize(UMT5EncoderModel(UMT5Config(vocab_size=384, d_model=16, d_kv=8, d_ff=32, num_layers=2,
-                                               num_heads=2, relative_attention_num_buckets=8)), 1, 0.3)
+    (root / "transformer" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps(
+            {"metadata": {}, "weight_map": {k: name for name, part in files.items() for k in part}}
+        )
+    )
+    te = randomize(
+        UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=384,
+                d_model=16,
+                d_kv=8,
+                d_ff=32,
+                num_layers=2,
+                num_heads=2,
+                relative_attention_num_buckets=8,
+            )
+        ),
+        1,
+        0.3,
+    )
     te.save_pretrained(root / "text_encoder")
     ByT5Tokenizer().save_pretrained(root / "tokenizer")
-    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                                     latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0])
+    vae = diffusers.AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.5, 2.0, 1.0],
+    )
     randomize(vae, 2, 0.05).save_pretrained(root / "vae")
     return root
 
 
 def small_base():
-    return cv.get_config("wan2.1-t2v-1.3b", height=4, width=6, num_frames=6, chunk_size=3, text_len=12)
+    return cv.get_config(
+        "wan2.1-t2v-1.3b", height=4, width=6, num_frames=6, chunk_size=3, text_len=12
+    )
 
 
 def test_the_diffusers_layout_loads_and_matches_diffusers(wan_dir):
-    assert len([n for n in os.listdir(wan_dir / "transformer") if n.endswith(".safetensors")]) > 1  # sharded
+    assert (
+        len([n for n in os.listdir(wan_dir / "transformer") if n.endswith(".safetensors")]) > 1
+    )  # sharded
     cfg, _, layout = wan.wan_config(str(wan_dir), small_base())
-    assert layout == "diffusers" and (cfg.dim, cfg.num_layers, cfg.channels, cfg.text_dim) == (24, 2, 4, 16)
+    assert layout == "diffusers" and (cfg.dim, cfg.num_layers, cfg.channels, cfg.text_dim) == (
+        24,
+        2,
+        4,
+        16,
+    )
     assert cfg.text_encoder.endswith("text_encoder") and cfg.vae.endswith("vae")
     ours = utils.load_model(str(wan_dir), causal=False, expect=small_base()).eval()
     ref = diffusers.WanTransformer3DModel(**TINY_DIT).eval()
@@ -79,14 +124,34 @@ def test_the_diffusers_layout_loads_and_matches_diffusers(wan_dir):
 def test_the_original_layout_loads_with_wan_names(tmp_path, wan_dir):
     """Original Wan2.1-T2V-1.3B: config.json with Wan's keys, weights under Wan's (= our) names."""
     src = utils.load_model(str(wan_dir), expect=small_base())
-    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "diffusion_pytorch_model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"_class_name": "WanModel", "model_type": "t2v", "dim": 24, "ffn_dim": 40, "freq_dim": 32, "in_dim": 4,
-         "out_dim": 4, "num_heads": 2, "num_layers": 2, "text_dim": 16, "patch_size": [1, 2, 2], "eps": 1e-6}))
+    save_file(
+        {k: v.contiguous() for k, v in src.state_dict().items()},
+        str(tmp_path / "diffusion_pytorch_model.safetensors"),
+    )
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "WanModel",
+                "model_type": "t2v",
+                "dim": 24,
+                "ffn_dim": 40,
+                "freq_dim": 32,
+                "in_dim": 4,
+                "out_dim": 4,
+                "num_heads": 2,
+                "num_layers": 2,
+                "text_dim": 16,
+                "patch_size": [1, 2, 2],
+                "eps": 1e-6,
+            }
+        )
+    )
     cfg, _, layout = wan.wan_config(str(tmp_path), small_base())
     assert layout == "original"
     loaded = utils.load_model(str(tmp_path), causal=True, expect=small_base())
-    assert loaded.causal and all(torch.equal(v, loaded.state_dict()[k]) for k, v in src.state_dict().items())
+    assert loaded.causal and all(
+        torch.equal(v, loaded.state_dict()[k]) for k, v in src.state_dict().items()
+    )
 
 
 def test_loading_is_strict(tmp_path, wan_dir):
@@ -94,7 +159,9 @@ def test_loading_is_strict(tmp_path, wan_dir):
 
     broken = tmp_path / "broken"
     shutil.copytree(wan_dir / "transformer", broken / "transformer")
-    index = json.loads((broken / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    index = json.loads(
+        (broken / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text()
+    )
     shard = sorted(set(index["weight_map"].values()))[0]
     os.remove(broken / "transformer" / shard)
     with pytest.raises(cv.CausVidError, match=f"shard '{shard}' listed in .* is missing"):
@@ -102,7 +169,10 @@ def test_loading_is_strict(tmp_path, wan_dir):
     state = wan.read_safetensors_dir(str(wan_dir / "transformer"))
     state["blocks.0.extra.weight"] = torch.zeros(1)
     del state["proj_out.bias"]
-    with pytest.raises(cv.CausVidError, match=r"does not fit.*missing \['head.head.bias'\]|keys our DiT does not: \['blocks.0.extra.weight'\]"):
+    with pytest.raises(
+        cv.CausVidError,
+        match=r"does not fit.*missing \['head.head.bias'\]|keys our DiT does not: \['blocks.0.extra.weight'\]",
+    ):
         wan.from_diffusers_state_dict(cv.DiT(wan.wan_config(str(wan_dir), small_base())[0]), state)
     with pytest.raises(cv.CausVidError, match="not a Wan2.1 directory"):
         utils.load_model(str(tmp_path), expect=small_base())
@@ -130,7 +200,10 @@ def test_the_vae_wrapper_matches_diffusers_and_streams(wan_dir):
     z = torch.randn(1, 6, 4, 4, 6, generator=g)
     pixels = vae.decode(z)
     assert pixels.shape == (1, 1 + 4 * 5, 3, 32, 48)
-    mean, std = torch.tensor([0.1, -0.2, 0.3, 0.0]).view(1, 4, 1, 1, 1), torch.tensor([1.5, 0.5, 2.0, 1.0]).view(1, 4, 1, 1, 1)
+    mean, std = (
+        torch.tensor([0.1, -0.2, 0.3, 0.0]).view(1, 4, 1, 1, 1),
+        torch.tensor([1.5, 0.5, 2.0, 1.0]).view(1, 4, 1, 1, 1),
+    )
     with torch.no_grad():
         expect = ref.decode(rearrange(z, "b f c h w -> b c f h w") * std + mean).sample
     assert (pixels - rearrange(expect, "b c f h w -> b f c h w")).abs().max() <= 1e-4
@@ -140,11 +213,17 @@ def test_the_vae_wrapper_matches_diffusers_and_streams(wan_dir):
     assert latents.shape == z.shape
     with torch.no_grad():
         mu = ref.encode(rearrange(pixels, "b f c h w -> b c f h w")).latent_dist.mode()
-    assert (latents - (rearrange(mu, "b c f h w -> b f c h w") - mean.view(1, 1, 4, 1, 1)) / std.view(1, 1, 4, 1, 1)).abs().max() <= 1e-4
+    assert (
+        latents
+        - (rearrange(mu, "b c f h w -> b f c h w") - mean.view(1, 1, 4, 1, 1))
+        / std.view(1, 1, 4, 1, 1)
+    ).abs().max() <= 1e-4
     # encoding as the frames arrive, in pieces that do not line up with the VAE's 1 + 4 + 4 ... frames
     pieces = [pixels[:, :2], pixels[:, 2:7], pixels[:, 7:8], pixels[:, 8:]]
     streamed = list(vae.encode_stream(iter(pieces), 3))
-    assert [z.shape[1] for z in streamed] == [3, 3] and (torch.cat(streamed, 1) - latents).abs().max() <= 1e-5
+    assert [z.shape[1] for z in streamed] == [3, 3] and (
+        torch.cat(streamed, 1) - latents
+    ).abs().max() <= 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +235,28 @@ def wan_run(wan_dir, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("wan_run")
     (tmp / "prompts.txt").write_text("a cat walking\na dog running\n\n")
-    common = ["--config", "wan2.1-t2v-1.3b", "--model-dir", str(wan_dir), "--run-dir", str(tmp / "run"),
-              "--device", "cpu", "--set", "height=4", "--set", "width=6", "--set", "num_frames=6",
-              "--set", "text_len=12", "--set", "teacher_steps=6", "--set", "student_step_indices=0,3,5"]
+    common = [
+        "--config",
+        "wan2.1-t2v-1.3b",
+        "--model-dir",
+        str(wan_dir),
+        "--run-dir",
+        str(tmp / "run"),
+        "--device",
+        "cpu",
+        "--set",
+        "height=4",
+        "--set",
+        "width=6",
+        "--set",
+        "num_frames=6",
+        "--set",
+        "text_len=12",
+        "--set",
+        "teacher_steps=6",
+        "--set",
+        "student_step_indices=0,3,5",
+    ]
     train_ode.main(common + ["--prompts", str(tmp / "prompts.txt"), "--pairs", "2", "--steps", "2"])
     train_dmd.main(common + ["--steps", "3"])
     return common, tmp / "run"
@@ -176,13 +274,29 @@ def test_the_three_scripts_run_on_a_wan_layout_directory(wan_run, tmp_path):
     ode = utils.load_model(str(run / "ode.safetensors"))
     assert ode.causal and ode.cfg.dim == 24 and ode.cfg.vae.endswith("vae")
     sample.main(common + ["--prompt", "a cat walking", "--name", "wan"])
-    frames = np.stack(imageio.mimread(run / "wan.mp4"))  # 6 latent frames -> 21 pixel frames of 32x48, x4 + borders
-    assert frames.shape == (1 + 4 * 5, 4 * 32 + 2, 4 * 48 + 2, 3) and not (run / "wan.npz").exists()  # npz: toy only
+    frames = np.stack(
+        imageio.mimread(run / "wan.mp4")
+    )  # 6 latent frames -> 21 pixel frames of 32x48, x4 + borders
+    assert (
+        frames.shape == (1 + 4 * 5, 4 * 32 + 2, 4 * 48 + 2, 3) and not (run / "wan.npz").exists()
+    )  # npz: toy only
     with pytest.raises(cv.CausVidError, match="pass --prompts FILE"):
         train_ode.main(common + ["--run-dir", str(tmp_path / "other")])
-    with pytest.raises(cv.CausVidError, match="needs a causal diffusion model at .*none is shipped or trained for Wan"):
-        train_ode.main(common + ["--run-dir", str(tmp_path / "cf"), "--prompts", str(run.parent / "prompts.txt"),
-                                 "--recipe", "causal-forcing"])  # Causal Forcing's Wan teacher is not ours to train
+    with pytest.raises(
+        cv.CausVidError,
+        match="needs a causal diffusion model at .*none is shipped or trained for Wan",
+    ):
+        train_ode.main(
+            common
+            + [
+                "--run-dir",
+                str(tmp_path / "cf"),
+                "--prompts",
+                str(run.parent / "prompts.txt"),
+                "--recipe",
+                "causal-forcing",
+            ]
+        )  # Causal Forcing's Wan teacher is not ours to train
     assert not (tmp_path / "cf" / "ode_pairs").exists()
 
 
@@ -193,10 +307,21 @@ def test_bf16_inference_stays_close_to_fp32(wan_run):
     text = torch.randn(2, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(0))
     videos = {}
     for dtype in (torch.float32, torch.bfloat16):
-        model = utils.prepare_for_inference(utils.load_model(str(run / "dmd.safetensors")), torch.device("cpu"), dtype)
+        model = utils.prepare_for_inference(
+            utils.load_model(str(run / "dmd.safetensors")), torch.device("cpu"), dtype
+        )
         assert model.blocks[0].self_attn.q.weight.dtype == dtype
-        videos[dtype] = utils.generate(model, "student", text, cfg, 12, 5, torch.device("cpu"), window=9, sink=3)[0]
-    error = (videos[torch.bfloat16] - videos[torch.float32]).abs().max() / videos[torch.float32].abs().max()
+        noise = torch.randn(
+            2, 12, cfg.channels, cfg.height, cfg.width, generator=torch.Generator().manual_seed(5)
+        )
+        rng = torch.Generator().manual_seed(6)
+        chunks = successors.rolling_generate(
+            model, noise, text, cv.student_timesteps(cfg), rng, window=9, sink=3
+        )
+        videos[dtype] = torch.cat(list(chunks), 1).float()
+    error = (videos[torch.bfloat16] - videos[torch.float32]).abs().max() / videos[
+        torch.float32
+    ].abs().max()
     assert 0 < error < 0.05, error
 
 
@@ -209,12 +334,27 @@ def test_long_wan_videos_keep_the_first_latent_chunk(wan_run, monkeypatch):
     import sample
 
     common, run = wan_run
-    caches, fills, real_fill, real_init = [], [], cv.fill_cache, cv.RollingKVCache.__init__
-    monkeypatch.setattr(cv.RollingKVCache, "__init__", lambda self, *a: real_init(self, *a) or caches.append(self))
-    monkeypatch.setattr(cv, "fill_cache", lambda model, cache, x0, text: fills.append(x0.shape[1]) or real_fill(model, cache, x0, text))
-    sample.main(common + ["--prompt", "a cat walking", "--name", "long", "--num-frames", "18", "--window", "9"])
+    caches, fills, real_fill, real_init = [], [], cv.fill_cache, successors.RollingKVCache.__init__
+    monkeypatch.setattr(
+        successors.RollingKVCache,
+        "__init__",
+        lambda self, *a: real_init(self, *a) or caches.append(self),
+    )
+    monkeypatch.setattr(
+        cv,
+        "fill_cache",
+        lambda model, cache, x0, text: (
+            fills.append(x0.shape[1]) or real_fill(model, cache, x0, text)
+        ),
+    )
+    sample.main(
+        common
+        + ["--prompt", "a cat walking", "--name", "long", "--num-frames", "18", "--window", "9"]
+    )
     assert len(imageio.mimread(run / "long.mp4")) == 1 + 4 * 17
-    assert len(caches) == 1 and caches[0].sink == 3 and caches[0].window == 9  # one cache for the whole video
+    assert (
+        len(caches) == 1 and caches[0].sink == 3 and caches[0].window == 9
+    )  # one cache for the whole video
     assert fills == [3] * 5  # each finished chunk written once: nothing re-encoded
     assert caches[0].num_frames == 6  # the sink and the latest chunk
     with pytest.raises(cv.CausVidError, match="leaves no room for two chunks"):
@@ -227,12 +367,21 @@ def test_the_bench_runs_at_toy_size(capsys):
     import bench
 
     rows = bench.main(["--tiny", "--device", "cpu", "--repeats", "1"])
-    assert [r[0] for r in rows] == ["DiT streaming, eager", "DiT streaming, compiled", "ODE regression step",
-                                    "DMD iteration, generator + critic", "DMD iteration, critic only"]
+    assert [r[0] for r in rows] == [
+        "DiT streaming, eager",
+        "DiT streaming, compiled",
+        "ODE regression step",
+        "DMD iteration, generator + critic",
+        "DMD iteration, critic only",
+    ]
     assert "TFLOP/s" in rows[0][3] and "| DMD iteration, critic only |" in capsys.readouterr().out
-    assert f"{bench.parameters(cv.get_config('wan2.1-t2v-1.3b')) / 1e9:.3f}" == "1.419"  # Wan2.1-T2V-1.3B's DiT
+    assert (
+        f"{bench.parameters(cv.get_config('wan2.1-t2v-1.3b')) / 1e9:.3f}" == "1.419"
+    )  # Wan2.1-T2V-1.3B's DiT
     full = bench.stream_flops(cv.get_config("wan2.1-t2v-1.3b"), 21)
-    assert 7.0e14 < full < 8.0e14  # about 756 TFLOP for one 81-frame video (3 steps + cache writes per chunk)
+    assert (
+        7.0e14 < full < 8.0e14
+    )  # about 756 TFLOP for one 81-frame video (3 steps + cache writes per chunk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,12 +391,18 @@ def test_the_bench_runs_at_toy_size(capsys):
 
 def diffusers_output(model, x, t, text):
     with torch.no_grad():
-        return rearrange(model(rearrange(x, "b f c h w -> b c f h w"), t, text).sample, "b c f h w -> b f c h w")
+        return rearrange(
+            model(rearrange(x, "b f c h w -> b c f h w"), t, text).sample, "b c f h w -> b f c h w"
+        )
 
 
 def probe():
     g = torch.Generator().manual_seed(5)
-    return torch.randn(2, 6, 4, 4, 6, generator=g), torch.tensor([800.0, 300.0]), torch.randn(2, 12, 16, generator=g)
+    return (
+        torch.randn(2, 6, 4, 4, 6, generator=g),
+        torch.tensor([800.0, 300.0]),
+        torch.randn(2, 12, 16, generator=g),
+    )
 
 
 def test_export_writes_a_diffusers_directory_with_the_students_outputs(wan_run, tmp_path):
@@ -256,7 +411,9 @@ def test_export_writes_a_diffusers_directory_with_the_students_outputs(wan_run, 
     common, run = wan_run
     export.main(common + ["--lora-rank", "0", "--out", str(tmp_path)])
     theirs = diffusers.WanTransformer3DModel.from_pretrained(str(tmp_path / "transformer")).eval()
-    ours = utils.load_model(str(run / "dmd.safetensors"), causal=False).eval()  # the student, bidirectional
+    ours = utils.load_model(
+        str(run / "dmd.safetensors"), causal=False
+    ).eval()  # the student, bidirectional
     x, t, text = probe()
     with torch.no_grad():
         a = ours(x, t[:, None].expand(2, 6), text)
@@ -264,15 +421,20 @@ def test_export_writes_a_diffusers_directory_with_the_students_outputs(wan_run, 
     assert not list(tmp_path.glob("*lora*"))  # --lora-rank 0: the directory alone
 
 
-def test_export_lora_loads_with_diffusers_and_reproduces_the_student_at_full_rank(wan_dir, wan_run, tmp_path, capsys):
+def test_export_lora_loads_with_diffusers_and_reproduces_the_student_at_full_rank(
+    wan_dir, wan_run, tmp_path, capsys
+):
     """A student that differs from the teacher in its linear layers (weights and biases), the part a
     LoRA can carry: at full rank diffusers' own Wan LoRA loading (ComfyUI's format, converted) on the
     teacher gives the student's outputs; at lower ranks the error falls as the rank grows."""
-    import export
     from diffusers.loaders import WanLoraLoaderMixin
 
+    import export
+
     common, run = wan_run
-    teacher = utils.load_model(str(wan_dir), causal=False, expect=small_base())  # compared without the mask
+    teacher = utils.load_model(
+        str(wan_dir), causal=False, expect=small_base()
+    )  # compared without the mask
     student = copy_with_linear_noise(teacher)
     training.save_model(str(tmp_path / "student.safetensors"), student)
     x, t, text = probe()
@@ -280,8 +442,17 @@ def test_export_lora_loads_with_diffusers_and_reproduces_the_student_at_full_ran
         target = student.eval()(x, t[:, None].expand(2, 6), text)
     errors = {}
     for rank in (1, 4, 40):  # 40 >= every layer's smaller side: full rank
-        export.main(common + ["--ckpt", str(tmp_path / "student.safetensors"), "--lora-rank", str(rank),
-                              "--out", str(tmp_path / "out")])
+        export.main(
+            common
+            + [
+                "--ckpt",
+                str(tmp_path / "student.safetensors"),
+                "--lora-rank",
+                str(rank),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
         path = tmp_path / "out" / f"causvid_lora_rank{rank}.safetensors"
         model = diffusers.WanTransformer3DModel.from_pretrained(str(wan_dir / "transformer")).eval()
         model.load_lora_adapter(WanLoraLoaderMixin.lora_state_dict(str(path)), prefix="transformer")
@@ -330,39 +501,94 @@ def test_wan_image_to_video_starts_from_the_image_in_the_cache(wan_run, tmp_path
     import sample
 
     common, run = wan_run
-    image = (torch.rand(32, 48, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()
+    image = (
+        (torch.rand(32, 48, 3, generator=torch.Generator().manual_seed(1)) * 255)
+        .to(torch.uint8)
+        .numpy()
+    )
     imageio.imwrite(tmp_path / "first.png", image)
     filled, real_fill = [], cv.fill_cache
-    monkeypatch.setattr(cv, "fill_cache", lambda model, cache, x0, text: filled.append(x0.clone()) or real_fill(model, cache, x0, text))
-    args = common + ["--prompt", "a cat walking", "--image", str(tmp_path / "first.png"), "--out", str(tmp_path),
-                     "--num-frames", "3"]  # the image's chunk + 1 generated chunk fill the 6-frame window
+    monkeypatch.setattr(
+        cv,
+        "fill_cache",
+        lambda model, cache, x0, text: (
+            filled.append(x0.clone()) or real_fill(model, cache, x0, text)
+        ),
+    )
+    args = common + [
+        "--prompt",
+        "a cat walking",
+        "--image",
+        str(tmp_path / "first.png"),
+        "--out",
+        str(tmp_path),
+        "--num-frames",
+        "3",
+    ]  # the image's chunk + 1 generated chunk fill the 6-frame window
     sample.main(args + ["--name", "i2v"])
-    still = torch.from_numpy(image).float().div(127.5).sub(1).permute(2, 0, 1)[None, None].expand(1, 9, -1, -1, -1)
+    still = (
+        torch.from_numpy(image)
+        .float()
+        .div(127.5)
+        .sub(1)
+        .permute(2, 0, 1)[None, None]
+        .expand(1, 9, -1, -1, -1)
+    )
     expect = wan.WanVAE(utils.load_model(str(run / "dmd.safetensors")).cfg.vae).encode(still)
-    assert filled[0].shape == (1, 3, 4, 4, 6) and (filled[0] - expect).abs().max() <= 1e-5  # the image first
+    assert (
+        filled[0].shape == (1, 3, 4, 4, 6) and (filled[0] - expect).abs().max() <= 1e-5
+    )  # the image first
     frames = np.stack(imageio.mimread(tmp_path / "i2v.mp4"))
-    assert len(frames) == 1 + 4 * (3 + 3 - 1)  # the image's 3 latent frames + 3 generated, decoded together
+    assert len(frames) == 1 + 4 * (
+        3 + 3 - 1
+    )  # the image's 3 latent frames + 3 generated, decoded together
     sample.main(args + ["--name", "again"])
     assert np.array_equal(frames, np.stack(imageio.mimread(tmp_path / "again.mp4")))
-    assert (tmp_path / "i2v.gif").read_bytes() == (tmp_path / "again.gif").read_bytes()  # the same bytes
+    assert (tmp_path / "i2v.gif").read_bytes() == (
+        tmp_path / "again.gif"
+    ).read_bytes()  # the same bytes
 
 
-def test_wan_video_to_video_encodes_chunk_by_chunk_and_refuses_bad_inputs(wan_run, tmp_path, capsys):
+def test_wan_video_to_video_encodes_chunk_by_chunk_and_refuses_bad_inputs(
+    wan_run, tmp_path, capsys
+):
     import imageio.v2 as imageio
     import numpy as np
 
     import sample
 
     common, run = wan_run
-    clip = (torch.rand(1, 21, 32, 48, 3, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8).numpy()
+    clip = (
+        (torch.rand(1, 21, 32, 48, 3, generator=torch.Generator().manual_seed(2)) * 255)
+        .to(torch.uint8)
+        .numpy()
+    )
     np.savez(tmp_path / "in.npz", frames=clip)
-    args = common + ["--prompt", "a cat walking", "--out", str(tmp_path), "--name", "v2v", "--strength", "0.8"]
-    sample.main(args + ["--video", str(tmp_path / "in.npz")])  # 21 frames -> 6 latent frames, 2 chunks
-    assert len(imageio.mimread(tmp_path / "v2v.mp4")) == 21 and "ms a chunk" in capsys.readouterr().out
-    for frames, msg in [(20, "Wan's VAE encodes 1 \\+ 4k frames: trim it to 17"), (5, "fewer than one chunk \\(9\\)")]:
+    args = common + [
+        "--prompt",
+        "a cat walking",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "v2v",
+        "--strength",
+        "0.8",
+    ]
+    sample.main(
+        args + ["--video", str(tmp_path / "in.npz")]
+    )  # 21 frames -> 6 latent frames, 2 chunks
+    assert (
+        len(imageio.mimread(tmp_path / "v2v.mp4")) == 21 and "ms a chunk" in capsys.readouterr().out
+    )
+    for frames, msg in [
+        (20, "Wan's VAE encodes 1 \\+ 4k frames: trim it to 17"),
+        (5, "fewer than one chunk \\(9\\)"),
+    ]:
         np.savez(tmp_path / "bad.npz", frames=clip[:, :frames])
         with pytest.raises(cv.CausVidError, match=msg):
             sample.main(args + ["--video", str(tmp_path / "bad.npz")])
-    np.savez(tmp_path / "big.npz", frames=clip.repeat(2, 2).repeat(2, 3))  # 64x96: resized, with a note
+    np.savez(
+        tmp_path / "big.npz", frames=clip.repeat(2, 2).repeat(2, 3)
+    )  # 64x96: resized, with a note
     sample.main(args + ["--video", str(tmp_path / "big.npz")])
     assert "resized" in capsys.readouterr().out
