@@ -3,11 +3,13 @@
     python bench.py --config wan2.1-t2v-1.3b --device cuda     # one GPU, a few minutes
     python bench.py --tiny --device cpu                         # the same code at toy size
 
-Inference: the DiT streaming a video with the KV cache (Alg. 2) in bf16 weights, eager and with each
-block compiled; then end to end, each chunk decoded by the VAE as soon as the DiT makes it (Wan only).
+Inference: the DiT streaming a video with the KV cache (Alg. 2) in bf16 weights, eager and with
+each block compiled; then end to end, each chunk decoded by the VAE as soon as the DiT makes it
+(Wan only).
 Training: one ODE-regression step and one DMD iteration (the generator's turn, then a critic-only
-one), at batch 1, with the scripts' own step functions. Peak memory is torch.cuda.max_memory_allocated
-on a GPU (GB = 10^9 bytes), the process's peak RSS on a CPU (an upper bound: it never goes down).
+one), at batch 1, with the scripts' own step functions. Peak memory is
+torch.cuda.max_memory_allocated on a GPU (GB = 10^9 bytes), the process's peak RSS on a CPU (an
+upper bound: it never goes down).
 """
 
 import argparse
@@ -64,8 +66,8 @@ def attention_flops(cfg: cv.Config, q_frames: int, kv_frames: int) -> int:
 
 
 def stream_flops(cfg: cv.Config, frames: int) -> int:
-    """One streamed video: Q steps per chunk over the cache + itself, and each finished chunk but the
-    last written to the cache."""
+    """One streamed video: Q steps per chunk over the cache + itself, and each finished chunk but
+    the last written to the cache."""
     K, Q = cfg.chunk_size, len(cfg.student_step_indices)
     return sum(
         (Q + (c + 1 < frames // K)) * attention_flops(cfg, K, (c + 1) * K)
@@ -114,8 +116,13 @@ def inference(cfg: cv.Config, device, frames: int, args, rows: list):
     text = torch.randn(1, cfg.text_len, cfg.text_dim, device=device)
     ts = cv.student_timesteps(cfg).to(device)
     pixels = 1 + 4 * (frames - 1) if cfg.name != "tiny" else frames  # Wan's VAE: 4x in time
-    noise = lambda: torch.randn(1, frames, cfg.channels, cfg.height, cfg.width, device=device)
-    stream = lambda: cv.stream_generate(model, noise(), text, ts)
+
+    def noise():
+        return torch.randn(1, frames, cfg.channels, cfg.height, cfg.width, device=device)
+
+    def stream():
+        return cv.stream_generate(model, noise(), text, ts)
+
     vae = None
     if cfg.name != "tiny":
         from diffusers import AutoencoderKLWan  # Wan's default config is the real VAE's
@@ -156,9 +163,12 @@ def training_steps(cfg: cv.Config, device, rows: list):
     """One ODE step and one DMD iteration of each kind, at batch 1 and the preset's shapes."""
     cfg = dataclasses.replace(cfg, batch_size=1)
     Q, g = len(cfg.student_step_indices), torch.Generator().manual_seed(0)
-    clip = lambda *lead: torch.randn(
-        *lead, cfg.num_frames, cfg.channels, cfg.height, cfg.width, generator=g
-    ).to(device)
+
+    def clip(*lead):
+        return torch.randn(
+            *lead, cfg.num_frames, cfg.channels, cfg.height, cfg.width, generator=g
+        ).to(device)
+
     text = torch.randn(1, cfg.text_len, cfg.text_dim, device=device)
     timesteps = cv.student_timesteps(cfg).to(device)
 
@@ -186,7 +196,8 @@ def training_steps(cfg: cv.Config, device, rows: list):
 
     ode_step()  # warm-up: the optimizer's state
     measure("ODE regression step", ode_step)
-    del model, opt
+    model = None  # the ODE student and its optimizer are released before the DMD part
+    opt = None
     generator = student()
     critic = cv.DiT(cfg).to(device).train()
     teacher = copy.deepcopy(critic).eval().requires_grad_(False).to(utils.inference_dtype(device))
@@ -223,8 +234,8 @@ def main(argv=None):
         else f"CPU, {torch.get_num_threads()} threads"
     )
     print(
-        f"\n{cfg.name} ({parameters(cfg) / 1e9:.3f} B parameters) on {name}, torch {torch.__version__}, "
-        f"random weights, batch 1\n"
+        f"\n{cfg.name} ({parameters(cfg) / 1e9:.3f} B parameters) on {name}, "
+        f"torch {torch.__version__}, random weights, batch 1\n"
     )
     lines = ["| | first chunk | throughput | compute | peak memory |", "|---|---|---|---|---|"]
     print("\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]))

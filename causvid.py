@@ -13,8 +13,9 @@ The method, in the order this file defines it:
   8. asymmetric distribution matching distillation (Sec. 3.2, 4.2, Eq. 4, Alg. 1)
 What came after CausVid (Self-Forcing, Causal Forcing, rolling caches) is in successors.py.
 
-Shape letters: B batch, F frames, C channels, H height, W width (of the latent frame), N tokens
-per frame, S tokens in a sequence, L text tokens, D model width, K frames per chunk, Q student steps.
+Shape letters: B batch, F frames, C channels, H height, W width (of the latent frame),
+N tokens per frame, S tokens in a sequence, L text tokens, D model width, K frames per chunk,
+Q student steps.
 
 Conventions (the same as Wan2.1 and the official CausVid release):
   * A video is (B, F, C, H, W) everywhere outside the DiT; a chunk is a slice of K frames along F.
@@ -37,7 +38,7 @@ from einops import rearrange
 
 
 class CausVidError(ValueError):
-    """A mistake the user can fix (a setting, a path, an input); the scripts print it as one line."""
+    """A mistake the user can fix (a setting, a path, an input): the scripts print it as a line."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,9 +127,12 @@ class Config:
 
 # Wan2.1's default negative prompt (its sample_neg_prompt): CFG's "unconditional" branch
 WAN_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，"
-    "低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，"
-    "毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，"
+    "作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，"
+    "画得不好的手部，画得不好的脸部，畸形的，毁容的，"
+    "形态畸形的肢体，手指融合，静止不动的画面，"
+    "杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
 PRESETS: dict[str, Config] = {
@@ -167,7 +171,8 @@ PRESETS: dict[str, Config] = {
         lr_generator=2e-6,
         lr_critic=2e-6,
         real_guidance=4.5,  # the official cond + 3.5 (cond - uncond) = uncond + 4.5 (cond - uncond)
-        sink=3,  # long videos keep the first chunk: latent frame 0 (one pixel frame) is unlike the rest
+        sink=3,  # long videos keep the first chunk: latent frame 0 (one pixel frame) is unlike
+        #          the others
     ),
 }
 
@@ -190,7 +195,7 @@ def config_from_dict(d: dict) -> Config:
 
 
 def _s(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Noise level s = t / 1000 of per-frame timesteps (B, F), broadcastable against x (B, F, ...)."""
+    """Noise level s = t / 1000 of per-frame timesteps (B, F), broadcastable to x (B, F, ...)."""
     return (t / 1000).to(x.dtype).reshape(*t.shape, *[1] * (x.ndim - t.ndim))
 
 
@@ -201,7 +206,8 @@ def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Ten
 
 
 def velocity_to_x0(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t = x0 + s (eps - x0) = x0 + s v, so the clean sample is x0 = x_t - s v (official #44, #50)."""
+    """x_t = x0 + s (eps - x0) = x0 + s v, so the clean sample is x0 = x_t - s v (official #44,
+    #50)."""
     return x_t - _s(t, x_t) * v
 
 
@@ -279,7 +285,7 @@ def sample_ode(
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """(...,) timesteps in [0, 1000] -> (..., dim): [cos, sin] at frequencies 10000^(-k / (dim/2))."""
+    """(...,) timesteps in [0, 1000] -> (..., dim): [cos, sin] at frequencies 10000^(-k / half)."""
     half = dim // 2
     k = torch.arange(half, dtype=torch.float64, device=t.device)
     angles = t.double().unsqueeze(-1) * torch.pow(10000.0, -k / half)
@@ -316,7 +322,7 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN per frame: x (B, F*N, D); shift, scale (B, F, D) apply to all N tokens of their frame."""
+    """adaLN per frame: x (B, F*N, D); shift, scale (B, F, D) apply to the N tokens of a frame."""
     x = x.unflatten(1, (shift.shape[1], -1))
     return (x * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)).flatten(1, 2)
 
@@ -462,8 +468,9 @@ class SelfAttention(nn.Module):
         return rearrange(y, "b s (n d) -> b s n d", n=self.num_heads)
 
     def forward(self, x, rotation, mask=None, cache: KVCache | None = None, layer: int = 0):
-        """x (B, S, D); rotation (S_all, head_dim / 2), its last S rows x's positions; mask: (S,
-        S_all) bool, a BlockMask or None; cache: the past's keys and values (layer: which of them)."""
+        """x (B, S, D); rotation (S_all, head_dim / 2), its last S rows x's positions;
+        mask: (S, S_all) bool, a BlockMask or None; cache: the past's keys and values (layer: which
+        of them)."""
         q = apply_rope(self.heads(self.norm_q(self.q(x))), rotation[-x.shape[1] :])
         k = self.heads(self.norm_k(self.k(x)))  # (B, S, heads, head_dim)
         v = self.heads(self.v(x))
@@ -476,9 +483,9 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(SelfAttention):
-    """Video tokens attend to text tokens (the same layers, another forward). Text enters only here,
-    never through the time modulation, so per-frame timesteps cannot carry information between chunks
-    (official #1, #21)."""
+    """Video tokens attend to text tokens (the same layers, another forward). Text enters only
+    here, never through the time modulation, so per-frame timesteps cannot carry information
+    between chunks (official #1, #21)."""
 
     def forward(self, x, text):
         """x (B, S, D), text (B, L, D) -> (B, S, D)."""
@@ -490,7 +497,7 @@ class CrossAttention(SelfAttention):
 
 
 class Block(nn.Module):
-    """Wan2.1 block: adaLN self-attention, cross-attention (affine LayerNorm, no gate), adaLN FFN."""
+    """Wan2.1's block: adaLN self-attention, cross-attention (affine norm, no gate), adaLN FFN."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -705,9 +712,11 @@ def stream_generate(
     """Alg. 2: generate chunk after chunk with the student's few steps, yielding each clean chunk
     (B, K, C, H, W) as soon as it is done. The applications of Sec. 5.3-5.4 are its arguments:
 
-    noise    each chunk's starting point (line 4): (B, F, C, H, W), or an iterable of (B, K, C, H, W)
-             chunks consumed as they arrive. Video-to-video: input chunks noised to timesteps[0].
-    text     (B, L, D_text), or one such tensor per chunk (dynamic prompting; the cache keeps the past).
+    noise    each chunk's starting point (line 4): (B, F, C, H, W), or an iterable of
+             (B, K, C, H, W) chunks consumed as they arrive. Video-to-video: input chunks noised
+             to timesteps[0].
+    text     (B, L, D_text), or one such tensor per chunk (dynamic prompting; the cache keeps the
+             past).
     context  clean frames (B, F_c, C, H, W), whole chunks, before the video (image-to-video: the
              image repeated to a chunk). They enter the cache and are not yielded.
     cache    an empty cache to fill (default: a KVCache; successors.RollingKVCache for long videos).
@@ -774,6 +783,13 @@ def windowed_generate(
             yield x0
 
 
+def after(model: DiT, past: torch.Tensor, x, t, text, cache=None) -> torch.Tensor:
+    """The velocity of x's frames run after the clean frames `past` at t = 0, the past recomputed
+    under the block-causal mask (recompute_generate's model)."""
+    t_all = torch.cat([t.new_zeros(t.shape[0], past.shape[1]), t], 1)
+    return model(torch.cat([past, x], 1), t_all, text)[:, past.shape[1] :]
+
+
 @torch.no_grad()
 def recompute_generate(
     model: DiT, noise, text, timesteps, generator: Rng = None, context=None
@@ -782,12 +798,7 @@ def recompute_generate(
     re-runs the whole clean past at t = 0 under the block-causal mask. Same output, growing cost."""
     past = [] if context is None else [context]
     for c, x in enumerate(as_chunks(noise, model.cfg.chunk_size)):
-        prefix = torch.cat(past + [x[:, :0]], 1)
-
-        def with_past(x, t, text, cache=None):  # the velocity of x's frames, the past recomputed
-            t_all = torch.cat([t.new_zeros(t.shape[0], prefix.shape[1]), t], 1)
-            return model(torch.cat([prefix, x], 1), t_all, text)[:, prefix.shape[1] :]
-
+        with_past = functools.partial(after, model, torch.cat(past + [x[:, :0]], 1))
         x0, _ = denoise_chunk(with_past, x, text, timesteps, None, chunk_generator(generator, c))
         past.append(x0)
         yield x0

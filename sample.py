@@ -2,7 +2,7 @@
 
 Samples the distilled causal student (<run>/dmd.safetensors, or --ckpt) chunk by chunk, prints the
 time to the first chunk and the frames per second, and writes into --out (default: the run dir)
-  <name>.gif and .mp4   the clips in a grid (upscaled to >= 128 px), each chunk written as it is made
+  <name>.gif and .mp4   the clips in a grid (upscaled to >= 128 px), each chunk written as made
   <name>.npz   toy world: frames uint8 (N, F, H, W, 3) and prompts (N,); and the scores (best-fit
                PSNR, prompt accuracy, diversity, steady motion; per window past training's length).
 
@@ -127,7 +127,8 @@ def parse_switches(switches: list[str], num_chunks: int) -> dict[int, str]:
         chunk, _, text = item.partition(":")
         if not chunk.strip().isdigit() or not text.strip():
             raise cv.CausVidError(
-                f"--switch {item!r} is not CHUNK:TEXT; write e.g. --switch '2:a blue square moving right'"
+                f"--switch {item!r} is not CHUNK:TEXT; write e.g. "
+                "--switch '2:a blue square moving right'"
             )
         if not 0 < int(chunk) < num_chunks:
             raise cv.CausVidError(
@@ -194,7 +195,8 @@ def read_video(path: str, world) -> torch.Tensor:
     K = world.cfg.chunk_size
     if world.latent_frames(n) < K:
         raise cv.CausVidError(
-            f"--video has {n} frames, fewer than one chunk ({world.pixel_frames(K)}); give a longer video"
+            f"--video has {n} frames, fewer than one chunk ({world.pixel_frames(K)}); "
+            "give a longer video"
         )
     return frames
 

@@ -1,18 +1,19 @@
-"""The evidence study: the paper's Table 4, Fig. 8 and Table 3 in miniature on the toy world, plus the
-applications of Sec. 5.3-5.4 (image-to-video, video-to-video, dynamic prompting), measured.
+"""The evidence study: the paper's Table 4, Fig. 8 and Table 3 in miniature on the toy world, plus
+the applications of Sec. 5.3-5.4 (image-to-video, video-to-video, dynamic prompting), measured.
 
     python study.py --tiny --run-dir runs/tiny      # after train_dmd.py --tiny
 
 Trains the baselines of Table 4 and Fig. 8 that are missing from the run (each is saved and reused):
   the causal teacher            causal_ode_init's: weights/toy_causal_teacher.safetensors, or with
-                                --causal-teacher-steps N <run>/causal_diffusion.safetensors, the teacher
-                                fine-tuned with the block-causal mask by teacher forcing: a many-step
-                                causal diffusion model, sampled chunk by chunk with CFG
-  dmd_no_ode/dmd.safetensors    DMD with the generator initialised from the teacher, not from stage 1
+                                --causal-teacher-steps N <run>/causal_diffusion.safetensors, the
+                                teacher fine-tuned with the block-causal mask by teacher forcing: a
+                                many-step causal diffusion model, sampled chunk by chunk with CFG
+  dmd_no_ode/dmd.safetensors    DMD with the generator initialised from the teacher,
+                                not from stage 1
   dmd_causal_teacher/dmd.safetensors   DMD with the causal diffusion model as the real score
-then prints markdown tables and writes <run>/study/{results.md, fig8.png, *.gif}. `onestep` runs each
-student step once on the teacher's own trajectories (<run>/ode_pairs and new ones in <run>/study/):
-where the error is made (docs/experiments.md).
+then prints markdown tables and writes <run>/study/{results.md, fig8.png, *.gif}. `onestep` runs
+each student step once on the teacher's own trajectories (<run>/ode_pairs and new ones in
+<run>/study/): where the error is made (docs/experiments.md).
 `--only train --only successors` trains only the successors' students instead (docs/successors.md).
 """
 
@@ -96,8 +97,8 @@ def parse_args(argv=None):
 
 
 def train_missing(args, world, run, teacher):
-    """The causal diffusion model (causal_ode_init's teacher: the run's, the shipped one, or one trained
-    here by teacher forcing) and the two DMD ablations."""
+    """The causal diffusion model (causal_ode_init's teacher: the run's, the shipped one, or one
+    trained here by teacher forcing) and the two DMD ablations."""
     ode = os.path.join(run, "ode.safetensors")
     for path in (teacher, ode):
         if not os.path.exists(path):
@@ -175,7 +176,8 @@ def forward_passes(kind, cfg, frames):
 
 
 def pyplot(figure: str):
-    """matplotlib.pyplot with a file backend, or None (and a note that `figure` is skipped) without it."""
+    """matplotlib.pyplot with a file backend, or None (and a note that `figure` is skipped)
+    without it."""
     try:
         import matplotlib
 
@@ -227,7 +229,8 @@ def table4(run, teacher, causal, cfg, device, seeds, seed, report, base):
         grid[kind if kind == "teacher" else ckpt] = frames
         print(table(header, rows[-1:]))
     report.append(
-        f"### Table 4 in miniature: {len(base)} prompts x {seeds} samples, {cfg.num_frames} frames\n"
+        f"### Table 4 in miniature: {len(base)} prompts x {seeds} samples, "
+        f"{cfg.num_frames} frames\n"
     )
     report.append(table(header[:-1] + ["CPU s (all samples)"], rows))
     # a GIF grid: teacher vs CausVid, one sample each of 8 prompts (rows: teacher, student)
@@ -272,8 +275,9 @@ def fig8(run, causal, cfg, device, frames, seed, report, prompts):
             utils.write_video(os.path.join(run, "study", "causvid_long.gif"), video[::6])
     n = frames // cfg.num_frames
     report.append(
-        f"\n### Fig. 8 in miniature: {frames}-frame videos ({n}x the training length), one per prompt, "
-        f"sliding window of {cfg.num_frames} frames; best-fit PSNR (dB) per {cfg.num_frames}-frame window\n"
+        f"\n### Fig. 8 in miniature: {frames}-frame videos ({n}x the training length), "
+        f"one per prompt, sliding window of {cfg.num_frames} frames; "
+        f"best-fit PSNR (dB) per {cfg.num_frames}-frame window\n"
     )
     report.append(
         table(
@@ -335,11 +339,13 @@ def table3(run, teacher_path, cfg, device, seed, report, repeats=3):
             float(by[("CausVid student, KV cache", frames)][2]),
         )
         lines.append(
-            f"| {frames} | {measured:.2f}x | {predicted_cache_speedup(cfg, frames):.2f}x | {teacher_clip / first:.0f}x |"
+            f"| {frames} | {measured:.2f}x | {predicted_cache_speedup(cfg, frames):.2f}x "
+            f"| {teacher_clip / first:.0f}x |"
         )
     report.append(
-        f"\n### Table 3 in miniature: latency and throughput on this CPU ({torch.get_num_threads()} "
-        f"threads), batch 1, median of {repeats}; the cache and the student use no window here\n"
+        f"\n### Table 3 in miniature: latency and throughput on this CPU "
+        f"({torch.get_num_threads()} threads), batch 1, median of {repeats}; "
+        "the cache and the student use no window here\n"
     )
     report.append(table(["model", "frames", "time to first chunk (s)", "frames/s"], rows))
     report.append(
@@ -386,7 +392,8 @@ def applications(run, cfg, device, seed, report, prompts):
         chunks = utils.streaming(window)(student, x, txt, tt, g, context)
         return toy.to_uint8(torch.cat(list(chunks), 1))
 
-    # image-to-video: frame 0 repeated to a chunk is the cached context; K + ... generated frames follow
+    # image-to-video: frame 0 repeated to a chunk is the cached context;
+    # K + ... generated frames follow
     context = toy.to_model_space(truth[:, :1]).expand(-1, K, -1, -1, -1).to(device)
     gen = stream(noise[:, : cfg.num_frames - K], text, context=context)
     i2v = toy.score_toy(
@@ -463,8 +470,8 @@ def applications(run, cfg, device, seed, report, prompts):
             ]
         )
     report.append(
-        "\n### Video-to-video (rendered input, prompt of another colour; per frame: centroid within "
-        "1 px of the input's, colour = the prompt's)\n"
+        "\n### Video-to-video (rendered input, prompt of another colour; "
+        "per frame: centroid within 1 px of the input's, colour = the prompt's)\n"
     )
     report.append(
         table(
@@ -492,13 +499,14 @@ def applications(run, cfg, device, seed, report, prompts):
     steps = (cent[:, 1:] - cent[:, :-1]).abs().max(-1).values  # (N, F-1)
     at_switch = steps[:, 2 * K - 1].mean().item()
     report.append(
-        "\n### Dynamic prompting (colour switch at chunk 2 of 8; share of frames with the colour the "
-        "prompt asks for at that chunk)\n"
+        "\n### Dynamic prompting (colour switch at chunk 2 of 8; "
+        "share of frames with the colour the prompt asks for at that chunk)\n"
     )
     report.append(table([f"chunk {c}" for c in range(frames // K)], [chunk_rows]))
     report.append(
-        f"\nObject position across the switch: mean centroid step {at_switch:.2f} px between frames "
-        f"{2 * K - 1} and {2 * K}, vs {steps.mean().item():.2f} px per frame over the whole video."
+        f"\nObject position across the switch: mean centroid step {at_switch:.2f} px "
+        f"between frames {2 * K - 1} and {2 * K}, "
+        f"vs {steps.mean().item():.2f} px per frame over the whole video."
     )
 
     # unbounded length: 120 frames, window 12
@@ -512,7 +520,8 @@ def applications(run, cfg, device, seed, report, prompts):
     )
     w = toy.window_psnr(video, prompts, cfg.num_frames).mean(0)
     report.append(
-        f"\n### Long video: {frames} frames, window {cfg.num_frames}; best-fit PSNR per window (dB)\n"
+        f"\n### Long video: {frames} frames, window {cfg.num_frames}; "
+        "best-fit PSNR per window (dB)\n"
     )
     report.append(table([f"w{i}" for i in range(len(w))], [[f"{v:.2f}" for v in w.tolist()]]))
 
@@ -535,11 +544,11 @@ SUCCESSORS = [
 
 @torch.no_grad()
 def one_step(args, run, teacher, causal, cfg, device, report):
-    """Where the students' error is made: each student step run once, fed the teacher's own ODE state
-    at its t (the chunks before it clean, as at inference) or the end point re-noised with fresh noise
-    (as Alg. 2 feeds it), scored against the trajectory's end point -- per step and chunk, on the
-    run's ODE pairs and on new ones (new noise and prompt draw) of the same teacher: the causal one
-    where the run's pairs are causal_ode_init's."""
+    """Where the students' error is made: each student step run once, fed the teacher's own ODE
+    state at its t (the chunks before it clean, as at inference) or the end point re-noised with
+    fresh noise (as Alg. 2 feeds it), scored against the trajectory's end point -- per step and
+    chunk, on the run's ODE pairs and on new ones (new noise and prompt draw) of the same teacher:
+    the causal one where the run's pairs are causal_ode_init's."""
     own_pairs = training.ODEPairs(os.path.join(run, "ode_pairs"))
     n, is_causal = min(128, len(own_pairs)), own_pairs.teachers == {"causal"}
     if n == 0:
@@ -628,8 +637,8 @@ def one_step(args, run, teacher, causal, cfg, device, report):
                 )
             print(table(["model"], [rows[-1][:1]]))
     report.append(
-        "\n### One student step, fed the teacher's trajectory: PSNR (dB) of its x0 prediction against the "
-        "trajectory's end point (earlier chunks clean)\n"
+        "\n### One student step, fed the teacher's trajectory: "
+        "PSNR (dB) of its x0 prediction against the trajectory's end point (earlier chunks clean)\n"
     )
     report.append(
         table(
@@ -642,9 +651,10 @@ def one_step(args, run, teacher, causal, cfg, device, report):
 
 
 def train_successors(args, run, world):
-    """Each variant's student from the run's teacher. Self-Forcing starts DMD from the ODE student it
-    shares with its base; its DMD gets the wall-clock of the run's own DMD (iterations scaled by the
-    seconds per iteration of a 10-iteration calibration). The causal init trains its own stage 1."""
+    """Each variant's student from the run's teacher. Self-Forcing starts DMD from the ODE student
+    it shares with its base; its DMD gets the wall-clock of the run's own DMD (iterations scaled by
+    the seconds per iteration of a 10-iteration calibration). The causal init trains
+    its own stage 1."""
     base = utils.load_checkpoint(os.path.join(run, "dmd.safetensors"), keep=lambda k: False)[2]
     common = ["--tiny", "--seed", str(args.seed), "--teacher", utils.teacher_path(args, run, world)]
     common += (["--device", args.device] if args.device else []) + [
@@ -730,15 +740,16 @@ def successors(args, run, cfg, device, report, base):
         )
         print(table(header, rows[-1:]))
     report.append(
-        f"\n### CausVid and its successors: {len(base)} prompts x {args.seeds} samples, {cfg.num_frames} frames\n"
+        f"\n### CausVid and its successors: {len(base)} prompts x {args.seeds} samples, "
+        f"{cfg.num_frames} frames\n"
     )
     report.append(table(header, rows))
 
 
 @torch.no_grad()
 def long_video(run, cfg, device, seed, frames, report, prompts):
-    """The official re-encoding window against a rolling cache with and without a sink, on a student:
-    best-fit PSNR per window and the CPU time of every chunk (a re-encode is a spike)."""
+    """The official re-encoding window against a rolling cache with and without a sink, on a
+    student: best-fit PSNR per window and the CPU time of every chunk (a re-encode is a spike)."""
     student, text, _ = load(run, "dmd.safetensors", "student", device, prompts)
     K, ts, rows = cfg.chunk_size, cv.student_timesteps(cfg).to(device), []
     W = cfg.num_frames - K  # a window one chunk shorter than training: room for a capped gap
@@ -756,7 +767,10 @@ def long_video(run, cfg, device, seed, frames, report, prompts):
             dict(window=W, sink=K, sink_gap=K),
         ),
     ]:
-        rng = lambda c: utils.chunk_rng(seed, c, 1, device)
+
+        def rng(c):
+            return utils.chunk_rng(seed, c, 1, device)
+
         noise = torch.cat(
             [
                 torch.randn(
@@ -777,10 +791,8 @@ def long_video(run, cfg, device, seed, frames, report, prompts):
             times.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
         video = toy.to_uint8(torch.cat(chunks, 1))
-        w, steady = (
-            toy.window_psnr(video, prompts, cfg.num_frames).mean(0),
-            toy.steady_motion(video, prompts).mean(),
-        )
+        w = toy.window_psnr(video, prompts, cfg.num_frames).mean(0)
+        steady = toy.steady_motion(video, prompts).mean()
         per_chunk = torch.tensor(times[1:])  # the first chunk compiles nothing but warms caches
         rows.append(
             [
@@ -821,9 +833,10 @@ def long_video(run, cfg, device, seed, frames, report, prompts):
 
 
 def dmd_logs(run, report, asked: bool):
-    """A table (about ten rows) and a chart, study/dmd_log_<name>.png, of every DMD run under `run`
-    (its own dmd_log.jsonl and its subdirectories'): the critic's and the teacher's flow-matching loss
-    on the generator's samples, DMD's gradient per chunk and per student step, the distance moved."""
+    """A table (about ten rows) and a chart, study/dmd_log_<name>.png, of every DMD run under
+    `run` (its own dmd_log.jsonl and its subdirectories'): the critic's and the teacher's
+    flow-matching loss on the generator's samples, DMD's gradient per chunk and per student step,
+    the distance moved."""
     paths = sorted(
         glob.glob(os.path.join(run, "dmd_log.jsonl"))
         + glob.glob(os.path.join(run, "*", "dmd_log.jsonl"))
@@ -847,7 +860,8 @@ def dmd_logs(run, report, asked: bool):
             if k in ("critic_fm", "teacher_fm", "distance") or k.startswith("grad_")
         ]
         report.append(
-            f"\n### What DMD saw: {os.path.relpath(path)} (flow-matching losses on the generator's samples, "
+            f"\n### What DMD saw: {os.path.relpath(path)} "
+            "(flow-matching losses on the generator's samples, "
             "RMS of DMD's gradient, distance from the stage-1 weights)\n"
         )
         every = max(1, len(rows) // 10)

@@ -1,11 +1,13 @@
-"""What came after CausVid, each a unit beside the method: causvid.py carries none of their ifs, and
-a script picks their pieces once, where it sets up (docs/successors.md measures them on the toy world).
+"""What came after CausVid, each a unit beside the method: causvid.py carries none of their ifs,
+and a script picks their pieces once, where it sets up (docs/successors.md measures them on the
+toy world).
 
   1. Self-Forcing (Huang et al., arXiv 2506.08009; guandeh17/Self-Forcing): DMD on the student's
      own KV-cached rollout from noise, as inference runs it, instead of on noised data.
-  2. Causal Forcing (Zhu et al., arXiv 2602.02214; thu-ml/Causal-Forcing): a causal diffusion teacher,
-     trained by teacher forcing, whose own chunk-by-chunk sampler (causvid.sample_ode_causal) makes
-     the ODE pairs -- so no chunk's target depends on the noise of the chunks after it.
+  2. Causal Forcing (Zhu et al., arXiv 2602.02214; thu-ml/Causal-Forcing): a causal diffusion
+     teacher, trained by teacher forcing, whose own chunk-by-chunk sampler
+     (causvid.sample_ode_causal) makes the ODE pairs -- so no chunk's target depends on the noise
+     of the chunks after it.
   3. A rolling KV cache with an attention sink (StreamingLLM; Self-Forcing's and LongLive's long
      videos): a bounded cache that never re-encodes.
   4. Recipes: a successor's settings as one flag (--recipe).
@@ -23,8 +25,8 @@ import causvid as cv
 
 class RolloutKVCache(cv.KVCache):
     """The cache Self-Forcing trains through. Without gradient it is the KV cache. A forward with
-    gradient attends over the cache and its own keys, concatenated, and writes nothing: its keys keep
-    their graph, and a checkpointed block recomputed in backward finds the cache as it was."""
+    gradient attends over the cache and its own keys, concatenated, and writes nothing: its keys
+    keep their graph, and a checkpointed block recomputed in backward finds the cache as it was."""
 
     def attend_to(self, layer: int, k, v, rotation):
         if not k.requires_grad:
@@ -121,9 +123,10 @@ def teacher_forcing_step(
 
 
 class RollingKVCache(cv.KVCache):
-    """A bounded cache for unbounded streams with no re-encoding (the attention sink of StreamingLLM;
-    Self-Forcing's sink_size / local_attn_size, LongLive): the first `sink` frames stay, then the
-    most recent ones, `window` frames in all with the chunk being made; the middle is evicted.
+    """A bounded cache for unbounded streams with no re-encoding (the attention sink of
+    StreamingLLM; Self-Forcing's sink_size / local_attn_size, LongLive): the first `sink` frames
+    stay, then the most recent ones, `window` frames in all with the chunk being made; the middle
+    is evicted.
 
     Keys are kept before RoPE and rotated when read: the sink at positions 0.., the recent frames
     `gap` positions after it, gap = the evicted frames up to `max_gap` (0: contiguous, the sink just
@@ -183,8 +186,8 @@ class RollingKVCache(cv.KVCache):
 def rolling_generate(
     model: cv.DiT, noise, text, timesteps, generator=None, context=None, *, window, sink, sink_gap=0
 ):
-    """Alg. 2 (causvid.stream_generate) over a RollingKVCache of `window` frames that keeps the first
-    `sink`: in place of the official re-encoding window (causvid.windowed_generate)."""
+    """Alg. 2 (causvid.stream_generate) over a RollingKVCache of `window` frames that keeps the
+    first `sink`: in place of the official re-encoding window (causvid.windowed_generate)."""
     K = model.cfg.chunk_size
     if window % K or window < 2 * K:
         raise ValueError(f"window {window} must be whole chunks of {K}, at least 2")

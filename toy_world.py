@@ -44,8 +44,10 @@ def parse_prompt(prompt: str) -> tuple[str, str, str]:
         or words[4] not in DIRECTIONS
     ):
         raise ValueError(
-            f"{prompt!r} is not a toy prompt; expected 'a {{color}} {{shape}} moving {{direction}}' "
-            f"with color in {list(COLORS)}, shape in {list(SHAPES)}, direction in {list(DIRECTIONS)}"
+            f"{prompt!r} is not a toy prompt; "
+            "expected 'a {color} {shape} moving {direction}' "
+            f"with color in {list(COLORS)}, shape in {list(SHAPES)}, "
+            f"direction in {list(DIRECTIONS)}"
         )
     return words[1], words[2], words[4]
 
@@ -75,7 +77,8 @@ def trajectory(x: int, y: int, direction: str, num_frames: int) -> list[tuple[in
 
 
 def render(prompt: str, x: int, y: int, num_frames: int) -> torch.Tensor:
-    """One clip, uint8 (F, 16, 16, 3), black background, box top-left at column x, row y in frame 0."""
+    """One clip, uint8 (F, 16, 16, 3), black background,
+    box top-left at column x, row y in frame 0."""
     color, shape, direction = parse_prompt(prompt)
     mask, rgb = shape_mask(shape), torch.tensor(COLORS[color], dtype=torch.uint8)
     clip = torch.zeros(num_frames, FRAME, FRAME, 3, dtype=torch.uint8)
@@ -86,7 +89,8 @@ def render(prompt: str, x: int, y: int, num_frames: int) -> torch.Tensor:
 
 @functools.cache
 def all_clips(num_frames: int) -> torch.Tensor:
-    """Every clip of the world: uint8 (48 prompts, 121 starts, F, 16, 16, 3), start index = y * 11 + x."""
+    """Every clip of the world: uint8 (48 prompts, 121 starts, F, 16, 16, 3),
+    start index = y * 11 + x."""
     starts = [(x, y) for y in range(MAX_POS + 1) for x in range(MAX_POS + 1)]
     lit = {
         (sh, d): torch.stack(
@@ -104,7 +108,8 @@ def all_clips(num_frames: int) -> torch.Tensor:
 
 
 def to_model_space(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., F, H, W, 3) -> float (..., F, 3, H, W) in [-1, 1]: the toy world's identity "VAE"."""
+    """uint8 (..., F, H, W, 3) -> float (..., F, 3, H, W) in [-1, 1]:
+    the toy world's identity "VAE"."""
     return frames.movedim(-1, -3).float() / 127.5 - 1
 
 
@@ -137,12 +142,11 @@ def axis_of(direction: str) -> int:
 
 def object_positions(frames: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per frame, the top-left corner at which the prompt's object (its colour and shape, alone on
-    black) fits the frame best, and whether it fits better than an empty frame (the object is there).
-    frames uint8 (N, F, 16, 16, 3) -> corners long (N, F, 2) as (x, y), seen bool (N, F)."""
+    black) fits the frame best, and whether it fits better than an empty frame (the object is
+    there). frames uint8 (N, F, 16, 16, 3) -> corners long (N, F, 2) as (x, y), seen bool (N, F)."""
     corners = torch.tensor([(x, y) for y in range(MAX_POS + 1) for x in range(MAX_POS + 1)])
-    refs = (
-        all_clips(1)[:, :, 0].flatten(2).double()
-    )  # (48, 121, P): each prompt's object at every corner
+    # (48, 121, P): each prompt's object at every corner
+    refs = all_clips(1)[:, :, 0].flatten(2).double()
     pos, seen = [], []
     for clip, p in zip(frames.flatten(2).double(), prompts):
         mse = torch.cdist(clip, refs[PROMPTS.index(p)]) ** 2  # (F, 121)
@@ -152,8 +156,8 @@ def object_positions(frames: torch.Tensor, prompts: list[str]) -> tuple[torch.Te
 
 
 def motion_steps(frames: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """Per frame step, how many px the object moves along the prompt's axis (object_positions), or -1
-    where the step is not along the axis: it moves across it too, or the object is missing.
+    """Per frame step, how many px the object moves along the prompt's axis (object_positions), or
+    -1 where the step is not along the axis: it moves across it too, or the object is missing.
     The world's clips step exactly 1 px every frame, bounces included. -> long (N, F-1)."""
     pos, seen = object_positions(frames, prompts)
     d = (pos[:, 1:] - pos[:, :-1]).abs()  # (N, F-1, 2)
@@ -173,10 +177,11 @@ def score_toy(frames: torch.Tensor, prompts: list[str]) -> dict:
     (is the prompt's best fit at least as good as every other prompt's?), and diversity (distinct
     best-fit starts per prompt relative to as many uniform draws from the 121 starts); plus
     steady motion, the share of frame steps that move the object 1 px along the prompt's axis (and
-    motion_steps: the shares that pause, move 1 px, jump 2+ px, or leave the axis; first_chunk_pause:
-    the pause share of the three steps from the first chunk's frames, where a causal student pauses), and
-    the kinds of error of the wrongly fitted samples (colour, shape, motion axis, direction on the axis);
-    breakdown and clean_frame_psnr: where the best-fit PSNR goes (the comment below)."""
+    motion_steps: the shares that pause, move 1 px, jump 2+ px, or leave the axis;
+    first_chunk_pause: the pause share of the three steps from the first chunk's frames, where a
+    causal student pauses), and the kinds of error of the wrongly fitted samples (colour, shape,
+    motion axis, direction on the axis); breakdown and clean_frame_psnr: where the best-fit PSNR
+    goes (the comment below)."""
     psnr = psnr_to_all(frames)  # (N, 48, 121)
     steps = motion_steps(frames, prompts)
     shares = {
@@ -208,8 +213,9 @@ def score_toy(frames: torch.Tensor, prompts: list[str]) -> dict:
         errors["shape"] += sh != sh2
         if d != d2:  # along the right axis but the other way, or along the other axis
             errors["direction" if axis_of(d) == axis_of(d2) else "axis"] += 1
-    # where the PSNR goes (docs/experiments.md): the share and mean best-fit PSNR of the samples with the wrong
-    # prompt, with a first-chunk pause, and clean; and the clean ones' PSNR frame by frame against their best fit
+    # where the PSNR goes (docs/experiments.md): the share and mean best-fit PSNR of the samples
+    # with the wrong prompt, with a first-chunk pause, and clean; and the clean ones' PSNR frame by
+    # frame against their best fit
     first_pauses = steps[:, :3] == 0  # frame steps 0-1, 1-2, 2-3: the first chunk's frames
     paused = correct & first_pauses.any(1)
     groups = {"wrong prompt": ~correct, "first-chunk pause": paused, "clean": correct & ~paused}
@@ -245,8 +251,8 @@ def score_toy(frames: torch.Tensor, prompts: list[str]) -> dict:
 
 
 def window_psnr(frames: torch.Tensor, prompts: list[str], window: int = 12) -> torch.Tensor:
-    """Long videos: best-fit PSNR of each consecutive `window`-frame window, against the clips of the
-    prompt's colour and shape moving either way along its axis (bounces flip the direction).
+    """Long videos: best-fit PSNR of each consecutive `window`-frame window, against the clips of
+    the prompt's colour and shape moving either way along its axis (bounces flip the direction).
     frames uint8 (N, F, 16, 16, 3) -> (N, F // window)."""
     out = []
     for w in range(frames.shape[1] // window):
@@ -281,7 +287,8 @@ def print_scores(frames: torch.Tensor, prompts: list[str], length: int, several:
     )
     if not all(s["per_sample_correct"]):
         print(
-            f"wrong prompt fits best for {int((~s['per_sample_correct']).sum())} of {len(prompts)}; they got wrong: "
+            f"wrong prompt fits best for {int((~s['per_sample_correct']).sum())} "
+            f"of {len(prompts)}; they got wrong: "
             + ", ".join(f"{k} {v}" for k, v in s["errors"].items())
         )
     print(
@@ -305,13 +312,14 @@ def print_scores(frames: torch.Tensor, prompts: list[str], length: int, several:
 
 class ExactToyDenoiser(nn.Module):
     """The toy world's ideal teacher: the velocity E[eps - x0 | x_t, prompt] that flow matching
-    (Eq. 2) converges to with unlimited capacity and training, in closed form -- the data is a finite
-    set, the 121 clips X_m of each prompt (all 5808 for the unconditional prompt). Per frame
+    (Eq. 2) converges to with unlimited capacity and training, in closed form -- the data is a
+    finite set, the 121 clips X_m of each prompt (all 5808 for the unconditional prompt). Per frame
     x_t = (1 - s) X_m + s eps, so Bayes over the clips gives
-        w_m = softmax_m( -sum_f ||x_t,f - (1 - s_f) X_m,f||^2 / (2 s_f^2) ),  x0_hat = sum_m w_m X_m,
+        w_m = softmax_m( -sum_f ||x_t,f - (1 - s_f) X_m,f||^2 / (2 s_f^2) ),
+        x0_hat = sum_m w_m X_m,
     and v = (x_t - x0_hat) / s. Called like the DiT, model(x, t, text) -> velocity (t per frame); a
-    prompt is recognised by its embedding, a row of `emb` (prompt -> (L, D_text), the toy prompts and
-    the unconditional one). A diagnostic (--exact-teacher): with it as the teacher (ODE pairs,
+    prompt is recognised by its embedding, a row of `emb` (prompt -> (L, D_text), the toy prompts
+    and the unconditional one). A diagnostic (--exact-teacher): with it as the teacher (ODE pairs,
     real score), what the students reach is what the distillation can do, the toy teacher's error
     taken out."""
 
@@ -327,18 +335,18 @@ class ExactToyDenoiser(nn.Module):
         self._clips: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def clips(self, num_frames: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every clip of the world, frame-major (F, 48 * 121, D) float64 with D = 3 H W, and the squared
-        norms of its frames (F, 5808)."""
+        """Every clip of the world, frame-major (F, 48 * 121, D) float64 with D = 3 H W, and the
+        squared norms of its frames (F, 5808)."""
         if num_frames not in self._clips:
-            X = (
-                to_model_space(all_clips(num_frames)).flatten(0, 1).flatten(2).double()
-            )  # (5808, F, D)
+            # (5808, F, D)
+            X = to_model_space(all_clips(num_frames)).flatten(0, 1).flatten(2).double()
             X = X.transpose(0, 1).contiguous().to(device)
             self._clips[num_frames] = X, X.pow(2).sum(2)
         return self._clips[num_frames]
 
     def recognise(self, text: torch.Tensor) -> torch.Tensor:
-        """(B, L, D_text) -> (B,) prompt index into PROMPTS, len(PROMPTS) for the unconditional prompt."""
+        """(B, L, D_text) -> (B,) prompt index into PROMPTS,
+        len(PROMPTS) for the unconditional prompt."""
         d = torch.cdist(text.flatten(1).double().cpu(), self.table)  # (B, 49)
         best = d.min(1)
         if (best.values > 1e-3 * (1 + self.table.norm(dim=1).max())).any():
@@ -356,9 +364,8 @@ class ExactToyDenoiser(nn.Module):
         x0 = torch.empty_like(xf)
         for p in which.unique().tolist():
             rows = which == p
-            m = (
-                slice(None) if p == P else slice(p * n, (p + 1) * n)
-            )  # unconditional: every clip of the world
+            # unconditional: every clip of the world
+            m = slice(None) if p == P else slice(p * n, (p + 1) * n)
             xr, sr, Xm = xf[:, rows], s[:, rows], X[:, m]  # (F, b, D), (F, b, 1), (F, M, D)
             d2 = (
                 xr.pow(2).sum(2, keepdim=True)
@@ -372,8 +379,8 @@ class ExactToyDenoiser(nn.Module):
 
 
 def tiny_text_encoder(cfg: cv.Config, state_dict: dict | None = None, seed: int = 0) -> TextEncoder:
-    """The toy world's text encoder: a randomly initialised (seeded) 2-layer UMT5 over the file-free ByT5
-    byte tokenizer, frozen; its weights are stored with the teacher checkpoint."""
+    """The toy world's text encoder: a randomly initialised (seeded) 2-layer UMT5 over the
+    file-free ByT5 byte tokenizer, frozen; its weights are stored with the teacher checkpoint."""
     from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
     umt5 = UMT5Config(

@@ -99,9 +99,17 @@ def generator_turn(it: int, cfg: cv.Config) -> bool:
 
 
 def noise_level(x0: torch.Tensor, cfg: cv.Config, device) -> torch.Tensor:
-    """Alg. 1 line 8's t, one per video (B, F): U[0, 1000) shifted (dmd_shift, else shift), clamped."""
+    """Alg. 1 line 8's t, one per video (B, F): U[0, 1000) shifted (dmd_shift or shift), clamped."""
     shift = cfg.dmd_shift or cfg.shift
     return cv.dmd_timesteps(len(x0), x0.shape[1], shift, cfg.dmd_t_min, cfg.dmd_t_max, device)
+
+
+def diagnostics(s: DMD, x0, t_in, grad, t, text) -> dict:
+    """What DMD sees on a batch (training.dmd_diagnostics): the critic's and the teacher's fit to
+    G's samples, the gradient per chunk and per student step."""
+    return training.dmd_diagnostics(
+        x0, t_in, grad, t, s.real, s.critic, text, s.timesteps, s.cfg.chunk_size
+    )
 
 
 def dmd_iteration(it: int, s: DMD) -> dict:
@@ -120,18 +128,10 @@ def dmd_iteration(it: int, s: DMD) -> dict:
                 x0, t_in = s.generator_input(s.generator, x_data, text, s.timesteps, rng, it)
             if turn:
                 t = noise_level(x0, cfg, device)  # line 8
-                loss, grad = cv.dmd_loss(  # lines 9-10: Eq. 4's gradient at t
-                    x0, t, s.real, s.critic, text, s.uncond, cfg.real_guidance
-                )
-                logs.append(
-                    {
-                        "dmd": training.backward(loss, 1 / A),
-                        "dmd_t": t[:, 0].mean().item(),
-                        **training.dmd_diagnostics(
-                            x0, t_in, grad, t, s.real, s.critic, text, s.timesteps, cfg.chunk_size
-                        ),
-                    }
-                )
+                # lines 9-10: noise x0 to t, Eq. 4's gradient from the real and the fake score
+                loss, grad = cv.dmd_loss(x0, t, s.real, s.critic, text, s.uncond, cfg.real_guidance)
+                log = {"dmd": training.backward(loss, 1 / A), "dmd_t": t[:, 0].mean().item()}
+                logs.append(log | diagnostics(s, x0, t_in, grad, t, text))
         samples.append((x0.detach(), text))
     out = training.mean_logs(logs)
     if turn:
@@ -156,7 +156,8 @@ def generator_inputs(cfg: cv.Config, device, seed: int):
     K = cfg.chunk_size
     if cfg.self_forcing and cfg.backward_simulation:
         raise cv.CausVidError(
-            "self_forcing and backward_simulation are two ways to choose the generator's inputs; set one"
+            "self_forcing and backward_simulation are two ways to choose the generator's inputs; "
+            "set one"
         )
 
     def noised_data(generator, x_data, text, timesteps, rng, it):  # Alg. 1: per-chunk noise
@@ -186,7 +187,7 @@ def main(argv=None):
     # Alg. 1 lines 1-2: G from stage 1 (run first on the toy world if missing), s_gen from s_data.
     ode_path = args.ode or os.path.join(run, "ode.safetensors")
     if not os.path.exists(ode_path):
-        if args.ode or world.clips is None:
+        if args.ode or not world.prompts:  # (Wan's prompts come from train_ode.py --prompts)
             raise cv.CausVidError(
                 f"stage-1 checkpoint {ode_path!r} not found; run train_ode.py first"
             )
@@ -287,7 +288,7 @@ def main(argv=None):
         if ema is not None and ema.n_averaged:  # (a run shorter than generator_ema_start keeps G)
             generator.load_state_dict(ema.module.state_dict())
         path = os.path.join(run, "dmd.safetensors")
-        # the generator's config is stage 1's; the settings this run trained with go in as run_config
+        # the generator's config is stage 1's; the settings this run trained with are run_config
         training.save_model(
             path,
             generator.eval(),

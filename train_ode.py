@@ -1,4 +1,5 @@
-"""Stage 1 of CausVid: ODE initialisation of the block-causal student (Sec. 4.3, Eq. 6; Alg. 1 line 1).
+"""Stage 1 of CausVid: ODE initialisation of the block-causal student (Sec. 4.3, Eq. 6; Alg. 1
+line 1).
 
   0. the bidirectional teacher s_data: --teacher PATH, <run>/teacher.safetensors, the official Wan
      directory (--model-dir), or on the toy world the teacher shipped in weights/ (a stand-in for a
@@ -87,12 +88,14 @@ def get_causal_teacher(args, world, teacher, text_encoder, run: str) -> cv.DiT:
         return model.eval().requires_grad_(False)
     if world.clips is None:
         raise cv.CausVidError(
-            f"causal_ode_init (--recipe causal-forcing) needs a causal diffusion model at {path!r}; "
+            "causal_ode_init (--recipe causal-forcing) needs a causal diffusion model at "
+            f"{path!r}; "
             f"none is shipped or trained for {world.name}: put one there, or drop the option"
         )
     cfg = world.cfg
     print(
-        f"training the causal teacher into {path} for {cfg.causal_teacher_steps} steps (teacher forcing)"
+        f"training the causal teacher into {path} for {cfg.causal_teacher_steps} steps "
+        "(teacher forcing)"
     )
     model = copy.deepcopy(teacher).train().requires_grad_(True)
     model.causal = True
@@ -108,7 +111,8 @@ def get_causal_teacher(args, world, teacher, text_encoder, run: str) -> cv.DiT:
 
 
 def teacher_kind(args, cfg: cv.Config) -> str:
-    """Who makes the ODE pairs: the trained (bidirectional) teacher, the exact toy one, or a causal one."""
+    """Who makes the ODE pairs: the trained (bidirectional) teacher, the exact toy one, or a
+    causal one."""
     if args.exact_teacher and cfg.causal_ode_init:
         raise cv.CausVidError(
             "--exact-teacher is bidirectional; it cannot make causal_ode_init's pairs: drop one"
@@ -122,8 +126,8 @@ def teacher_kind(args, cfg: cv.Config) -> str:
 
 @torch.no_grad()
 def make_ode_pairs(args, world, teacher, text_encoder, path: str):
-    """Sec. 4.3: the teacher's trajectories from noise (Euler, CFG with the negative prompt), kept at
-    the student's timesteps, written shard by shard to `path`; shards already there are kept (a
+    """Sec. 4.3: the teacher's trajectories from noise (Euler, CFG with the negative prompt), kept
+    at the student's timesteps, written shard by shard to `path`; shards already there are kept (a
     killed run resumes), and shard i's noise depends only on the seed and i."""
     cfg, device, batch = world.cfg, world.device, world.generation_batch
     pool = utils.read_prompts(args.prompts, world)
@@ -184,7 +188,8 @@ def get_ode_pairs(args, world, teacher, text_encoder, run: str) -> training.ODEP
         utils.check_preset(pairs.cfg, cfg, path)
         if pairs.teachers != {made_by}:
             raise cv.CausVidError(
-                f"{path!r} holds pairs of the {'/'.join(sorted(pairs.teachers))} teacher, this run's "
+                f"{path!r} holds pairs of the {'/'.join(sorted(pairs.teachers))} teacher, "
+                "this run's "
                 f"is the {made_by} one; pass another --run-dir, or delete the directory"
             )
     if len(pairs) >= cfg.ode_pairs:
@@ -220,8 +225,8 @@ def ode_step(student, opt, micro_batch, timesteps, cfg: cv.Config, streams) -> t
 
 
 def regress_student(args, world, teacher, text_encoder, pairs: training.ODEPairs, path: str):
-    """Eq. 6 on the first cfg.ode_pairs ODE pairs; the student starts from the teacher's weights with
-    the causal mask (sharded over the ranks under torchrun)."""
+    """Eq. 6 on the first cfg.ode_pairs ODE pairs; the student starts from the teacher's weights
+    with the causal mask (sharded over the ranks under torchrun)."""
     cfg, device = world.cfg, world.device
     student = cv.DiT(cfg, causal=True).to(device)
     student.load_state_dict(teacher.state_dict())

@@ -43,10 +43,10 @@ def backend(device: torch.device) -> str:
 
 
 def init_distributed(device: torch.device) -> torch.device:
-    """Under torchrun (WORLD_SIZE > 1): join the process group (one GPU per process, the local rank's)
-    and silence the other ranks' prints (rank 0 logs). -> the device. The timeout (1 h, NCCL's default
-    is 10 min) covers the longest any rank waits for the others: rank 0 writing a Wan checkpoint, the
-    last ODE-pair shards."""
+    """Under torchrun (WORLD_SIZE > 1): join the process group (one GPU per process, the local
+    rank's) and silence the other ranks' prints (rank 0 logs). -> the device. The timeout (1 h,
+    NCCL's default is 10 min) covers the longest any rank waits for the others: rank 0 writing a Wan
+    checkpoint, the last ODE-pair shards."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return device
     if device.type == "cuda":
@@ -77,9 +77,10 @@ def barrier():
 
 
 def mixed_precision(device: torch.device):
-    """FSDP2's precision: on GPUs the gathered weights in bf16 (what autocast computes in anyway: half the
-    all-gather) and the gradients reduced in fp32; the inputs are left as they are (FSDP2 would cast
-    the timesteps to bf16: 757 -> 756) and autocast picks each op's dtype. On CPUs fp32 throughout."""
+    """FSDP2's precision: on GPUs the gathered weights in bf16 (what autocast computes in anyway:
+    half the all-gather) and the gradients reduced in fp32; the inputs are left as they are (FSDP2
+    would cast the timesteps to bf16: 757 -> 756) and autocast picks each op's dtype. On CPUs fp32
+    throughout."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if device.type != "cuda":
@@ -90,9 +91,10 @@ def mixed_precision(device: torch.device):
 
 
 def shard(model: nn.Module) -> nn.Module:
-    """FSDP2 (torch.distributed.fsdp.fully_shard): each DiT block, then the rest, split over the ranks,
-    gathered per block as the forward reaches it and let go after it (the official release also wraps per
-    block); the rest too, which FSDP2 keeps gathered after a forward without grad: the EMA reads shards."""
+    """FSDP2 (torch.distributed.fsdp.fully_shard): each DiT block, then the rest, split over the
+    ranks, gathered per block as the forward reaches it and let go after it (the official release
+    also wraps per block); the rest too, which FSDP2 keeps gathered after a forward without grad:
+    the EMA reads shards."""
     if world() > 1:
         from torch.distributed.fsdp import fully_shard
 
@@ -135,7 +137,8 @@ def mean_over_ranks(value) -> float:
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's weights on the CPU, gathered from the ranks' shards (on rank 0; every rank calls)."""
+    """The whole model's weights on the CPU, gathered from the ranks' shards
+    (on rank 0; every rank calls)."""
     if world() == 1:
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -146,9 +149,10 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model(path: str, model: cv.DiT, text_encoder=None, **meta):
-    """The DiT's weights, role (causal or not) and config; with the tiny text encoder also its weights
-    (prefix "text_encoder."), so the file alone rebuilds both. Wan's UMT5 stays in its own directory.
-    Every rank calls; the shards are gathered, rank 0 writes one file, the others wait for it."""
+    """The DiT's weights, role (causal or not) and config; with the tiny text encoder also its
+    weights (prefix "text_encoder."), so the file alone rebuilds both. Wan's UMT5 stays in its own
+    directory. Every rank calls; the shards are gathered, rank 0 writes one file, the others wait
+    for it."""
     tensors = dict(full_state_dict(model))
     if rank() == 0:
         if text_encoder is not None and model.cfg.text_encoder == "tiny":
@@ -160,12 +164,13 @@ def save_model(path: str, model: cv.DiT, text_encoder=None, **meta):
 
 
 class Streams:
-    """The random streams of this rank's micro-batches. Micro-batch m of the global batch (m = rank x
-    accumulate + a) draws its data from generator m and the noise and timesteps drawn inside causvid's
-    functions from torch's global generator in state m. Stream 0 is the process's own global state, so
-    one process with accumulate 1 is the plain loop; the others are seeded from (seed, m). Any split of
-    the global batch over ranks and accumulation draws the same numbers: N ranks x A micro-batches log
-    the losses of one process with N x A, and a run saved on one split resumes on another."""
+    """The random streams of this rank's micro-batches. Micro-batch m of the global batch
+    (m = rank x accumulate + a) draws its data from generator m and the noise and timesteps drawn
+    inside causvid's functions from torch's global generator in state m. Stream 0 is the process's
+    own global state, so one process with accumulate 1 is the plain loop; the others are seeded from
+    (seed, m). Any split of the global batch over ranks and accumulation draws the same numbers:
+    N ranks x A micro-batches log the losses of one process with N x A, and a run saved on one split
+    resumes on another."""
 
     def __init__(self, seed: int, accumulate: int):
         self.seed, self.index = seed, [rank() * accumulate + a for a in range(accumulate)]
@@ -181,7 +186,8 @@ class Streams:
 
     @contextlib.contextmanager
     def use(self, a: int):
-        """Draw from micro-batch a's streams: yields its data generator, switches torch's global one."""
+        """Draw from micro-batch a's streams: yields its data generator,
+        switches torch's global one."""
         m = self.index[a]
         if m == 0:
             yield self.data[a]
@@ -208,7 +214,8 @@ class Streams:
 
 
 def global_rng() -> dict:
-    """torch's global generators: the CPU's and the current GPU's (each rank draws on its own GPU)."""
+    """torch's global generators: the CPU's and the current GPU's
+    (each rank draws on its own GPU)."""
     return {
         "cpu": torch.get_rng_state(),
         **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
@@ -274,7 +281,8 @@ class ODEPairs:
 
 
 # ------------------------------------------------------------------------------------------------
-# Training: optimizer step with a NaN guard, schedules, EMA, the resumable loop, flow-matching pre-training
+# Training: optimizer step with a NaN guard, schedules, EMA, the resumable loop,
+# flow-matching pre-training
 # ------------------------------------------------------------------------------------------------
 
 
@@ -283,8 +291,9 @@ class NonFiniteError(cv.CausVidError):
 
 
 def backward(loss: torch.Tensor, scale: float = 1.0) -> float:
-    """loss.backward(), scaled (1 / micro-batches), once the loss is known to be finite on every rank;
-    -> the loss averaged over the ranks. A non-finite loss raises NonFiniteError and nothing is applied."""
+    """loss.backward(), scaled (1 / micro-batches), once the loss is known to be finite on every
+    rank; -> the loss averaged over the ranks. A non-finite loss raises NonFiniteError and nothing
+    is applied."""
     value = mean_over_ranks(loss.detach())
     if not math.isfinite(value):
         raise NonFiniteError(f"the loss is {value}")
@@ -294,7 +303,8 @@ def backward(loss: torch.Tensor, scale: float = 1.0) -> float:
 
 def apply_gradients(opt: torch.optim.Optimizer, params, clip: float) -> float:
     """Clip, step, free the gradients; -> the gradient norm before clipping (over all ranks). A
-    non-finite gradient raises NonFiniteError *before* the update: the weights stay the last good ones."""
+    non-finite gradient raises NonFiniteError *before* the update:
+    the weights stay the last good ones."""
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: the global norm
     if not torch.isfinite(norm):
@@ -312,15 +322,16 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, clip:
 
 
 def adamw(params, lr: float, device, betas=(0.9, 0.999)) -> torch.optim.AdamW:
-    """AdamW without weight decay; fused on CUDA (one kernel, no temporaries the size of the model)."""
+    """AdamW without weight decay; fused on CUDA
+    (one kernel, no temporaries the size of the model)."""
     return torch.optim.AdamW(
         params, lr=lr, betas=betas, weight_decay=0.0, fused=True if device.type == "cuda" else None
     )
 
 
 def warmup_cosine(opt: torch.optim.Optimizer, total: int, warmup: int):
-    """The learning rate: linear warm-up to the optimizer's own over `warmup` steps, then cosine decay
-    to 0 at `total` (torch's schedulers; call .step() after each optimizer step)."""
+    """The learning rate: linear warm-up to the optimizer's own over `warmup` steps, then cosine
+    decay to 0 at `total` (torch's schedulers; call .step() after each optimizer step)."""
     from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
     decay = CosineAnnealingLR(opt, max(1, total - warmup))
@@ -333,8 +344,9 @@ def warmup_cosine(opt: torch.optim.Optimizer, total: int, warmup: int):
 
 def ema(model: nn.Module, decay: float) -> nn.Module:
     """An exponential moving average of `model`'s weights, torch's AveragedModel: its first
-    update_parameters(model) copies them, each later one moves it 1 - decay of the way. Under torchrun
-    it is sharded as shard(model) will be; make it before that (FSDP2's modules cannot be copied)."""
+    update_parameters(model) copies them, each later one moves it 1 - decay of the way. Under
+    torchrun it is sharded as shard(model) will be; make it before that (FSDP2's modules cannot be
+    copied)."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
@@ -349,13 +361,14 @@ class TrainLoop:
           for step in loop:        # step = 0, 1, ... (from the saved step when resuming)
               ...one training step...
 
-    * the state -- models, optimizers, schedules, EMA, random streams, torch.Generators, the global RNG, the step
-      -- is saved every `save_every` steps, and on Ctrl-C (SIGINT) or SIGTERM (a cluster's
-      preemption) after the step in progress, which then exits with code 128 + the signal (130, 143);
-      a second Ctrl-C stops at once. The state is a torch.distributed.checkpoint directory `path`
-      (each rank writes its shards; written beside it and renamed): a run saved on N ranks resumes on
-      any number whose ranks x accumulate keep the global batch (DCP reshards, the streams are per
-      micro-batch); the following steps' losses are those of a run never stopped;
+    * the state -- models, optimizers, schedules, EMA, random streams, torch.Generators, the global
+      RNG, the step -- is saved every `save_every` steps, and on Ctrl-C (SIGINT) or SIGTERM (a
+      cluster's preemption) after the step in progress, which then exits with code 128 + the signal
+      (130, 143); a second Ctrl-C stops at once. The state is a torch.distributed.checkpoint
+      directory `path` (each rank writes its shards; written beside it and renamed): a run saved on
+      N ranks resumes on any number whose ranks x accumulate keep the global batch (DCP reshards,
+      the streams are per micro-batch); the following steps' losses are those of a run never
+      stopped;
     * a NonFiniteError (NaN/inf loss or gradient; nothing of that step is applied) stops training
       with one line naming the step and saves the last good state;
     * when all steps are done the state is deleted (the stage's checkpoint replaces it)."""
@@ -373,13 +386,11 @@ class TrainLoop:
         if "rng" in state:
             raise ValueError('"rng" is the name of the global RNG state; call yours something else')
         self.path, self.cfg, self.total, self.state = path, cfg, total, state
-        self.save_every, self.desc, self.step, self.first_step, self._stop = (
-            save_every,
-            desc,
-            0,
-            0,
-            0,
-        )
+        self.save_every = save_every
+        self.desc = desc
+        self.step = 0
+        self.first_step = 0
+        self._stop = 0
         saved = [p for p in (path, f"{path}.old") if os.path.exists(os.path.join(p, "run.json"))]
         if resume and saved:  # (.old: a save killed between its two renames)
             self._load(saved[0])
@@ -389,9 +400,9 @@ class TrainLoop:
             print(f"--resume: no saved state at {path}; {desc} starts from step 0")
 
     def _state_dict(self, optimizers) -> dict:
-        """Everything to save, as DCP state dicts (models and optimizers by parameter name, resharded on
-        load); of the optimizers only those that have stepped (DCP would step the others, at lr 0, to
-        give them a state); stream 0's global RNG on rank 0."""
+        """Everything to save, as DCP state dicts (models and optimizers by parameter name,
+        resharded on load); of the optimizers only those that have stepped (DCP would step the
+        others, at lr 0, to give them a state); stream 0's global RNG on rank 0."""
         from torch.distributed.checkpoint.state_dict import (
             get_model_state_dict,
             get_optimizer_state_dict,
@@ -472,8 +483,9 @@ class TrainLoop:
         if saved["ranks"] * cfg.accumulate != world() * self.cfg.accumulate:
             raise cv.CausVidError(
                 f"{path!r} was saved by {saved['ranks']} rank(s) x accumulate {cfg.accumulate}; "
-                f"resume with ranks x accumulate = {saved['ranks'] * cfg.accumulate} (the same global "
-                f"batch), e.g. --set accumulate={saved['ranks'] * cfg.accumulate // world()} on "
+                f"resume with ranks x accumulate = {saved['ranks'] * cfg.accumulate} "
+                "(the same global batch), "
+                f"e.g. --set accumulate={saved['ranks'] * cfg.accumulate // world()} on "
                 f"{world()} rank(s)"
             )
         state = self._state_dict(saved["optimizers"])
@@ -482,14 +494,13 @@ class TrainLoop:
             if isinstance(obj, nn.Module):
                 set_model_state_dict(obj, state[name])
             elif isinstance(obj, torch.optim.Optimizer):
-                if (
-                    name in state
-                ):  # (one that had not stepped was saved without a state: it stays fresh)
+                # (one that had not stepped was saved without a state: it stays fresh)
+                if name in state:
                     set_optimizer_state_dict(self._model_of(obj), obj, state[name])
+            elif isinstance(obj, torch.Generator):
+                obj.set_state(state[name]["state"])
             else:
-                obj.set_state(state[name]["state"]) if isinstance(
-                    obj, torch.Generator
-                ) else obj.load_state_dict(state[name])
+                obj.load_state_dict(state[name])
         if rank() == 0:
             set_global_rng(state["rng"])
         self.step = saved["step"]
@@ -500,8 +511,8 @@ class TrainLoop:
                 raise KeyboardInterrupt  # repeated SIGTERMs still wait for the save)
             self._stop = self._stop or signum
             tqdm.write(
-                f"{signal.Signals(signum).name}: stopping after step {self.step + 1}, saving {self.path} "
-                "(Ctrl-C again to quit now)"
+                f"{signal.Signals(signum).name}: stopping after step {self.step + 1}, "
+                f"saving {self.path} (Ctrl-C again to quit now)"
             )
 
         main = threading.current_thread() is threading.main_thread()
@@ -567,14 +578,17 @@ def log(
 
 @torch.no_grad()
 def dmd_diagnostics(x0, t_in, grad, t, real, critic, text, timesteps, chunk_size: int) -> dict:
-    """What DMD sees on one batch of generator samples x0 (B, F, C, H, W), made from steps t_in (B, F),
-    with DMD's normalised gradient `grad` on them at its noise level t (B, F) (docs/experiments.md):
-      critic_fm, teacher_fm  the flow-matching loss (Eq. 2) of the critic (s_gen) and of the frozen teacher
-                             (s_data, conditional) on the same samples, fresh noise and the same t: the
-                             critic knows the generator's distribution while its loss is the lower one;
+    """What DMD sees on one batch of generator samples x0 (B, F, C, H, W), made from steps t_in
+    (B, F), with DMD's normalised gradient `grad` on them at its noise level t (B, F)
+    (docs/experiments.md):
+      critic_fm, teacher_fm  the flow-matching loss (Eq. 2) of the critic (s_gen) and of the frozen
+                             teacher (s_data, conditional) on the same samples, fresh noise and the
+                             same t: the critic knows the generator's distribution while its loss is
+                             the lower one;
       grad_chunk<i>          root-mean-square of the gradient on chunk i;
       grad_step<j>           the same over the chunks the generator made from student step j, and
-      grad_clean             over the chunks it was given clean (context: their gradient moves nothing)."""
+      grad_clean             over the chunks it was given clean (context: their gradient moves
+                             nothing)."""
     eps = torch.randn_like(x0)
     x_t, target = cv.add_noise(x0, eps, t), (eps - x0).float()
     out = {
@@ -588,9 +602,8 @@ def dmd_diagnostics(x0, t_in, grad, t, real, critic, text, timesteps, chunk_size
         *((f"grad_step{j}", t) for j, t in enumerate(timesteps.tolist())),
         ("grad_clean", 0.0),
     ]:
-        out[name] = (
-            power[t_in == step].mean().sqrt().item()
-        )  # NaN where no chunk was made from that step
+        # NaN where no chunk was made from that step
+        out[name] = power[t_in == step].mean().sqrt().item()
     return out
 
 
@@ -604,8 +617,8 @@ def local_parameters(model: nn.Module) -> list[torch.Tensor]:
 
 
 def distance_from(model: nn.Module, init: list[torch.Tensor]) -> float:
-    """||phi - phi_init|| / ||phi_init||: how far the generator has moved from init = local_parameters(it)
-    taken at the start (its stage-1 weights)."""
+    """||phi - phi_init|| / ||phi_init||: how far the generator has moved from
+    init = local_parameters(it) taken at the start (its stage-1 weights)."""
     moved = sum(float((p - p0).pow(2).sum()) for p, p0 in zip(local_parameters(model), init))
     return math.sqrt(
         mean_over_ranks(moved) / mean_over_ranks(sum(float(p0.pow(2).sum()) for p0 in init))
@@ -673,7 +686,8 @@ def train_flow_matching(model, text_encoder, job: Pretraining, data, path: str, 
     encoder."""
     if world() > 1:
         raise cv.CausVidError(
-            f"train the {job.stage} model in one process (python, not torchrun), then run torchrun again"
+            f"train the {job.stage} model in one process (python, not torchrun), "
+            "then run torchrun again"
         )
     cfg = data.cfg
     device = data.device
@@ -713,8 +727,7 @@ def train_flow_matching(model, text_encoder, job: Pretraining, data, path: str, 
                 log(job.stage, step + 1, job.steps, t0, loss=loss.item(), grad_norm=norm)
         if average is not None:
             model.load_state_dict(average.module.state_dict())
-        save_model(
-            path, model.eval(), text_encoder, stage=job.stage, steps=job.steps
-        )  # before the state goes
+        # before the state goes
+        save_model(path, model.eval(), text_encoder, stage=job.stage, steps=job.steps)
     print(f"wrote {path}")
     return model

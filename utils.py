@@ -44,7 +44,8 @@ def add_common_args(p):
     p.add_argument("--batch-size", type=int, help="batch size (default: the preset's)")
     p.add_argument(
         "--model-dir",
-        help="Wan: the official Wan2.1-T2V-1.3B directory, either layout (with text_encoder/, vae/)",
+        help="Wan: the official Wan2.1-T2V-1.3B directory, either layout (with text_encoder/, "
+        "vae/)",
     )
     p.add_argument(
         "--text-encoder",
@@ -64,7 +65,7 @@ def add_common_args(p):
 
 
 def add_training_args(p):
-    """The flags both training scripts share (train_dmd.py runs stage 1 first when it is missing)."""
+    """The flags both training scripts share (train_dmd.py runs stage 1 first when missing)."""
     p.add_argument(
         "--teacher",
         help="the bidirectional teacher checkpoint (default: <run>/teacher.safetensors; with "
@@ -99,7 +100,8 @@ def add_training_args(p):
     p.add_argument(
         "--exact-teacher",
         action="store_true",
-        help="toy world: the world's exact denoiser plays the teacher (ODE pairs, DMD's real score)",
+        help="toy world: the world's exact denoiser plays the teacher (ODE pairs, DMD's real "
+        "score)",
     )
     p.add_argument(
         "--resume",
@@ -275,7 +277,8 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def inference_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU, fp32 on a CPU: UMT5 (Wan ships it in bf16), the VAE, the DiT's inference weights."""
+    """bf16 on a GPU, fp32 on a CPU: UMT5 (Wan ships it in bf16), the VAE, the DiT's inference
+    weights."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -300,8 +303,9 @@ def autocast(device: torch.device, training: bool = False):
 
 
 def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], cfg: cv.Config, **meta):
-    """Weights as .safetensors, the config (and any JSON-able meta) in its header, so the file alone
-    rebuilds its model. Written to a temporary file and renamed: a crash never leaves half a file."""
+    """Weights as .safetensors, the config (and any JSON-able meta) in its header, so the file
+    alone rebuilds its model. Written to a temporary file and renamed: a crash never leaves half a
+    file."""
     from safetensors.torch import save_file
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -418,7 +422,8 @@ def sampler(model, kind: str, cfg: cv.Config, device, uncond=None, generate=None
     """How a model makes one batch of videos, picked once. -> make(noise chunks, text, context,
     renoise, video chunks) -> an iterator of clean chunks in the DiT's space:
       "teacher"  the bidirectional model: Euler + CFG over the whole clip (sample_ode)
-      "causal"   a causal diffusion model: Euler + CFG chunk by chunk over its cache (sample_ode_causal)
+      "causal"   a causal diffusion model: Euler + CFG chunk by chunk over its cache
+                 (sample_ode_causal)
       "student"  CausVid's streaming generator: `generate` (default cv.stream_generate; streaming()
                  for long videos, cv.recompute_generate for Table 3's baseline) from student step
                  `start`; video chunks, where given, are noised to that step (SDEdit, Sec. 5.3)

@@ -1,5 +1,6 @@
-"""Wan2.1's files: the DiT's weights from either official layout, the UMT5 text encoder and the VAE,
-and WanWorld, Wan as the scripts see it (toy_world.ToyWorld is the same interface for the toy world).
+"""Wan2.1's files: the DiT's weights from either official layout, the UMT5 text encoder and the
+VAE, and WanWorld, Wan as the scripts see it (toy_world.ToyWorld is the same interface for the
+toy world).
 
 Nothing here is CausVid; it is what turns a local Wan2.1-T2V-1.3B directory into causvid.DiT, text
 embeddings and pixels. Our DiT's parameter names are Wan2.1's original ones, so the original release
@@ -25,8 +26,8 @@ import causvid as cv
 
 
 class TextEncoder(nn.Module):
-    """Frozen UMT5 encoder. Prompts -> (B, L, D_text) with the positions after each prompt's end zeroed,
-    as Wan does. The empty prompt "" (or Wan's negative prompt) is the unconditional one."""
+    """Frozen UMT5 encoder. Prompts -> (B, L, D_text) with the positions after each prompt's end
+    zeroed, as Wan does. The empty prompt "" (or Wan's negative prompt) is the unconditional one."""
 
     def __init__(self, tokenizer, encoder: nn.Module, text_len: int):
         super().__init__()
@@ -71,7 +72,8 @@ class TextEncoder(nn.Module):
 
 
 def load_umt5(path: str, text_len: int, dtype=torch.float32) -> TextEncoder:
-    """UMT5 from a transformers directory (Wan2.1-T2V-1.3B-Diffusers/text_encoder, tokenizer/ beside it)."""
+    """UMT5 from a transformers directory (Wan2.1-T2V-1.3B-Diffusers/text_encoder,
+    tokenizer/ beside it)."""
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     if not path:
@@ -94,8 +96,10 @@ def load_umt5(path: str, text_len: int, dtype=torch.float32) -> TextEncoder:
 # The DiT's weights
 # ------------------------------------------------------------------------------------------------
 
-# Our (= Wan's original) module names -> diffusers' WanTransformer3DModel names, "{i}" the block index.
-# Wan's norm3 (the affine cross-attention norm) is diffusers' norm2; Wan's norm2 (FFN) is their norm3.
+# Our (= Wan's original) module names -> diffusers' WanTransformer3DModel names,
+# "{i}" the block index.
+# Wan's norm3 (the affine cross-attention norm) is diffusers' norm2;
+# Wan's norm2 (FFN) is their norm3.
 WAN_TO_DIFFUSERS = {
     "patch_embedding": "patch_embedding",
     "text_embedding.0": "condition_embedder.text_embedder.linear_1",
@@ -207,7 +211,8 @@ def save_diffusers(model: cv.DiT, path: str):
 
 
 def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a model directory: its one .safetensors file, or the shards its index lists."""
+    """Every tensor of a model directory:
+    its one .safetensors file, or the shards its index lists."""
     from safetensors.torch import load_file
 
     names = os.listdir(path)
@@ -231,11 +236,12 @@ def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
 
 def wan_config(model_dir: str, base: cv.Config) -> tuple[cv.Config, str, str]:
     """-> (config, the DiT's directory, its layout). The DiT's shapes come from the directory's
-    config.json, the rest (training, sampling) from `base`; text encoder and VAE paths are set to the
-    diffusers layout's text_encoder/ and vae/ where they exist.
-      original  (Wan2.1-T2V-1.3B):           config.json + diffusion_pytorch_model*.safetensors, Wan names
-      diffusers (Wan2.1-T2V-1.3B-Diffusers): transformer/{config.json, *.safetensors[, index]}, text_encoder/,
-                                             tokenizer/, vae/"""
+    config.json, the rest (training, sampling) from `base`; text encoder and VAE paths are set to
+    the diffusers layout's text_encoder/ and vae/ where they exist.
+      original  (Wan2.1-T2V-1.3B):           config.json + diffusion_pytorch_model*.safetensors,
+                                             Wan names
+      diffusers (Wan2.1-T2V-1.3B-Diffusers): transformer/{config.json, *.safetensors[, index]},
+                                             text_encoder/, tokenizer/, vae/"""
     sub = os.path.join(model_dir, "transformer")
     layout, dit_dir = ("diffusers", sub) if os.path.isdir(sub) else ("original", model_dir)
     try:
@@ -304,11 +310,11 @@ def latent_frames(pixel_frames: int) -> int:
 
 
 class WanVAE:
-    """diffusers' AutoencoderKLWan with Wan's per-channel latent normalisation, video in (B, F, C, H, W)
-    layout. 4x temporal compression (1 + 4k frames <-> 1 + k latents), 8x spatial, 16 channels.
-    decode_stream decodes latent chunks as they arrive, keeping the causal decoder's cache between
-    chunks, so the result equals decoding the whole video at once (it drives diffusers' internal
-    per-frame decode loop, AutoencoderKLWan._decode, with the cache kept)."""
+    """diffusers' AutoencoderKLWan with Wan's per-channel latent normalisation, video in
+    (B, F, C, H, W) layout. 4x temporal compression (1 + 4k frames <-> 1 + k latents), 8x spatial,
+    16 channels. decode_stream decodes latent chunks as they arrive, keeping the causal decoder's
+    cache between chunks, so the result equals decoding the whole video at once (it drives
+    diffusers' internal per-frame decode loop, AutoencoderKLWan._decode, with the cache kept)."""
 
     def __init__(self, path_or_vae, device="cpu", dtype=torch.float32):
         """path_or_vae: a diffusers AutoencoderKLWan directory (loaded in `dtype`), or such a module
@@ -331,16 +337,18 @@ class WanVAE:
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """pixels in [-1, 1] (B, 1 + 4k, 3, H, W) -> normalised latents (B, 1 + k, C, H / 8, W / 8)."""
+        """pixels in [-1, 1] (B, 1 + 4k, 3, H, W) ->
+        normalised latents (B, 1 + k, C, H / 8, W / 8)."""
         mu = self.vae.encode(rearrange(video, "b f c h w -> b c f h w")).latent_dist.mode()
         return (rearrange(mu, "b c f h w -> b f c h w") - self.mean) / self.std
 
     @torch.no_grad()
     def encode_stream(self, frames, chunk: int) -> Iterator[torch.Tensor]:
-        """Pixel frames (B, n, 3, H, W) as they arrive, in pieces of any length -> normalised latent chunks
-        (B, chunk, C, H / 8, W / 8), each as soon as its pixels are in: frame 0 alone makes latent 0,
-        every later 4 frames one more (diffusers' own per-frame encode loop, AutoencoderKLWan._encode,
-        driven with its causal cache kept between pieces, so the latents equal encode()'s)."""
+        """Pixel frames (B, n, 3, H, W) as they arrive, in pieces of any length -> normalised
+        latent chunks (B, chunk, C, H / 8, W / 8), each as soon as its pixels are in: frame 0 alone
+        makes latent 0, every later 4 frames one more (diffusers' own per-frame encode loop,
+        AutoencoderKLWan._encode, driven with its causal cache kept between pieces, so the latents
+        equal encode()'s)."""
         vae, buffer, latents, made = self.vae, None, [], 0
         vae.clear_cache()
         for x in frames:
@@ -371,8 +379,8 @@ class WanVAE:
 
     @torch.no_grad()
     def decode_stream(self, chunks) -> Iterator[torch.Tensor]:
-        """Latent chunks (B, K, C, h, w) -> their pixels, chunk by chunk (the first latent frame gives one
-        pixel frame, every later one four)."""
+        """Latent chunks (B, K, C, h, w) -> their pixels, chunk by chunk (the first latent frame
+        gives one pixel frame, every later one four)."""
         vae, first = self.vae, True
         vae.clear_cache()
         for z in chunks:
@@ -455,7 +463,8 @@ class WanWorld:
         return self.vae.encode_stream((unit(p).to(self.device) for p in pieces), chunk)
 
     def decode_stream(self, chunks):
-        """Latent chunks -> uint8 pixels on the CPU, chunk by chunk (one frame, then four a latent)."""
+        """Latent chunks -> uint8 pixels on the CPU, chunk by chunk
+        (one frame, then four a latent)."""
         for x in self.vae.decode_stream(chunks):
             pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             yield pixels.movedim(-3, -1).cpu()

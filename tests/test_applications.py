@@ -1,5 +1,6 @@
-"""Sec. 5.3-5.4 through sample.py: image-to-video, video-to-video, dynamic prompting, long videos
-(their quality is measured by study.py on a trained model; here: that each mode does what it says)."""
+"""Sec. 5.3-5.4 through sample.py: image-to-video, video-to-video, dynamic prompting,
+long videos (their quality is measured by study.py on a trained model; here: that each mode does
+what it says)."""
 
 import importlib.util
 
@@ -221,7 +222,8 @@ def test_the_study_runs_end_to_end(run_dir, tmp_path, monkeypatch):
     assert training.ODEPairs(str(tmp_path / "causal_init" / "ode_pairs")).teachers == {"causal"}
     assert text.count("CausVid** (ODE init") == 2  # a row of Table 4 and of Fig. 8
     assert 1.0 < study.predicted_cache_speedup(cv.get_config("tiny"), 48) < 20
-    # on a causal_ode_init run the one-step table's new pairs are the causal teacher's, made by its own sampler
+    # on a causal_ode_init run the one-step table's new pairs are the causal teacher's,
+    # made by its own sampler
     makers, sampler = [], cv.sample_ode_causal
     monkeypatch.setattr(
         cv,

@@ -171,7 +171,8 @@ def test_kv_cache_matches_masked_forward(chunk_size):
 
 
 def test_stream_generate_equals_recomputing_the_prefix():
-    """Alg. 2 with the cache vs the same algorithm recomputing the whole clean prefix with the mask."""
+    """Alg. 2 with the cache vs the same algorithm recomputing the whole clean prefix
+    with the mask."""
     cfg = small_config()
     model = make_model(causal=True, cfg=cfg)
     noise, _, text = inputs(cfg, seed=3)
@@ -229,7 +230,8 @@ def test_several_chunks_written_into_a_cache_see_each_other_block_causally():
 
 
 def windowed_without_cache(model, noise, texts, ts, g, context, window, keep):
-    """The official window scheme without a cache: each chunk recomputes the window's clean frames."""
+    """The official window scheme without a cache:
+    each chunk recomputes the window's clean frames."""
     K, past, out = model.cfg.chunk_size, list(context.split(model.cfg.chunk_size, 1)), []
     for c, x in enumerate(noise.split(K, 1)):
         if (len(past) + 1) * K > window:
@@ -269,7 +271,8 @@ def test_stream_with_context_window_and_chunk_iterator_equals_recomputing():
 
 
 def with_past(model, past):
-    """model over [past clean frames at t = 0, x], returning x's velocity (CFG's doubled batch too)."""
+    """model over [past clean frames at t = 0, x], returning x's velocity
+    (CFG's doubled batch too)."""
 
     def f(x, t, text):
         p = torch.cat([past] * (len(x) // len(past)))
@@ -281,9 +284,9 @@ def with_past(model, past):
 
 
 def test_causal_sampler_is_the_euler_cfg_sampler_chunk_by_chunk():
-    """sample_ode_causal (Table 4's causal diffusion baseline) = sample_ode with CFG run chunk after
-    chunk, each over the clean chunks before it: with the cache it equals recomputing the past, and its
-    kept states are the chunks' ODE trajectories (the pairs of a causal teacher)."""
+    """sample_ode_causal (Table 4's causal diffusion baseline) = sample_ode with CFG run chunk
+    after chunk, each over the clean chunks before it: with the cache it equals recomputing the
+    past, and its kept states are the chunks' ODE trajectories (the pairs of a causal teacher)."""
     cfg = small_config()
     model = make_model(causal=True, cfg=cfg)
     noise, _, text = inputs(cfg, seed=8)
@@ -320,7 +323,8 @@ def test_dynamic_prompt_changes_only_what_follows():
 
 def test_window_bounds_the_cache_and_the_positions(monkeypatch):
     """120-frame-long and 24-frame-long streams hold caches of the same peak size, a chunk never
-    attends over more than the window, and no frame is ever encoded at a position past the window."""
+    attends over more than the window,
+    and no frame is ever encoded at a position past the window."""
     cfg = small_config(chunk_size=3, num_frames=12)
     model = make_model(causal=True, cfg=cfg)
     seen, attended = [], []
@@ -355,7 +359,8 @@ def test_window_bounds_the_cache_and_the_positions(monkeypatch):
 
 
 class ConcatKVCache(cv.KVCache):
-    """The cache as it was before it was preallocated: torch.cat of the whole cache per layer per forward."""
+    """The cache as it was before it was preallocated:
+    torch.cat of the whole cache per layer per forward."""
 
     def attend_to(self, layer, k, v, rotation):
         k = cv.apply_rope(k, rotation[self.num_tokens :])
@@ -575,7 +580,10 @@ def test_euler_sampler_lands_on_the_known_answer():
     x0, traj = cv.sample_ode(
         gaussian_velocity(mu, a), z, None, steps=800, shift=3.0, keep=(0, 200, 600)
     )
-    err = lambda x: (x - (mu + a * z)).abs().max().item()
+
+    def err(x):
+        return (x - (mu + a * z)).abs().max().item()
+
     assert err(x0) < 1e-2
     # Euler is first order: 4x the steps, ~4x less error
     coarse = cv.sample_ode(gaussian_velocity(mu, a), z, None, steps=200, shift=3.0)[0]
@@ -590,7 +598,9 @@ def test_euler_sampler_lands_on_the_known_answer():
 
 
 def test_cfg_combines_cond_and_uncond():
-    model = lambda x, t, text: text.mean(dim=(1, 2)).reshape(-1, 1, 1, 1, 1).expand_as(x)
+    def model(x, t, text):
+        return text.mean(dim=(1, 2)).reshape(-1, 1, 1, 1, 1).expand_as(x)
+
     x, t = torch.zeros(2, 1, 1, 1, 1), torch.zeros(2, 1)
     cond, uncond = torch.full((2, 3, 4), 2.0), torch.full((1, 3, 4), 0.5)
     v = cv.guided_velocity(model, x, t, cond, uncond, 3.0)
@@ -601,7 +611,10 @@ def test_flow_matching_loss_is_zero_for_the_exact_velocity():
     """With degenerate data (a point mass at mu) the exact velocity is known at every x_t, so the
     loss of the exact field is 0 and that of a wrong field is not."""
     mu = 0.7
-    exact = lambda x, t, text: (x - mu) / cv._s(t, x)  # eps - mu, with eps = (x - (1 - s) mu) / s
+
+    def exact(x, t, text):
+        return (x - mu) / cv._s(t, x)  # eps - mu, with eps = (x - (1 - s) mu) / s
+
     x0, t = torch.full((8, 2, 1, 3, 3), mu), torch.rand(8, 2) * 900 + 50
     assert cv.flow_matching_loss(exact, x0, t, None) < 1e-8
     assert cv.flow_matching_loss(lambda x, t, text: torch.zeros_like(x), x0, t, None) > 0.5
@@ -613,7 +626,8 @@ def test_flow_matching_loss_is_zero_for_the_exact_velocity():
 
 
 class AffineGenerator(torch.nn.Module):
-    """x0 = b + c z in 2-D: a generator whose output distribution N(b, c^2) is known in closed form."""
+    """x0 = b + c z in 2-D:
+    a generator whose output distribution N(b, c^2) is known in closed form."""
 
     def __init__(self):
         super().__init__()
@@ -626,15 +640,16 @@ class AffineGenerator(torch.nn.Module):
 
 def dmd_gaussian_setup():
     cfg = cv.get_config("tiny", shift=1.0)
-    mu, a = (
-        torch.tensor([1.0, -0.5]).view(1, 1, 2, 1, 1),
-        torch.tensor([0.5, 0.5]).view(1, 1, 2, 1, 1),
-    )
+    mu = torch.tensor([1.0, -0.5]).view(1, 1, 2, 1, 1)
+    a = torch.tensor([0.5, 0.5]).view(1, 1, 2, 1, 1)
     teacher = gaussian_velocity(mu, a)  # the real score s_data
     gen = AffineGenerator()
-    critic = lambda x, t, text: gaussian_velocity(
-        gen.b.detach().view(1, 1, 2, 1, 1), gen.c.detach().abs().view(1, 1, 2, 1, 1)
-    )(x, t)  # exact s_gen
+
+    def critic(x, t, text):  # exact s_gen
+        return gaussian_velocity(
+            gen.b.detach().view(1, 1, 2, 1, 1), gen.c.detach().abs().view(1, 1, 2, 1, 1)
+        )(x, t)
+
     return cfg, mu, a, teacher, gen, critic
 
 
@@ -650,7 +665,8 @@ def test_dmd_gradient_points_toward_the_teacher():
     z = torch.randn(4096, 1, 2, 1, 1)
     loss, _ = dmd(gen(z), teacher, critic, cfg)
     loss.backward()
-    # gradient descent must move b towards mu (-1 -> 1 up, 2 -> -0.5 down) and c towards a (0.2 up, 1.5 down)
+    # gradient descent must move b towards mu (-1 -> 1 up, 2 -> -0.5 down)
+    # and c towards a (0.2 up, 1.5 down)
     assert gen.b.grad[0] < 0 and gen.b.grad[1] > 0
     assert gen.c.grad[0] < 0 and gen.c.grad[1] > 0
 
@@ -658,9 +674,10 @@ def test_dmd_gradient_points_toward_the_teacher():
 def test_dmd_steps_shrink_the_gap():
     torch.manual_seed(0)
     cfg, mu, a, teacher, gen, critic = dmd_gaussian_setup()
-    gap = lambda: (
-        (gen.b - mu.flatten()).abs().sum() + (gen.c.abs() - a.flatten()).abs().sum()
-    ).item()
+
+    def gap():
+        return ((gen.b - mu.flatten()).abs().sum() + (gen.c.abs() - a.flatten()).abs().sum()).item()
+
     start = gap()
     opt = torch.optim.SGD(gen.parameters(), lr=0.5)
     for _ in range(200):
@@ -675,8 +692,13 @@ def test_dmd_loss_value_and_gradient_form():
     """0.5 mse(x0, x0 - g) has value 0.5 mean(g^2) and gradient g / n: the surrogate of Eq. 4."""
     cfg = cv.get_config("tiny")
     x0 = torch.randn(2, 3, 1, 2, 2, requires_grad=True)
-    fake = lambda x, t, text: torch.zeros_like(x)
-    real = lambda x, t, text: torch.ones_like(x)
+
+    def fake(x, t, text):
+        return torch.zeros_like(x)
+
+    def real(x, t, text):
+        return torch.ones_like(x)
+
     loss, _ = dmd(x0, real, fake, cfg)
     loss.backward()
     g = x0.grad * x0.numel()  # the gradient is g / n; scale it back
@@ -686,7 +708,8 @@ def test_dmd_loss_value_and_gradient_form():
 
 
 def test_dmd_timesteps_follow_their_shift():
-    """Alg. 1 line 8's t ~ U[0, 1000) shifted: dmd_shift 1 is uniform, a larger shift moves mass to high noise."""
+    """Alg. 1 line 8's t ~ U[0, 1000) shifted: dmd_shift 1 is uniform, a larger shift moves mass
+    to high noise."""
     torch.manual_seed(0)
     for shift, median in [
         (1.0, 500.0),
@@ -700,8 +723,8 @@ def test_dmd_timesteps_follow_their_shift():
 
 def test_dmd_diagnostics_read_what_dmd_sees():
     """training.dmd_diagnostics: the critic that knows the generator's distribution fits its samples
-    better than the teacher does (equal when the critic is the teacher); the gradient's RMS per chunk,
-    per student step it was made from, and over the chunks given clean."""
+    better than the teacher does (equal when the critic is the teacher); the gradient's RMS per
+    chunk, per student step it was made from, and over the chunks given clean."""
     torch.manual_seed(0)
     cfg, mu, a, teacher, gen, critic = dmd_gaussian_setup()
     x0 = gen(torch.randn(4096, 2, 2, 1, 1)).detach()  # 2 frames, chunks of 1

@@ -1,8 +1,8 @@
 """The training scripts under the real `torchrun` with FSDP2, on CPUs (gloo, 2 processes): the
 README's torchrun lines are accepted as written and the toy one runs end to end; 2 ranks x 1
 micro-batch give the losses of 1 process x 2 micro-batches (the same global batch, the same random
-streams); the ODE pairs split over the ranks are the one process's; SIGINT and SIGTERM save the state,
-which resumes on 2 ranks or on 1.
+streams); the ODE pairs split over the ranks are the one process's; SIGINT and SIGTERM save the
+state, which resumes on 2 ranks or on 1.
 
 Tolerances (fp32 on every CPU: CAUSVID_CPU_FP32=1). A 2-rank step and a 1-process step differ only
 in the order of one fp32 sum (the two micro-batches' gradients: ~1e-7 relative). The losses and
@@ -53,7 +53,8 @@ ENV = {
 
 
 def torchrun(nproc: int, script: str, args: list[str], **popen) -> subprocess.Popen:
-    """`torchrun --standalone --nproc_per_node=N script args`, as a user types it (one thread each)."""
+    """`torchrun --standalone --nproc_per_node=N script args`, as a user types it
+    (one thread each)."""
     cmd = TORCHRUN + ["--standalone", f"--nproc_per_node={nproc}", script, *args]
     return subprocess.Popen(
         cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
@@ -153,9 +154,9 @@ def test_every_readme_command_is_accepted_by_torchrun_and_the_script():
 
 
 def test_readme_torchrun_toy_pipeline_runs_end_to_end_and_sample_loads_it(tmp_path):
-    """The README's toy torchrun line, verbatim but for tiny step counts, from an empty run directory
-    (stage 1's pairs, regression, then DMD: rank 1 reads what rank 0 wrote) to a dmd.safetensors that
-    sample.py loads in one process."""
+    """The README's toy torchrun line, verbatim but for tiny step counts, from an empty run
+    directory (stage 1's pairs, regression, then DMD: rank 1 reads what rank 0 wrote) to a
+    dmd.safetensors that sample.py loads in one process."""
     [line] = [c for c in readme_commands() if c[0] == "torchrun" and "--tiny" in c]
     run = tmp_path / "run"
     sizes = [
@@ -215,7 +216,8 @@ def test_ode_regression_on_two_ranks_is_one_process_and_sigint_resumes_exactly(r
         ODE_STEPS,
     )
 
-    # Ctrl-C (SIGINT to the launcher, which passes it on) after step 2: both ranks stop after the same step
+    # Ctrl-C (SIGINT to the launcher, which passes it on) after step 2:
+    # both ranks stop after the same step
     stopped = launched_and_stopped(
         lambda: copy_run(run_dir, tmp_path / "stopped"), "train_ode.py", args, 2, signal.SIGINT
     )
@@ -228,7 +230,8 @@ def test_ode_regression_on_two_ranks_is_one_process_and_sigint_resumes_exactly(r
 
 
 def signal_after(proc: subprocess.Popen, log: Path, lines: int, sig: int) -> int:
-    """Send `sig` once the run has logged `lines` lines; -> the exit code, once it has saved and exited."""
+    """Send `sig` once the run has logged `lines` lines;
+    -> the exit code, once it has saved and exited."""
     return saved_and_exited(proc, signalled(proc, log, lines, sig))
 
 
@@ -250,10 +253,11 @@ def signalled(proc: subprocess.Popen, log: Path, lines: int, sig: int) -> str:
 def launched_and_stopped(
     fresh_dir, script: str, args: list[str], lines: int, sig: int, tries: int = 3
 ) -> Path:
-    """`torchrun` on 2 ranks in fresh_dir(), and `sig` to the launcher once the run has logged `lines`
-    lines; -> the run directory, once the run has saved and exited. The launcher passes the signal on
-    from its monitor loop, which once (in CI) handled it only after the workers had finished: a run that
-    ended (its final weights written) before the signal reached it is made again; any other fails."""
+    """`torchrun` on 2 ranks in fresh_dir(), and `sig` to the launcher once the run has logged
+    `lines` lines; -> the run directory, once the run has saved and exited. The launcher passes the
+    signal on from its monitor loop, which once (in CI) handled it only after the workers had
+    finished: a run that ended (its final weights written) before the signal reached it is made
+    again; any other fails."""
     stage = script.removeprefix("train_").removesuffix(".py")
     for _ in range(tries):  # runs in all
         run = fresh_dir()
@@ -264,8 +268,9 @@ def launched_and_stopped(
             return run
         shutil.rmtree(run)
     raise AssertionError(
-        f"{tries} runs ended before {signal.Signals(sig).name} stopped them (the launcher passed it on "
-        f"late, or the workers ignored it); the last one's output:\n{out[-3000:]}"
+        f"{tries} runs ended before {signal.Signals(sig).name} stopped them "
+        "(the launcher passed it on late, or the workers ignored it); "
+        f"the last one's output:\n{out[-3000:]}"
     )
 
 
@@ -274,7 +279,8 @@ def test_dmd_on_two_ranks_is_one_process_and_sigterm_resumes_from_two_ranks_on_o
 ):
     names = ("teacher.safetensors", "ode.safetensors")
     one, two = (copy_run(run_dir, tmp_path / n, names) for n in ("one", "two"))
-    # with Self-Forcing's EMA (an AveragedModel, sharded like the generator, saved and resharded with it)
+    # with Self-Forcing's EMA
+    # (an AveragedModel, sharded like the generator, saved and resharded with it)
     args = COMMON + [
         "--steps",
         str(DMD_STEPS),
@@ -322,7 +328,8 @@ def test_dmd_on_two_ranks_is_one_process_and_sigterm_resumes_from_two_ranks_on_o
     )
     k = json.loads((stopped / "dmd_state" / "run.json").read_text())["step"]
     assert 3 <= k < DMD_STEPS - 4, k
-    # ... resumes on 1 process, which needs accumulate 2 (DCP reshards; the streams are per micro-batch),
+    # ... resumes on 1 process, which needs accumulate 2
+    # (DCP reshards; the streams are per micro-batch),
     out = one_process("train_dmd.py", args + ["--run-dir", str(stopped), "--resume"], rc=2)
     assert (
         "resume with ranks x accumulate = 2 (the same global batch), e.g. --set accumulate=2" in out
@@ -350,7 +357,8 @@ def test_dmd_on_two_ranks_is_one_process_and_sigterm_resumes_from_two_ranks_on_o
     )
     k2 = json.loads((stopped / "dmd_state" / "run.json").read_text())
     assert k2["ranks"] == 1 and k + 2 <= k2["step"] < DMD_STEPS, k2
-    # ... which SIGTERM stops again, and the rest runs on 2 ranks: 2 -> 1 -> 2, the losses of the straight run
+    # ... which SIGTERM stops again, and the rest runs on 2 ranks: 2 -> 1 -> 2,
+    # the losses of the straight run
     finish(torchrun(2, "train_dmd.py", args + ["--run-dir", str(stopped), "--resume"]))
     assert_same(read_log(stopped / "dmd_log.jsonl"), logs2, keys)
     assert_same_weights(
@@ -391,9 +399,9 @@ def test_missing_ode_pairs_split_over_ranks_are_the_one_process_pairs(run_dir, t
 
 
 def test_process_group_and_precision_on_gpus():
-    """What a CPU cannot run, checked as configuration: on GPUs the process group has a CPU backend
-    beside NCCL (the logged losses and the stop flag are CPU tensors), and FSDP2 gathers bf16 weights
-    and reduces fp32 gradients; on CPUs gloo and fp32."""
+    """What a CPU cannot run, checked as configuration: on GPUs the process group has a CPU
+    backend beside NCCL (the logged losses and the stop flag are CPU tensors), and FSDP2 gathers
+    bf16 weights and reduces fp32 gradients; on CPUs gloo and fp32."""
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert training.backend(gpu) == "cpu:gloo,cuda:nccl" and training.backend(cpu) == "gloo"
     policy = training.mixed_precision(gpu)

@@ -1,13 +1,26 @@
-"""The layout the README promises: causvid.py is the method alone, the scripts are short, and the
-reading guide points at code that exists and cites what the guide says it cites."""
+"""The layout the README promises: causvid.py is CausVid alone (no framework, no file IO, none of
+its successors' options), the successors are units beside it, and the reading guide points at code
+that exists and cites what the guide says it cites. How long a file is, a reader judges: ruff
+(pyproject.toml) formats and checks the code, and no test counts lines."""
 
 import ast
 import os
 import re
+from dataclasses import fields
 
 import causvid as cv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Config's fields that belong to CausVid's successors (successors.py)
+SUCCESSOR_FIELDS = {
+    "self_forcing",
+    "causal_ode_init",
+    "causal_teacher_steps",
+    "lr_causal_teacher",
+    "sink",
+    "sink_gap",
+}
 
 
 def source(name):
@@ -17,39 +30,48 @@ def source(name):
 
 def test_causvid_is_the_method_alone():
     tree = ast.parse(source("causvid.py"))
-    imported = {
-        alias.name.split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, (ast.Import, ast.ImportFrom))
-        for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module)])
-    }
-    assert imported <= {"functools", "math", "dataclasses", "typing", "torch", "einops"}, imported
-    assert len(source("causvid.py").splitlines()) <= 800
-    # no module-level state but constants: every top-level assignment is the presets or a string/table
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module.split(".")[0])
+    allowed = {"collections", "dataclasses", "functools", "itertools", "math", "torch", "einops"}
+    assert imported <= allowed, imported
+    # no module-level state but constants: the presets, a string, a type
     names = [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets]
-    assert set(names) <= {"PRESETS", "WAN_NEGATIVE_PROMPT", "Rng"}, (
-        names
-    )  # the presets, a string, a type
-    for support in [
-        "toy_world.py",
-        "wan.py",
-        "utils.py",
-        "training.py",
-    ]:  # they import causvid, never the reverse
-        assert "import causvid as cv" in source(support)
+    assert set(names) <= {"PRESETS", "WAN_NEGATIVE_PROMPT", "Rng"}, names
+    for support in ["successors.py", "toy_world.py", "wan.py", "utils.py", "training.py"]:
+        assert "import causvid as cv" in source(support)  # they import causvid, never the reverse
 
 
-def test_the_support_modules_do_not_grow_back():
-    """utils.py was 1045 lines before torch's own DCP, schedulers and AveragedModel replaced hand-written
-    code and the training machinery moved to training.py (issue 25): neither may grow past that split."""
-    assert len(source("utils.py").splitlines()) <= 500
-    assert len(source("training.py").splitlines()) <= 560
+def test_causvid_carries_none_of_its_successors_options():
+    """No function of causvid.py reads a successor's setting, and none of their pieces is defined
+    there: Self-Forcing, Causal Forcing and the rolling cache live in successors.py, and a script
+    picks them where it sets up."""
+    assert SUCCESSOR_FIELDS <= {
+        f.name for f in fields(cv.Config)
+    }  # checkpoints and --set keep them
+    tree = ast.parse(source("causvid.py"))
+    read = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    assert not read & SUCCESSOR_FIELDS, read & SUCCESSOR_FIELDS
+    defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    successors = {
+        node.name
+        for node in ast.parse(source("successors.py")).body
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+    }
+    assert {"RollingKVCache", "self_forcing_rollout", "teacher_forcing_loss"} <= successors
+    assert not defined & successors, defined & successors
 
 
-def test_the_scripts_are_short():
+def test_the_scripts_do_not_ask_which_world_they_run_in():
+    """The toy world and Wan provide the same members (toy_world.ToyWorld, wan.WanWorld), so the
+    three scripts never test the preset or the VAE."""
     for name in ["train_ode.py", "train_dmd.py", "sample.py"]:
-        assert len(source(name).splitlines()) <= 200, name
-    assert len(source("README.md").splitlines()) <= 250
+        text = source(name)
+        asks = r"cfg\.name\s*[!=]=|vae is (not )?None|if [^\n]*\bvae\b|toy_world|import wan"
+        assert not re.search(asks, text), name
 
 
 def test_the_reading_guide_points_at_real_code():
@@ -57,17 +79,18 @@ def test_the_reading_guide_points_at_real_code():
     guide = readme[readme.index("## Reading guide") : readme.index("Conventions:")]
     rows = [line for line in guide.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) >= 15
-    code = {name: source(name) for name in ["causvid.py", "train_ode.py", "train_dmd.py"]}
+    files = ["causvid.py", "successors.py", "train_ode.py", "train_dmd.py"]
+    code = {name: source(name) for name in files}
+    modules = {"causvid", "successors", "train_ode", "train_dmd", "py"}
     for row in rows:
         paper, where = row.split("|")[1:3]
         for token in re.findall(r"`([^`]+)`", where):  # every function, class or field named exists
             for name in re.match(r"[\w.]*", token).group(0).split("."):
-                if name and name not in ("causvid", "train_ode", "train_dmd", "py"):
-                    assert any(
+                if name and name not in modules:
+                    defined = any(
                         re.search(rf"^\s*(def|class) {name}\b", text, re.M)
                         for text in code.values()
-                    ) or hasattr(cv.Config(), name), (row, name)
-        for ref in re.findall(
-            r"(Eq\. \d+|Alg\. \d)", paper
-        ):  # and the code cites what the guide says it cites
+                    )
+                    assert defined or hasattr(cv.Config(), name), (row, name)
+        for ref in re.findall(r"(Eq\. \d+|Alg\. \d)", paper):  # the code cites what the guide cites
             assert any(ref in text for text in code.values()), (row, ref)

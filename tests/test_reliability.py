@@ -1,5 +1,5 @@
-"""The scripts fail well and recover: one-line errors for bad input, atomic checkpoints, --resume that
-continues exactly, determinism, and a guard against NaN."""
+"""The scripts fail well and recover: one-line errors for bad input, atomic checkpoints, --resume
+that continues exactly, determinism, and a guard against NaN."""
 
 import json
 import math
@@ -277,8 +277,8 @@ def test_ode_resume_gives_the_same_losses(fresh_run, tmp_path_factory, monkeypat
 
 
 def test_flow_matching_resume_keeps_the_schedule_and_the_ema(tmp_path, monkeypatch):
-    """The pre-training loop's learning-rate schedule (torch's LinearLR then CosineAnnealingLR) and EMA
-    (torch's AveragedModel) are part of its saved state: stopped by Ctrl-C after step 3 of 6 and
+    """The pre-training loop's learning-rate schedule (torch's LinearLR then CosineAnnealingLR) and
+    EMA (torch's AveragedModel) are part of its saved state: stopped by Ctrl-C after step 3 of 6 and
     resumed, it saves the weights of a run never stopped, bit for bit."""
     cfg, cpu = cv.get_config("tiny", batch_size=2, warmup=2), torch.device("cpu")
     text_encoder = toy.tiny_text_encoder(cfg)
@@ -305,10 +305,10 @@ def test_flow_matching_resume_keeps_the_schedule_and_the_ema(tmp_path, monkeypat
 
 @pytest.mark.parametrize("warmup", [10, 1, 0])
 def test_the_learning_rate_warms_up_then_decays_as_a_cosine(warmup):
-    """training.warmup_cosine: step s of `total` runs at peak (s + 1) / warmup while s < warmup, then
-    at peak (1 + cos(pi (s - warmup) / (total - warmup))) / 2 (torch's recurrence for the cosine agrees
-    with the closed form to rounding: rel 1e-9 is a million times the float64 error of 30 steps);
-    --set warmup=0 is the cosine alone."""
+    """training.warmup_cosine: step s of `total` runs at peak (s + 1) / warmup while s < warmup,
+    then at peak (1 + cos(pi (s - warmup) / (total - warmup))) / 2 (torch's recurrence for the
+    cosine agrees with the closed form to rounding: rel 1e-9 is a million times the float64 error of
+    30 steps); --set warmup=0 is the cosine alone."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
     schedule = training.warmup_cosine(opt, total=30, warmup=warmup)
     for s in range(30):
@@ -324,8 +324,8 @@ def test_the_learning_rate_warms_up_then_decays_as_a_cosine(warmup):
 
 @pytest.mark.parametrize("warmup", [0, 3])
 def test_dmd_resume_gives_the_same_losses(fresh_run, tmp_path_factory, monkeypatch, warmup):
-    """warmup 3: stopped in the critic's warm-up, when the generator's optimizer has no state yet (it
-    is saved without one, not stepped at lr 0 to make one)."""
+    """warmup 3: stopped in the critic's warm-up, when the generator's optimizer has no state yet
+    (it is saved without one, not stepped at lr 0 to make one)."""
     other = tmp_path_factory.mktemp("again")
     for name in ["teacher.safetensors", "ode.safetensors"]:
         (other / name).write_bytes((fresh_run / name).read_bytes())

@@ -50,9 +50,9 @@ def test_the_rolling_cache_equals_the_full_forward_within_its_window_and_stays_b
 def test_the_rolling_caches_positions_keep_the_sink_at_0_and_the_recent_frames_after_a_gap(
     max_gap, monkeypatch
 ):
-    """RoPE positions a chunk sees in a RollingKVCache (sink 2, window 8, chunks of 2): the sink at 0, 1;
-    the recent frames `gap` positions after it, gap = the frames evicted so far up to max_gap (0:
-    contiguous; -1: all of them, the frames' absolute positions); the chunk right after them."""
+    """RoPE positions a chunk sees in a RollingKVCache (sink 2, window 8, chunks of 2): the sink at
+    0, 1; the recent frames `gap` positions after it, gap = the frames evicted so far up to max_gap
+    (0: contiguous; -1: all of them, the frames' absolute positions); the chunk right after them."""
     cfg = small_config(chunk_size=2, num_frames=6)
     model = make_model(causal=True, cfg=cfg)
     N = 2 * 2  # tokens per frame (8x8 in patches of 4)
@@ -63,13 +63,11 @@ def test_the_rolling_caches_positions_keep_the_sink_at_0_and_the_recent_frames_a
         "visible",
         lambda self, rotation: seen.append(real(self, rotation)) or seen[-1],
     )
-    cache, x, text = (
-        successors.RollingKVCache(sink=2, window=8, chunk_size=2, max_gap=max_gap),
-        torch.randn(1, 2, 3, 8, 8),
-        torch.randn(1, 5, 16),
-    )
+    cache = successors.RollingKVCache(sink=2, window=8, chunk_size=2, max_gap=max_gap)
+    x = torch.randn(1, 2, 3, 8, 8)
+    text = torch.randn(1, 5, 16)
     with torch.no_grad():
-        for c in range(10):  # 20 frames: after chunk c, 2 (c + 1) frames streamed
+        for _c in range(10):  # 20 frames: after chunk c, 2 (c + 1) frames streamed
             cv.fill_cache(model, cache, x, text)
     evicted = 20 - cache.num_frames
     gap = {0: 0, 2: 2, -1: evicted}[max_gap]
@@ -85,13 +83,14 @@ def test_the_rolling_caches_positions_keep_the_sink_at_0_and_the_recent_frames_a
 
 
 def test_without_a_sink_the_position_scheme_does_not_matter():
-    """RoPE makes attention depend on the distance between two positions only, so a rolling cache with
-    no sink streams the same video whether its frames keep their absolute positions (sink_gap -1) or
-    are re-based to contiguous ones (0): with nothing before the gap, the gap shifts every key and
-    query alike. Not to the bit: the angles of later frames are larger numbers, rounded to fp32 in the
-    complex rotation (~1e-7 relative of angles up to 30 rad, ~3e-6), amplified by 2 layers and 3 steps
-    x 15 chunks of feedback (1.4e-6 measured) -- 1e-4 leaves room; with a sink, where the gap does move
-    keys against each other, the two schemes differ by ~1e-2."""
+    """RoPE makes attention depend on the distance between two positions only, so a rolling cache
+    with no sink streams the same video whether its frames keep their absolute positions
+    (sink_gap -1) or are re-based to contiguous ones (0): with nothing before the gap, the gap
+    shifts every key and query alike. Not to the bit: the angles of later frames are larger numbers,
+    rounded to fp32 in the complex rotation (~1e-7 relative of angles up to 30 rad, ~3e-6),
+    amplified by 2 layers and 3 steps x 15 chunks of feedback (1.4e-6 measured) -- 1e-4 leaves
+    room; with a sink, where the gap does move keys against each other, the two schemes differ by
+    ~1e-2."""
     cfg = small_config(chunk_size=2, num_frames=6)
     model = make_model(causal=True, cfg=cfg)
     noise, _, text = inputs(cfg, seed=13)
@@ -109,8 +108,8 @@ def test_without_a_sink_the_position_scheme_does_not_matter():
 
 
 def test_a_rolling_stream_holds_constant_memory_once_its_window_is_full():
-    """stream_generate with a RollingKVCache keeps nothing but the cache: the tensors alive while the
-    stream is suspended after chunk 20 and after chunk 150 (300 frames) are the same bytes."""
+    """stream_generate with a RollingKVCache keeps nothing but the cache: the tensors alive while
+    the stream is suspended after chunk 20 and after chunk 150 (300 frames) are the same bytes."""
     cfg = small_config(chunk_size=2, num_frames=6)
     model = make_model(causal=True, cfg=cfg)
     text = torch.randn(1, 5, 16)
@@ -132,9 +131,9 @@ def test_a_rolling_stream_holds_constant_memory_once_its_window_is_full():
 
 
 def test_teacher_forcing_loss_is_the_cached_samplers_step():
-    """Causal Forcing's objective: chunk c's flow-matching loss equals that of the model run on chunk c
-    over a KV cache filled with the clean chunks before it -- what sample_ode_causal runs -- and the
-    chunks after c never enter (changing them changes neither the loss nor its gradient)."""
+    """Causal Forcing's objective: chunk c's flow-matching loss equals that of the model run on
+    chunk c over a KV cache filled with the clean chunks before it -- what sample_ode_causal runs --
+    and the chunks after c never enter (changing them changes neither the loss nor its gradient)."""
     cfg = small_config()
     model = make_model(causal=True, cfg=cfg)
     x0, _, text = inputs(cfg)
@@ -171,10 +170,11 @@ def test_teacher_forcing_loss_is_the_cached_samplers_step():
 
 @pytest.mark.parametrize("step", [0, 2])
 def test_self_forcing_rollout_is_the_students_own_stream_with_gradient_through_one_step(step):
-    """The rollout's chunks are exactly Alg. 2's x0 at student step s (stream_generate stopped there,
-    the same noise draws), and the gradient is that of step s's forward of each chunk given its
-    detached past -- nothing flows through the earlier steps, the cache or other chunks' inputs.
-    Gradient checkpointing gives the same gradient (a forward with gradient never writes the cache)."""
+    """The rollout's chunks are exactly Alg. 2's x0 at student step s (stream_generate stopped
+    there, the same noise draws), and the gradient is that of step s's forward of each chunk given
+    its detached past -- nothing flows through the earlier steps, the cache or other chunks' inputs.
+    Gradient checkpointing gives the same gradient
+    (a forward with gradient never writes the cache)."""
     cfg = small_config()
     noise, _, text = inputs(cfg, seed=14)
     grads = []
@@ -196,7 +196,8 @@ def test_self_forcing_rollout_is_the_students_own_stream_with_gradient_through_o
         weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
         (out * weights).sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
-    # the reference: each chunk's step-s forward alone, over a cache of the streamed (detached) chunks
+    # the reference: each chunk's step-s forward alone,
+    # over a cache of the streamed (detached) chunks
     model = make_model(causal=True, cfg=cfg).train()
     g, cache, total = torch.Generator().manual_seed(3), successors.RolloutKVCache(), 0
     for c, x in enumerate(noise.split(2, 1)):

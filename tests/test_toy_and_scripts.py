@@ -165,7 +165,8 @@ def test_where_the_psnr_goes(capsys):
     )
     toy.print_scores(torch.stack([noisy, late, backwards]), [p] * 3, 12, True)
     assert (
-        f"by sample: wrong prompt 33.3% at {psnr[2]:.2f} dB | first-chunk pause 33.3% at {psnr[1]:.2f} dB | "
+        f"by sample: wrong prompt 33.3% at {psnr[2]:.2f} dB | "
+        f"first-chunk pause 33.3% at {psnr[1]:.2f} dB | "
         f"clean 33.3% at {psnr[0]:.2f} dB; the clean ones frame by frame: "
         in capsys.readouterr().out
     )
@@ -248,7 +249,8 @@ def test_train_dmd_runs_everything(run_dir):
 
 
 def test_train_dmd_with_backward_simulation(fresh_run, monkeypatch):
-    """--set backward_simulation=true: the generator's inputs come from its own rollout, not data."""
+    """--set backward_simulation=true: the generator's inputs come from its own rollout,
+    not data."""
     calls, simulate = [], cv.backward_simulation
     monkeypatch.setattr(
         cv, "backward_simulation", lambda *a, **kw: calls.append(a[2].shape) or simulate(*a, **kw)
@@ -314,7 +316,8 @@ def test_sample_cache_equals_no_cache_and_teacher_runs(run_dir):
 
 
 def test_sample_set_changes_sampling_not_the_network(run_dir, monkeypatch):
-    """--set reaches the sampler (the checkpoint's config is the base), but cannot reshape the network."""
+    """--set reaches the sampler (the checkpoint's config is the base),
+    but cannot reshape the network."""
     calls, ode = [], cv.sample_ode
     monkeypatch.setattr(
         cv,
@@ -377,8 +380,8 @@ def toy_embeddings(dim=6):
 
 
 def test_exact_toy_denoiser_is_the_posterior_mean():
-    """Bayes over every clip, computed the slow way -- x_t = (1 - s) X + s eps per frame, each frame at
-    its own t -- for conditional and unconditional rows in one batch."""
+    """Bayes over every clip, computed the slow way -- x_t = (1 - s) X + s eps per frame, each frame
+    at its own t -- for conditional and unconditional rows in one batch."""
     emb, Fr = toy_embeddings(), 6
     den = toy.ExactToyDenoiser(emb)
     prompts = ["a red circle moving up", "", "a blue square moving left"]
@@ -417,8 +420,8 @@ def test_exact_toy_denoiser_is_the_posterior_mean():
 
 
 def test_exact_toy_denoiser_samples_the_world():
-    """Its ODE samples (24 Euler steps, with and without CFG) are clips of the world: the right prompt,
-    every frame step exactly 1 px."""
+    """Its ODE samples (24 Euler steps, with and without CFG) are clips of the world:
+    the right prompt, every frame step exactly 1 px."""
     emb = toy_embeddings()
     prompts = [
         "a green square moving right",
@@ -488,7 +491,8 @@ def test_exact_teacher_runs_both_stages(fresh_run):
 
 
 def test_sample_reads_the_run_and_writes_to_out(run_dir, tmp_path):
-    """The model comes from --run-dir (or --ckpt), the samples go to --out: one flag does not do both."""
+    """The model comes from --run-dir (or --ckpt), the samples go to --out:
+    one flag does not do both."""
     out = tmp_path / "samples"
     sample.main(
         [
@@ -705,9 +709,10 @@ def test_dmd_shift_critic_warmup_and_the_log(fresh_run, monkeypatch):
 
 
 def test_self_forcings_optimiser_and_ema(fresh_run, monkeypatch):
-    """Self-Forcing's recipe as settings: --set dmd_beta1=0 reaches both optimisers; --set generator_ema=0.5
-    --set generator_ema_start=3 saves the EMA of the generator updates from iteration 3 on, started from
-    the weights of the update before it: here 0.5 (after update 1) + 0.5 (after update 2)."""
+    """Self-Forcing's recipe as settings: --set dmd_beta1=0 reaches both optimisers;
+    --set generator_ema=0.5 --set generator_ema_start=3 saves the EMA of the generator updates from
+    iteration 3 on, started from the weights of the update before it:
+    here 0.5 (after update 1) + 0.5 (after update 2)."""
     betas, adamw = [], training.adamw
     monkeypatch.setattr(
         training,
@@ -744,8 +749,8 @@ def test_self_forcings_optimiser_and_ema(fresh_run, monkeypatch):
 
 
 def test_train_dmd_with_self_forcing(fresh_run, monkeypatch):
-    """--set self_forcing=true: every iteration rolls the student out from noise, with gradient in the
-    generator's turns only; it cannot be combined with backward simulation."""
+    """--set self_forcing=true: every iteration rolls the student out from noise, with gradient in
+    the generator's turns only; it cannot be combined with backward simulation."""
     calls, rollout = [], successors.self_forcing_rollout
     monkeypatch.setattr(
         successors,
@@ -776,12 +781,14 @@ SHIPPED_PROMPTS = toy.PROMPTS[::6]  # 8 prompts: both shapes, every colour and d
 
 
 def test_the_shipped_teacher_loads_and_scores(tmp_path):
-    """weights/toy_teacher.safetensors (its provenance: weights/README.md) is what sample.py --teacher
-    and both training stages use when a run has no teacher of its own, and it is a good teacher."""
+    """weights/toy_teacher.safetensors (its provenance: weights/README.md) is what sample.py
+    --teacher and both training stages use when a run has no teacher of its own,
+    and it is a good teacher."""
     _, cfg, meta = utils.load_checkpoint(toy.ToyWorld.pretrained_teacher, keep=lambda k: False)
     tiny = cv.get_config("tiny")
     assert meta["stage"] == "teacher" and meta["steps"] == tiny.teacher_train_steps
-    # the toy preset's architecture, clip shape and sampling schedule (training settings may move on)
+    # the toy preset's architecture, clip shape and sampling schedule
+    # (training settings may move on)
     for name in sample.ARCHITECTURE + (
         "height",
         "width",
@@ -803,8 +810,8 @@ def test_the_shipped_teacher_loads_and_scores(tmp_path):
 
 
 def test_training_starts_from_the_shipped_teacher(tmp_path, capsys):
-    """A fresh --tiny run makes its ODE pairs with the shipped teacher (no pre-training); --teacher-steps
-    N asks for a teacher of its own."""
+    """A fresh --tiny run makes its ODE pairs with the shipped teacher (no pre-training);
+    --teacher-steps N asks for a teacher of its own."""
     args = [
         "--tiny",
         "--run-dir",
@@ -839,9 +846,9 @@ CAUSAL_FLOOR = (
 
 
 def test_the_shipped_causal_teacher_loads_and_scores(tmp_path):
-    """weights/toy_causal_teacher.safetensors (weights/README.md) is causal_ode_init's teacher when a run
-    has none: the shipped teacher fine-tuned with the block mask by teacher forcing. Sampled chunk by
-    chunk over its KV cache (sample.py --teacher --ckpt), it is a good causal teacher."""
+    """weights/toy_causal_teacher.safetensors (weights/README.md) is causal_ode_init's teacher when
+    a run has none: the shipped teacher fine-tuned with the block mask by teacher forcing. Sampled
+    chunk by chunk over its KV cache (sample.py --teacher --ckpt), it is a good causal teacher."""
     _, cfg, meta = utils.load_checkpoint(
         toy.ToyWorld.pretrained_causal_teacher, keep=lambda k: False
     )
@@ -895,11 +902,14 @@ def test_causal_ode_init_starts_from_the_shipped_causal_teacher(tmp_path, capsys
 
 
 def test_causal_forcings_recipe_is_one_flag(tmp_path):
-    """--recipe causal-forcing (the README's first table) is Causal Forcing's recipe over the preset --
-    causal ODE init from the shipped causal teacher, then Self-Forcing's DMD with its optimiser and EMA at
-    the toy world's measured rates and length (Wan: Causal Forcing's own) -- and the flags and --set still
-    override it. Typed as a user types it, in a subprocess."""
-    resolve = lambda *argv: utils.resolve(train_dmd.parse_args(list(argv)))[0]
+    """--recipe causal-forcing (the README's first table) is Causal Forcing's recipe over the preset
+    -- causal ODE init from the shipped causal teacher, then Self-Forcing's DMD with its optimiser
+    and EMA at the toy world's measured rates and length (Wan: Causal Forcing's own) -- and the
+    flags and --set still override it. Typed as a user types it, in a subprocess."""
+
+    def resolve(*argv):
+        return utils.resolve(train_dmd.parse_args(list(argv)))[0]
+
     cfg = resolve("--tiny", "--recipe", "causal-forcing")
     assert (
         cfg.causal_ode_init,

@@ -45,7 +45,8 @@ def randomize(model, seed=0, std=0.1):
 
 @pytest.fixture(scope="module")
 def wan_dir(tmp_path_factory):
-    """A tiny random Wan2.1-T2V-Diffusers directory: sharded transformer/, text_encoder/, tokenizer/, vae/."""
+    """A tiny random Wan2.1-T2V-Diffusers directory:
+    sharded transformer/, text_encoder/, tokenizer/, vae/."""
     root = tmp_path_factory.mktemp("Wan2.1-T2V-tiny-Diffusers")
     torch.manual_seed(0)
     dit = randomize(diffusers.WanTransformer3DModel(**TINY_DIT))
@@ -171,7 +172,10 @@ def test_loading_is_strict(tmp_path, wan_dir):
     del state["proj_out.bias"]
     with pytest.raises(
         cv.CausVidError,
-        match=r"does not fit.*missing \['head.head.bias'\]|keys our DiT does not: \['blocks.0.extra.weight'\]",
+        match=(
+            r"does not fit.*missing \['head.head.bias'\]|"
+            r"keys our DiT does not: \['blocks.0.extra.weight'\]"
+        ),
     ):
         wan.from_diffusers_state_dict(cv.DiT(wan.wan_config(str(wan_dir), small_base())[0]), state)
     with pytest.raises(cv.CausVidError, match="not a Wan2.1 directory"):
@@ -218,7 +222,8 @@ def test_the_vae_wrapper_matches_diffusers_and_streams(wan_dir):
         - (rearrange(mu, "b c f h w -> b f c h w") - mean.view(1, 1, 4, 1, 1))
         / std.view(1, 1, 4, 1, 1)
     ).abs().max() <= 1e-4
-    # encoding as the frames arrive, in pieces that do not line up with the VAE's 1 + 4 + 4 ... frames
+    # encoding as the frames arrive,
+    # in pieces that do not line up with the VAE's 1 + 4 + 4 ... frames
     pieces = [pixels[:, :2], pixels[:, 2:7], pixels[:, 7:8], pixels[:, 8:]]
     streamed = list(vae.encode_stream(iter(pieces), 3))
     assert [z.shape[1] for z in streamed] == [3, 3] and (
@@ -228,8 +233,9 @@ def test_the_vae_wrapper_matches_diffusers_and_streams(wan_dir):
 
 @pytest.fixture(scope="module")
 def wan_run(wan_dir, tmp_path_factory):
-    """train_ode.py (teacher = the Wan directory itself) and train_dmd.py on the tiny Wan directory, with
-    small frame sizes set by --set. -> (the flags every script gets, the run directory)."""
+    """train_ode.py (teacher = the Wan directory itself) and train_dmd.py on the tiny Wan
+    directory, with small frame sizes set by --set.
+    -> (the flags every script gets, the run directory)."""
     import train_dmd
     import train_ode
 
@@ -326,9 +332,10 @@ def test_bf16_inference_stays_close_to_fp32(wan_run):
 
 
 def test_long_wan_videos_keep_the_first_latent_chunk(wan_run, monkeypatch):
-    """Wan's latent frame 0 stands for one pixel frame, the others for four: a long video must not put
-    a mid-video latent at position 0. The Wan preset streams long videos with a rolling cache whose
-    sink is the first chunk, frame 0 included, at its own positions, and re-encodes nothing."""
+    """Wan's latent frame 0 stands for one pixel frame, the others for four: a long video must not
+    put a mid-video latent at position 0. The Wan preset streams long videos with a rolling cache
+    whose sink is the first chunk, frame 0 included, at its own positions,
+    and re-encodes nothing."""
     import imageio.v2 as imageio
 
     import sample
@@ -362,8 +369,8 @@ def test_long_wan_videos_keep_the_first_latent_chunk(wan_run, monkeypatch):
 
 
 def test_the_bench_runs_at_toy_size(capsys):
-    """bench.py on a CPU at toy size: every row of the table (inference eager and compiled, one ODE step,
-    one DMD iteration of each kind through the scripts' own step functions)."""
+    """bench.py on a CPU at toy size: every row of the table (inference eager and compiled, one ODE
+    step, one DMD iteration of each kind through the scripts' own step functions)."""
     import bench
 
     rows = bench.main(["--tiny", "--device", "cpu", "--repeats", "1"])
@@ -424,9 +431,9 @@ def test_export_writes_a_diffusers_directory_with_the_students_outputs(wan_run, 
 def test_export_lora_loads_with_diffusers_and_reproduces_the_student_at_full_rank(
     wan_dir, wan_run, tmp_path, capsys
 ):
-    """A student that differs from the teacher in its linear layers (weights and biases), the part a
-    LoRA can carry: at full rank diffusers' own Wan LoRA loading (ComfyUI's format, converted) on the
-    teacher gives the student's outputs; at lower ranks the error falls as the rank grows."""
+    """A student that differs from the teacher in its linear layers (weights and biases), the part
+    a LoRA can carry: at full rank diffusers' own Wan LoRA loading (ComfyUI's format, converted) on
+    the teacher gives the student's outputs; at lower ranks the error falls as the rank grows."""
     from diffusers.loaders import WanLoraLoaderMixin
 
     import export
@@ -492,9 +499,9 @@ def test_export_refuses_toy_checkpoints_and_a_lora_without_its_teacher(wan_run, 
 
 
 def test_wan_image_to_video_starts_from_the_image_in_the_cache(wan_run, tmp_path, monkeypatch):
-    """The image, still for a chunk's 1 + 4 (K - 1) pixel frames, is encoded into K latent frames that
-    fill the cache before the first generated chunk; the decoded video starts with it; same seed, same
-    frames."""
+    """The image, still for a chunk's 1 + 4 (K - 1) pixel frames, is encoded into K latent frames
+    that fill the cache before the first generated chunk; the decoded video starts with it; same
+    seed, same frames."""
     import imageio.v2 as imageio
     import numpy as np
 
