@@ -120,9 +120,8 @@ class Config:
     lr_causal_teacher: float = 1e-3  # its peak learning rate (warm-up, cosine, EMA)
     # A rolling KV cache for long videos (a window that never re-encodes):
     sink: int = -1  # -1: the official re-encoding window; n >= 0: a rolling cache keeping n frames
-    sink_gap: int = (
-        0  # RoPE gap between the sink and the recent frames: 0 none, k at most k, -1 all
-    )
+    # the RoPE gap between the sink and the recent frames: 0 none, k at most k, -1 all evicted
+    sink_gap: int = 0
 
 
 # Wan2.1's default negative prompt (its sample_neg_prompt): CFG's "unconditional" branch
@@ -371,6 +370,12 @@ def flex_block_mask(
     return create_block_mask(mask_mod, None, None, S, cached + S, device=device)
 
 
+@functools.cache
+def compiled(fn):
+    """torch.compile(fn), once per function and process."""
+    return torch.compile(fn, dynamic=False)
+
+
 def attend(q, k, v, mask=None):
     """(B, heads, S, d) attention under a dense boolean mask, a FlexAttention BlockMask, or none.
     FlexAttention is one fused kernel only when compiled: on CUDA it is, once per process; on a
@@ -382,12 +387,6 @@ def attend(q, k, v, mask=None):
     if q.is_cuda:
         return compiled(flex_attention)(q, k, v, block_mask=mask)
     return flex_attention(q, k, v, block_mask=mask)
-
-
-@functools.cache
-def compiled(fn):
-    """torch.compile(fn), once per function and process."""
-    return torch.compile(fn, dynamic=False)
 
 
 class KVCache:
@@ -510,9 +509,8 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(
             nn.Linear(D, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, D)
         )
-        self.modulation = nn.Parameter(
-            torch.zeros(1, 6, D)
-        )  # a learned table added to the time embedding
+        # a learned table added to the time embedding
+        self.modulation = nn.Parameter(torch.zeros(1, 6, D))
 
     def forward(self, x, e, text, rotation, mask=None, cache=None, layer=0):
         """x (B, S, D); e (B, F, 6, D) per-frame time modulation; text (B, L, D)."""
@@ -615,9 +613,8 @@ class DiT(nn.Module):
         angles = rope_angles(cfg.dim // cfg.num_heads, offset + Fr, rows, cols, device=x.device)
         rotation = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
         mask = None
-        if self.causal and (
-            cache is None or Fr > cfg.chunk_size
-        ):  # one chunk after a cache: no mask
+        one_chunk_after_a_cache = cache is not None and Fr <= cfg.chunk_size  # needs no mask
+        if self.causal and not one_chunk_after_a_cache:
             mask = self.block_mask(Fr, rows * cols, offset, x.device)
         for i, block in enumerate(self.blocks):
             args = (x, e, text, rotation, mask, cache, i)
@@ -783,7 +780,7 @@ def windowed_generate(
             yield x0
 
 
-def after(model: DiT, past: torch.Tensor, x, t, text, cache=None) -> torch.Tensor:
+def velocity_after(model: DiT, past: torch.Tensor, x, t, text, cache=None) -> torch.Tensor:
     """The velocity of x's frames run after the clean frames `past` at t = 0, the past recomputed
     under the block-causal mask (recompute_generate's model)."""
     t_all = torch.cat([t.new_zeros(t.shape[0], past.shape[1]), t], 1)
@@ -798,7 +795,8 @@ def recompute_generate(
     re-runs the whole clean past at t = 0 under the block-causal mask. Same output, growing cost."""
     past = [] if context is None else [context]
     for c, x in enumerate(as_chunks(noise, model.cfg.chunk_size)):
-        with_past = functools.partial(after, model, torch.cat(past + [x[:, :0]], 1))
+        clean = torch.cat(past, 1) if past else x[:, :0]  # the clean frames so far (maybe none)
+        with_past = functools.partial(velocity_after, model, clean)
         x0, _ = denoise_chunk(with_past, x, text, timesteps, None, chunk_generator(generator, c))
         past.append(x0)
         yield x0
@@ -892,7 +890,7 @@ def ode_regression_loss(
 def generator_x0(
     generator: Callable, x0_data: torch.Tensor, text, timesteps, chunk_size: int, clean_context=True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Alg. 1 lines 4-7: noise each chunk of a data clip to its own random step of T; the
+    """Alg. 1 lines 5-7 on line 4's clip: noise each chunk to its own random step of T; the
     block-causal student predicts the clean clip -> (x0_hat (B, F, C, H, W) with grad, each frame's
     step t (B, F)). A chunk drawn at t = 0 (clean_context) is the data chunk itself: context."""
     B, Fr = x0_data.shape[:2]
@@ -927,7 +925,8 @@ def dmd_timesteps(B: int, num_frames: int, shift: float, t_min=20.0, t_max=980.0
 
 
 def dmd_loss(x0, t, teacher: Callable, critic: Callable, text, uncond=None, guidance: float = 1.0):
-    """The generator's DMD loss (Eq. 4, Alg. 1 lines 8-10); x0 (B, F, C, H, W) with grad, t (B, F).
+    """The generator's DMD loss (Eq. 4, Alg. 1 lines 9-10); x0 (B, F, C, H, W) with grad, t (B, F)
+    from line 8.
 
     Noise x0 to t and ask both score models for their clean estimate: the frozen bidirectional
     teacher with CFG (s_data, the "real" score) and the critic (s_gen, the "fake" score). For

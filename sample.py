@@ -252,7 +252,7 @@ def load(args, path: str, cfg: cv.Config, device):
     paths = dict(
         text_encoder=cfg.text_encoder or model.cfg.text_encoder, vae=cfg.vae or model.cfg.vae
     )
-    return model, kind, replace(model.cfg, **paths, **overrides)
+    return model, kind, replace(model.cfg, **{**paths, **overrides})
 
 
 def texts(
@@ -272,6 +272,30 @@ def texts(
     return text, emb[negative][None]
 
 
+def role(args, kind: str) -> str:
+    """What the model is, in words."""
+    if args.exact_teacher:
+        return "exact toy teacher"
+    return {
+        "student": "causal student",
+        "causal": "causal teacher",
+        "teacher": "bidirectional teacher",
+    }[kind]
+
+
+def mode(args, switches: dict[int, str], cfg: cv.Config, start: int) -> str:
+    """Which application runs, in words."""
+    if args.image:
+        words = "image-to-video"
+    elif args.video:
+        words = f"video-to-video from t = {cv.student_timesteps(cfg)[start]:.0f}"
+    else:
+        words = "text-to-video"
+    if switches:
+        words += f", prompt switches {switches}"
+    return words
+
+
 def main(argv=None):
     args = parse_args(argv)
 
@@ -279,7 +303,9 @@ def main(argv=None):
     cfg, device, run = utils.resolve(args)
     window = check_args(args, cfg)
     K = cfg.chunk_size
-    world = utils.make_world(cfg, device, args.model_dir)  # the preset's: its pixels, its teacher
+    # the preset's world: its frames' size, its teacher; a VAE where it needs one
+    world = utils.make_world(cfg, device, args.model_dir)
+    world.check_pixels()
     video = read_video(args.video, world) if args.video else None
     num_frames = frame_count(args, cfg, video, world, window)
     switches = parse_switches(args.switch, num_frames // K)
@@ -293,9 +319,8 @@ def main(argv=None):
     else:
         path = os.path.join(run, "dmd.safetensors")
     model, kind, cfg = load(args, path, cfg, device)
-    world = utils.make_world(
-        cfg, device, args.model_dir
-    )  # the same world, at the checkpoint's config
+    # the same world at the config the checkpoint samples with
+    world = utils.make_world(cfg, device, args.model_dir)
     text_encoder = world.text_encoder(path)
     if args.exact_teacher:
         model = world.exact_teacher(text_encoder)
@@ -326,14 +351,19 @@ def main(argv=None):
     if image is not None:
         still = image.expand(world.pixel_frames(K), -1, -1, -1)
         context = world.encode(still[None]).cpu().expand(len(prompts), -1, -1, -1, -1)
-    describe(args, path, kind, prompts, num_frames, window, switches, cfg, start, device)
+    print(
+        f"model: {path} ({role(args, kind)}), {len(prompts)} videos of {num_frames} frames, "
+        f"{mode(args, switches, cfg, start)}, window {window or 'unbounded'}, device {device}"
+    )
 
     # Stream: chunk after chunk, each written as it arrives.
     if args.no_cache:
         generate = cv.recompute_generate
     else:
         generate = utils.streaming(window, sink, cfg.sink_gap)
-    make = utils.sampler(model, kind, cfg, device, uncond.to(device), generate, start)
+    make = utils.sampler(
+        model, kind, cfg, device, uncond=uncond.to(device), generate=generate, start=start
+    )
     stream = utils.stream_video(
         make,
         text,
@@ -342,7 +372,7 @@ def main(argv=None):
         seed=args.seed,
         context=context,
         video=video,
-        batch=args.batch_size or world.generation_batch,
+        batch=args.batch_size or world.sampling_batch,
     )
     stem = os.path.join(out, args.name or "samples_" + os.path.splitext(os.path.basename(path))[0])
     stamps = []  # when each made chunk arrived
@@ -377,28 +407,6 @@ def main(argv=None):
     if all(p in world.prompts for p in prompts) and not (switches or args.video or args.image):
         return world.score(frames, prompts, several=args.samples_per_prompt > 1)
     return None
-
-
-def describe(args, path, kind, prompts, num_frames, window, switches, cfg, start, device):
-    """One line: what is sampled, how."""
-    if args.image:
-        mode = "image-to-video"
-    elif args.video:
-        mode = f"video-to-video from t = {cv.student_timesteps(cfg)[start]:.0f}"
-    else:
-        mode = "text-to-video"
-    if switches:
-        mode += f", prompt switches {switches}"
-    roles = {
-        "student": "causal student",
-        "causal": "causal teacher",
-        "teacher": "bidirectional teacher",
-    }
-    role = "exact toy teacher" if args.exact_teacher else roles[kind]
-    print(
-        f"model: {path} ({role}), {len(prompts)} videos of {num_frames} frames, {mode}, "
-        f"window {window or 'unbounded'}, device {device}"
-    )
 
 
 if __name__ == "__main__":

@@ -427,17 +427,21 @@ def read_text_encoder(checkpoint: str) -> TextEncoder:
 class ToyWorld:
     """Moving Shapes as the scripts see it. wan.WanWorld has the same members, so no script asks
     which world it runs in:
-      prompts and text      prompts, preview_prompts, text_encoder(), exact_teacher()
-      frames and the DiT    pixel_size, pixel_frames(), latent_frames(), encode(),
+      prompts and text      prompts, preview_prompts, text_encoder(), saved_text_encoder(),
+                            exact_teacher()
+      frames and the DiT    pixel_size, check_pixels(), pixel_frames(), latent_frames(), encode(),
                             encode_stream(), decode_stream()  (here the DiT works on the pixels)
       videos to train on    clips (flow-matching pre-training), training_videos() (DMD's data)
       a scorer              score()
-      sizes and weights     generation_batch, pretrained_teacher, pretrained_causal_teacher"""
+      sizes and weights     sampling_batch, pairs_batch, frozen_dtype, pretrained_teacher,
+                            pretrained_causal_teacher"""
 
     name = "the toy world"
     prompts = PROMPTS  # what the scripts train on and sample by default
     preview_prompts = PROMPTS[::6]  # train_dmd.py's progress GIFs
-    generation_batch = 64  # videos sampled (and ODE pairs made) at once
+    sampling_batch = 64  # videos sampled at once
+    pairs_batch = 64  # ODE pairs made at once (a shard)
+    frozen_dtype = torch.float32  # the frozen teacher's weights in DMD
     pretrained_teacher = os.path.join(WEIGHTS, "toy_teacher.safetensors")  # weights/README.md
     pretrained_causal_teacher = os.path.join(WEIGHTS, "toy_causal_teacher.safetensors")
 
@@ -454,12 +458,19 @@ class ToyWorld:
             return tiny_text_encoder(self.cfg).to(self.device)
         return read_text_encoder(checkpoint).to(self.device)
 
+    def saved_text_encoder(self, text_encoder: TextEncoder) -> TextEncoder:
+        """What a checkpoint keeps of the text encoder: the tiny one itself."""
+        return text_encoder
+
     def exact_teacher(self, text_encoder: TextEncoder) -> nn.Module:
         """The world's exact denoiser in the teacher's place (--exact-teacher)."""
         negative = self.cfg.negative_prompt
         return ExactToyDenoiser(text_encoder.embed(PROMPTS + [negative]), negative)
 
     # frames and the DiT's space: the DiT works on the pixels themselves, in [-1, 1]
+
+    def check_pixels(self):
+        """Nothing to check: the frames are the DiT's own."""
 
     def pixel_frames(self, latent_frames: int) -> int:
         return latent_frames

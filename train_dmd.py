@@ -176,6 +176,17 @@ def generator_inputs(cfg: cv.Config, device, seed: int):
     return noised_data
 
 
+def preview(generator, world, emb, path: str):
+    """A few streamed samples, to watch training progress (every rank samples: the sharded generator
+    needs them all; rank 0 writes)."""
+    make = utils.sampler(generator, "student", world.cfg, world.device)
+    text = utils.stack_text(emb, world.preview_prompts, "cpu")
+    video = utils.generate(make, text, world.cfg.num_frames, world, seed=0)[0]
+    if training.rank() == 0:
+        utils.write_video(path, video)
+        tqdm.write(f"wrote {path}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg, device, run = utils.resolve(args)
@@ -187,7 +198,7 @@ def main(argv=None):
     # Alg. 1 lines 1-2: G from stage 1 (run first on the toy world if missing), s_gen from s_data.
     ode_path = args.ode or os.path.join(run, "ode.safetensors")
     if not os.path.exists(ode_path):
-        if args.ode or not world.prompts:  # (Wan's prompts come from train_ode.py --prompts)
+        if args.ode or not (world.prompts or args.prompts):
             raise cv.CausVidError(
                 f"stage-1 checkpoint {ode_path!r} not found; run train_ode.py first"
             )
@@ -201,18 +212,14 @@ def main(argv=None):
     # diffusion model (Table 4's "causal teacher" ablation); the critic starts as a copy of it
     teacher = utils.load_model(teacher_path, device=device, expect=cfg).eval().requires_grad_(False)
     critic = copy.deepcopy(teacher).train().requires_grad_(True)
-    if device.type == "cuda":
-        teacher.to(
-            torch.bfloat16
-        )  # frozen: bf16 weights suffice (autocast computes in bf16 anyway)
+    teacher.to(world.frozen_dtype)  # Wan on a GPU: bf16 weights, no optimizer state to keep
     text_encoder = world.text_encoder(teacher_path)
     real = world.exact_teacher(text_encoder) if args.exact_teacher else teacher
     videos, pool = world.training_videos(training.ODEPairs(os.path.join(run, "ode_pairs")))
     emb = text_encoder.embed(list(pool) + [cfg.negative_prompt])
-    if cfg.text_encoder != "tiny":  # checkpoints keep only the tiny one: UMT5's memory goes back
-        text_encoder = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    text_encoder = world.saved_text_encoder(text_encoder)  # (Wan: UMT5's memory goes back)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     generator.gradient_checkpointing = cfg.gradient_checkpointing
     critic.gradient_checkpointing = cfg.gradient_checkpointing
     ema = training.ema(generator, cfg.generator_ema) if cfg.generator_ema else None
@@ -300,17 +307,6 @@ def main(argv=None):
             seconds_per_iteration=(time.time() - t0) / max(1, total - loop.first_step),
         )
         print(f"wrote {path}")
-
-
-def preview(generator, world, emb, path: str):
-    """A few streamed samples, to watch training progress (every rank samples: the sharded generator
-    needs them all; rank 0 writes)."""
-    make = utils.sampler(generator, "student", world.cfg, world.device)
-    text = utils.stack_text(emb, world.preview_prompts, "cpu")
-    video = utils.generate(make, text, world.cfg.num_frames, world, seed=0)[0]
-    if training.rank() == 0:
-        utils.write_video(path, video)
-        tqdm.write(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def get_teacher(args, world, run: str):
         f"pre-training the toy teacher into {path} for {cfg.teacher_train_steps} steps (it stands "
         "in for a pretrained video model)"
     )
-    text_encoder = world.text_encoder()  # a fresh one, saved with the teacher
+    text_encoder = world.text_encoder().cpu()  # a fresh one, saved with the teacher
     teacher = cv.DiT(cfg).to(world.device)
     job = training.Pretraining(
         stage="teacher",
@@ -73,7 +73,7 @@ def get_teacher(args, world, run: str):
     training.train_flow_matching(
         teacher, text_encoder, job, world, path, training.LoopFlags.of(args)
     )
-    return teacher.requires_grad_(False), text_encoder
+    return teacher.requires_grad_(False), text_encoder.to(world.device)
 
 
 def get_causal_teacher(args, world, teacher, text_encoder, run: str) -> cv.DiT:
@@ -129,7 +129,9 @@ def make_ode_pairs(args, world, teacher, text_encoder, path: str):
     """Sec. 4.3: the teacher's trajectories from noise (Euler, CFG with the negative prompt), kept
     at the student's timesteps, written shard by shard to `path`; shards already there are kept (a
     killed run resumes), and shard i's noise depends only on the seed and i."""
-    cfg, device, batch = world.cfg, world.device, world.generation_batch
+    cfg = world.cfg
+    device = world.device
+    batch = world.pairs_batch
     pool = utils.read_prompts(args.prompts, world)
     draw = torch.randint(
         0, len(pool), (cfg.ode_pairs,), generator=torch.Generator().manual_seed(args.seed)
@@ -140,9 +142,8 @@ def make_ode_pairs(args, world, teacher, text_encoder, path: str):
     real = world.exact_teacher(text_encoder) if args.exact_teacher else teacher
     # a bidirectional teacher samples the whole clip; a causal one (Causal Forcing) chunk by chunk
     sampler = cv.sample_ode_causal if getattr(real, "causal", False) else cv.sample_ode
-    dtype = (
-        torch.bfloat16 if device.type == "cuda" else torch.float32
-    )  # what the teacher computes in
+    # the pairs are stored in what the teacher computes in
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     done = collections.Counter(shard for shard, _ in training.ODEPairs(path).rows)  # rows per shard
     shards = range(0, cfg.ode_pairs, batch)
     pending = [
@@ -271,10 +272,9 @@ def run(args, world, run_dir: str):
     """Stage 1 in full (train_dmd.py calls this when the run has no ode.safetensors yet)."""
     torch.manual_seed(args.seed)
     teacher, text_encoder = get_teacher(args, world, run_dir)
-    if world.cfg.causal_ode_init:  # Causal Forcing: the causal teacher makes the pairs and gives
-        teacher = get_causal_teacher(
-            args, world, teacher, text_encoder, run_dir
-        )  # the first weights
+    if world.cfg.causal_ode_init:
+        # Causal Forcing: the causal teacher makes the pairs and gives the student its first weights
+        teacher = get_causal_teacher(args, world, teacher, text_encoder, run_dir)
     pairs = get_ode_pairs(args, world, teacher, text_encoder, run_dir)
     path = os.path.join(run_dir, "ode.safetensors")
     regress_student(args, world, teacher, text_encoder, pairs, path)

@@ -314,10 +314,8 @@ def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], cfg: cv.Config,
     try:
         cpu = {k: v.detach().cpu().clone() for k, v in tensors.items()}  # clone: no shared storage
         save_file(cpu, tmp, metadata=header)
-        with open(tmp, "rb") as f:
-            os.fsync(
-                f.fileno()
-            )  # the bytes are on disk before the rename makes them the checkpoint
+        with open(tmp, "rb") as f:  # the bytes are on disk before the rename makes them the file
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
@@ -515,10 +513,8 @@ def stream_video(
 
     batches = [rows(i) for i in range(0, N, batch)]
     while True:
-        with (
-            autocast(device),
-            torch.no_grad(),
-        ):  # (around each step: a suspended generator holds neither)
+        # (around each step: a suspended generator holds neither context open)
+        with autocast(device), torch.no_grad():
             chunks = [next(b, None) for b in batches]
         if chunks[0] is None:
             return

@@ -339,7 +339,8 @@ class WanVAE:
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """pixels in [-1, 1] (B, 1 + 4k, 3, H, W) ->
         normalised latents (B, 1 + k, C, H / 8, W / 8)."""
-        mu = self.vae.encode(rearrange(video, "b f c h w -> b c f h w")).latent_dist.mode()
+        x = rearrange(video.to(self.mean.dtype), "b f c h w -> b c f h w")
+        mu = self.vae.encode(x).latent_dist.mode()
         return (rearrange(mu, "b c f h w -> b f c h w") - self.mean) / self.std
 
     @torch.no_grad()
@@ -413,9 +414,9 @@ class WanWorld:
 
     name = "Wan"
     prompts: list[str] = []
-    preview_prompts: list[
-        str
-    ] = []  # no progress GIFs: they would hold the VAE in training's memory
+    # no progress GIFs: they would hold the VAE in training's memory
+    preview_prompts: list[str] = []
+    sampling_batch = 1  # videos sampled at once
     clips = None  # no video dataset to pre-train a teacher on
     pretrained_causal_teacher = None  # none is shipped (Causal Forcing's Wan teacher is theirs)
 
@@ -427,7 +428,8 @@ class WanWorld:
         self.dtype = dtype  # UMT5's and the VAE's
         self.pretrained_teacher = model_dir
         self.pixel_size = (8 * cfg.height, 8 * cfg.width)
-        self.generation_batch = min(64, cfg.batch_size)
+        self.pairs_batch = min(64, cfg.batch_size)  # ODE pairs made at once (a shard)
+        self.frozen_dtype = dtype  # the frozen teacher's weights in DMD: bf16 on a GPU
         self._vae = None
 
     # prompts and text
@@ -435,6 +437,10 @@ class WanWorld:
     def text_encoder(self, checkpoint: str | None = None) -> TextEncoder:
         """UMT5 from cfg.text_encoder (the checkpoint does not hold it)."""
         return load_umt5(self.cfg.text_encoder, self.cfg.text_len, self.dtype).to(self.device)
+
+    def saved_text_encoder(self, text_encoder: TextEncoder) -> None:
+        """What a checkpoint keeps of the text encoder: nothing (UMT5 stays in its directory)."""
+        return None
 
     def exact_teacher(self, text_encoder: TextEncoder):
         raise cv.CausVidError("--exact-teacher exists for the toy world only (--tiny); drop it")
@@ -447,12 +453,14 @@ class WanWorld:
     @property
     def vae(self) -> "WanVAE":
         if self._vae is None:
-            if not self.cfg.vae:
-                raise cv.CausVidError(
-                    "Wan's frames go through its VAE: pass --model-dir (or --vae)"
-                )
+            self.check_pixels()
             self._vae = WanVAE(self.cfg.vae, self.device, self.dtype)
         return self._vae
+
+    def check_pixels(self):
+        """Wan's frames go through its VAE: say so before any model is loaded."""
+        if not self.cfg.vae:
+            raise cv.CausVidError("Wan's frames go through its VAE: pass --model-dir (or --vae)")
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 pixels (B, 1 + 4k, H, W, 3) -> normalised latents (B, 1 + k, C, H / 8, W / 8)."""

@@ -527,7 +527,7 @@ def test_ode_pairs_are_written_in_shards_resumed_and_read_lazily(fresh_run, tmp_
     )
     args = argparse.Namespace(prompts=None, exact_teacher=False, seed=3)
     world = toy.ToyWorld(cfg, torch.device("cpu"))
-    world.generation_batch = 2  # shards of 2 pairs
+    world.pairs_batch = 2  # shards of 2 pairs
     train_ode.make_ode_pairs(args, world, teacher, enc, str(tmp_path / "straight"))
     real_save, saves = utils.save_checkpoint, []
 

@@ -304,6 +304,15 @@ def test_the_three_scripts_run_on_a_wan_layout_directory(wan_run, tmp_path):
             ]
         )  # Causal Forcing's Wan teacher is not ours to train
     assert not (tmp_path / "cf" / "ode_pairs").exists()
+    # train_dmd.py runs stage 1 first where it has prompts (Wan's: --prompts), else says so
+    import train_dmd
+
+    both = ["--run-dir", str(tmp_path / "both"), "--steps", "1"]
+    with pytest.raises(cv.CausVidError, match="stage-1 checkpoint .* not found; run train_ode.py"):
+        train_dmd.main(common + both)
+    prompts = ["--prompts", str(run.parent / "prompts.txt"), "--pairs", "2", "--ode-steps", "1"]
+    train_dmd.main(common + both + prompts)
+    assert utils.load_model(str(tmp_path / "both" / "dmd.safetensors")).causal
 
 
 def test_bf16_inference_stays_close_to_fp32(wan_run):
