@@ -303,9 +303,7 @@ def main(argv=None):
     cfg, device, run = utils.resolve(args)
     window = check_args(args, cfg)
     K = cfg.chunk_size
-    # the preset's world: its frames' size, its teacher; a VAE where it needs one
-    world = utils.make_world(cfg, device, args.model_dir)
-    world.check_pixels()
+    world = utils.make_world(cfg, device, args.model_dir)  # the preset's: frame size, teacher
     video = read_video(args.video, world) if args.video else None
     num_frames = frame_count(args, cfg, video, world, window)
     switches = parse_switches(args.switch, num_frames // K)
@@ -319,8 +317,9 @@ def main(argv=None):
     else:
         path = os.path.join(run, "dmd.safetensors")
     model, kind, cfg = load(args, path, cfg, device)
-    # the same world at the config the checkpoint samples with
+    # the same world at the config the checkpoint samples with; Wan's needs its VAE
     world = utils.make_world(cfg, device, args.model_dir)
+    world.check_pixels()
     text_encoder = world.text_encoder(path)
     if args.exact_teacher:
         model = world.exact_teacher(text_encoder)

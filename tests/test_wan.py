@@ -286,6 +286,10 @@ def test_the_three_scripts_run_on_a_wan_layout_directory(wan_run, tmp_path):
     assert (
         frames.shape == (1 + 4 * 5, 4 * 32 + 2, 4 * 48 + 2, 3) and not (run / "wan.npz").exists()
     )  # npz: toy only
+    with pytest.raises(cv.CausVidError, match="Wan's frames go through its VAE: pass --model-dir"):
+        sample.main(
+            common + ["--prompt", "a cat walking", "--set", "vae="]
+        )  # no VAE to decode with
     with pytest.raises(cv.CausVidError, match="pass --prompts FILE"):
         train_ode.main(common + ["--run-dir", str(tmp_path / "other")])
     with pytest.raises(
