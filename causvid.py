@@ -205,8 +205,7 @@ def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Ten
 
 
 def velocity_to_x0(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t = x0 + s (eps - x0) = x0 + s v, so the clean sample is x0 = x_t - s v (official #44,
-    #50)."""
+    """x_t = x0 + s (eps - x0) = x0 + s v, so the clean sample is x0 = x_t - s v (official #50)."""
     return x_t - _s(t, x_t) * v
 
 

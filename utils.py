@@ -426,33 +426,14 @@ def sampler(model, kind: str, cfg: cv.Config, device, uncond=None, generate=None
                  for long videos, cv.recompute_generate for Table 3's baseline) from student step
                  `start`; video chunks, where given, are noised to that step (SDEdit, Sec. 5.3)
     The teachers make the whole clip at once: nothing to show before the end."""
-    if kind == "teacher":
+    if kind in ("teacher", "causal"):
+        ode = cv.sample_ode if kind == "teacher" else cv.sample_ode_causal
 
         def make(noise, text, context, renoise, video):
-            x0, _ = cv.sample_ode(
-                model,
-                torch.cat(list(noise), 1),
-                text,
-                uncond,
-                guidance=cfg.teacher_guidance,
-                steps=cfg.teacher_steps,
-                shift=cfg.shift,
-            )
-            return [x0]
-
-    elif kind == "causal":
-
-        def make(noise, text, context, renoise, video):
-            x0, _ = cv.sample_ode_causal(
-                model,
-                torch.cat(list(noise), 1),
-                text,
-                uncond,
-                guidance=cfg.teacher_guidance,
-                steps=cfg.teacher_steps,
-                shift=cfg.shift,
-                context=context,
-            )
+            options = dict(guidance=cfg.teacher_guidance, steps=cfg.teacher_steps, shift=cfg.shift)
+            if context is not None:  # (a causal model's cache starts from it)
+                options["context"] = context
+            x0, _ = ode(model, torch.cat(list(noise), 1), text, uncond, **options)
             return [x0]
 
     else:
