@@ -139,20 +139,6 @@ def parse_switches(switches: list[str], num_chunks: int) -> dict[int, str]:
     return out
 
 
-def student_start(cfg: cv.Config, strength: float) -> int:
-    """Video-to-video: the first student step at or below strength * 1000."""
-    ts = cv.student_timesteps(cfg).tolist()
-    if not 0 < strength <= 1:
-        raise cv.CausVidError(f"--strength {strength} must lie in (0, 1]")
-    ok = [i for i, t in enumerate(ts) if t <= strength * 1000 + 1e-3]
-    if not ok:
-        raise cv.CausVidError(
-            f"--strength {strength} is below the student's lowest step t = {ts[-1]:.0f}; use at "
-            f"least {ts[-1] / 1000:.3f}"
-        )
-    return ok[0]
-
-
 def check_args(args, cfg: cv.Config) -> int | None:
     """Everything about the flags that can be wrong, said before any model is loaded. -> the
     window (None: unbounded)."""
@@ -180,25 +166,6 @@ def check_args(args, cfg: cv.Config) -> int | None:
             "for an unbounded cache)"
         )
     return window
-
-
-def read_video(path: str, world) -> torch.Tensor:
-    """--video's frames: uint8 (N, F, H, W, 3) at the model's pixel size, whole latent frames of a
-    chunk at least."""
-    frames = utils.read_frames(path, *world.pixel_size)
-    n = frames.shape[1]
-    whole = world.pixel_frames(world.latent_frames(n))
-    if whole != n:
-        raise cv.CausVidError(
-            f"--video has {n} frames; Wan's VAE encodes 1 + 4k frames: trim it to {whole}"
-        )
-    K = world.cfg.chunk_size
-    if world.latent_frames(n) < K:
-        raise cv.CausVidError(
-            f"--video has {n} frames, fewer than one chunk ({world.pixel_frames(K)}); "
-            "give a longer video"
-        )
-    return frames
 
 
 def frame_count(args, cfg: cv.Config, video, world, window) -> int:
@@ -304,10 +271,10 @@ def main(argv=None):
     window = check_args(args, cfg)
     K = cfg.chunk_size
     world = utils.make_world(cfg, device, args.model_dir)  # the preset's: frame size, teacher
-    video = read_video(args.video, world) if args.video else None
+    video = utils.read_video(args.video, world) if args.video else None
     num_frames = frame_count(args, cfg, video, world, window)
     switches = parse_switches(args.switch, num_frames // K)
-    start = student_start(cfg, args.strength) if args.video else 0
+    start = utils.student_start(cfg, args.strength) if args.video else 0
     image = utils.read_frames(args.image, *world.pixel_size)[0, :1] if args.image else None
     out = utils.writable_dir(args.out or run, "--out")
     if args.ckpt:

@@ -373,8 +373,6 @@ def lit_stats(frames):
 
 
 def applications(run, cfg, device, seed, report, prompts):
-    from sample import student_start
-
     student = utils.load_model(os.path.join(run, "dmd.safetensors"), device=device).eval()
     K, g = cfg.chunk_size, torch.Generator().manual_seed(seed)
     emb = toy.read_text_encoder(os.path.join(run, "dmd.safetensors")).embed(toy.PROMPTS)
@@ -445,7 +443,7 @@ def applications(run, cfg, device, seed, report, prompts):
     cent_in, _ = lit_stats(truth)
     rows = []
     for strength in [0.5, 0.75, 0.9]:
-        start = student_start(cfg, strength)
+        start = utils.student_start(cfg, strength)
         tt = ts[start:]
         x = cv.add_noise(
             toy.to_model_space(truth).to(device),

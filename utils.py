@@ -448,6 +448,20 @@ def sampler(model, kind: str, cfg: cv.Config, device, uncond=None, generate=None
     return make
 
 
+def student_start(cfg: cv.Config, strength: float) -> int:
+    """Video-to-video (--strength): the first student step at or below strength * 1000."""
+    ts = cv.student_timesteps(cfg).tolist()
+    if not 0 < strength <= 1:
+        raise cv.CausVidError(f"--strength {strength} must lie in (0, 1]")
+    ok = [i for i, t in enumerate(ts) if t <= strength * 1000 + 1e-3]
+    if not ok:
+        raise cv.CausVidError(
+            f"--strength {strength} is below the student's lowest step t = {ts[-1]:.0f}; use at "
+            f"least {ts[-1] / 1000:.3f}"
+        )
+    return ok[0]
+
+
 def sdedit(x0: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
     """Video-to-video (Sec. 5.3, SDEdit): an input chunk noised to the step denoising starts at."""
     return cv.add_noise(x0, noise, torch.full(x0.shape[:2], t, device=x0.device))
@@ -572,21 +586,49 @@ def write_video(path: str, frames: torch.Tensor, fps: int = 8, columns: int = 8)
         writer.append(frames)
 
 
-def read_frames(path: str, height: int, width: int) -> torch.Tensor:
-    """An image (png, jpg, ...), a video (mp4, gif) or a samples .npz of ours -> uint8 (N, F, H, W,
-    3) at height x width, N = 1 except for an npz of several videos. RGBA loses its alpha; frames of
-    another size are resized (with a message); other channel counts and bit depths are refused."""
+def read_video(source: str | bytes, world, name: str = "--video") -> torch.Tensor:
+    """A video to follow (video-to-video), from a path or an upload's bytes: uint8 (N, F, H, W, 3)
+    at the world's pixel size, whole latent frames (Wan: 1 + 4k frames), a chunk at least."""
+    frames = read_frames(source, *world.pixel_size, name="" if name == "--video" else name)
+    n = frames.shape[1]
+    whole = world.pixel_frames(world.latent_frames(n))
+    if whole != n:
+        raise cv.CausVidError(
+            f"{name} has {n} frames; Wan's VAE encodes 1 + 4k frames: trim it to {whole}"
+        )
+    K = world.cfg.chunk_size
+    if world.latent_frames(n) < K:
+        raise cv.CausVidError(
+            f"{name} has {n} frames, fewer than one chunk ({world.pixel_frames(K)}); "
+            "give a longer video"
+        )
+    return frames
+
+
+def read_frames(source: str | bytes, height: int, width: int, name: str = "") -> torch.Tensor:
+    """An image (png, jpg, ...), a video (mp4, gif) or a samples .npz of ours, from a path or from
+    its bytes (an upload, called `name` in messages) -> uint8 (N, F, H, W, 3) at height x width,
+    N = 1 except for an npz of several videos. RGBA loses its alpha; frames of another size are
+    resized (with a message); other channel counts and bit depths are refused."""
+    import io
+
     import imageio.v2 as imageio
     import numpy as np
 
-    if not os.path.isfile(path):
+    uploaded = isinstance(source, bytes)
+    path = name or ("the upload" if uploaded else source)  # what the messages call it
+    if not uploaded and not os.path.isfile(source):
         raise cv.CausVidError(f"input {path!r} not found; check the path")
+    if uploaded:
+        is_npz = source[:2] == b"PK"  # (an npz is a zip)
+    else:
+        is_npz = source.endswith(".npz")
     try:
-        if path.endswith(".npz"):
-            with np.load(path, allow_pickle=False) as data:
+        if is_npz:
+            with np.load(io.BytesIO(source) if uploaded else source, allow_pickle=False) as data:
                 arr = data["frames"]
         else:
-            arr = np.stack(imageio.mimread(path, memtest=False))
+            arr = np.stack(imageio.mimread(source, memtest=False))
     except Exception as e:
         raise cv.CausVidError(
             f"cannot read {path!r} as an image, a video or a samples .npz "

@@ -126,7 +126,7 @@ def readme_commands() -> list[list[str]]:
     return [
         shlex.split(re.sub(r"\$\w+", "0", line), comments=True)
         for line in lines
-        if line.strip() and not line.startswith("#")
+        if line.strip() and not line.lstrip().startswith("#")
     ]
 
 
