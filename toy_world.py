@@ -434,7 +434,7 @@ class ToyWorld:
       videos to train on    clips (flow-matching pre-training), training_videos() (DMD's data)
       a scorer              score()
       sizes and weights     sampling_batch, pairs_batch, frozen_dtype, pretrained_teacher,
-                            pretrained_causal_teacher"""
+                            pretrained_causal_teacher, pretrained_student"""
 
     name = "the toy world"
     prompts = PROMPTS  # what the scripts train on and sample by default
@@ -444,6 +444,7 @@ class ToyWorld:
     frozen_dtype = torch.float32  # the frozen teacher's weights in DMD
     pretrained_teacher = os.path.join(WEIGHTS, "toy_teacher.safetensors")  # weights/README.md
     pretrained_causal_teacher = os.path.join(WEIGHTS, "toy_causal_teacher.safetensors")
+    pretrained_student = os.path.join(WEIGHTS, "toy_student.safetensors")  # the demo's default
 
     def __init__(self, cfg: cv.Config, device="cpu"):
         self.cfg = cfg

@@ -419,6 +419,7 @@ class WanWorld:
     sampling_batch = 1  # videos sampled at once
     clips = None  # no video dataset to pre-train a teacher on
     pretrained_causal_teacher = None  # none is shipped (Causal Forcing's Wan teacher is theirs)
+    pretrained_student = None  # a distilled Wan student is the run's own
 
     def __init__(
         self, cfg: cv.Config, device="cpu", dtype=torch.float32, model_dir: str | None = None

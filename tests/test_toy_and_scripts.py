@@ -809,6 +809,23 @@ def test_the_shipped_teacher_loads_and_scores(tmp_path):
     )
 
 
+def test_the_shipped_student_loads_and_scores(tmp_path):
+    """weights/toy_student.safetensors (weights/README.md: the best recipe's student, 33.30 dB over
+    48 prompts x 4), which demo.py streams by default, is a causal DMD student of the toy preset
+    and a good one: 8 prompts here score 35.9 dB, 8/8 and 98% steady on the machine it was made
+    on; the floors leave several dB and a prompt of room for another CPU's rounding."""
+    path = toy.ToyWorld.pretrained_student
+    _, cfg, meta = utils.load_checkpoint(path, keep=lambda k: False)
+    assert meta["stage"] == "dmd" and meta["causal"] and meta["run_config"]["self_forcing"]
+    tiny = cv.get_config("tiny")
+    for name in sample.ARCHITECTURE + ("height", "width", "num_frames", "chunk_size"):
+        assert getattr(cfg, name) == getattr(tiny, name), name
+    args = ["--tiny", "--run-dir", str(tmp_path), "--ckpt", path, "--seed", "0", "--name", "s"]
+    score = sample.main(args + [x for p in SHIPPED_PROMPTS for x in ("--prompt", p)])
+    assert score["prompt_accuracy"] >= 7 / 8 and score["best_fit_psnr"] > 30
+    assert score["steady_motion"] > 0.85
+
+
 def test_training_starts_from_the_shipped_teacher(tmp_path, capsys):
     """A fresh --tiny run makes its ODE pairs with the shipped teacher (no pre-training);
     --teacher-steps N asks for a teacher of its own."""

@@ -16,80 +16,9 @@ import utils
 import wan
 
 diffusers = pytest.importorskip("diffusers")
+from conftest import TINY_DIT  # noqa: E402  (the tiny Wan directory's DiT)
 from einops import rearrange  # noqa: E402
-from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel  # noqa: E402
-
-TINY_DIT = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=12,
-    in_channels=4,
-    out_channels=4,
-    text_dim=16,
-    freq_dim=32,
-    ffn_dim=40,
-    num_layers=2,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-)
-
-
-def randomize(model, seed=0, std=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def wan_dir(tmp_path_factory):
-    """A tiny random Wan2.1-T2V-Diffusers directory:
-    sharded transformer/, text_encoder/, tokenizer/, vae/."""
-    root = tmp_path_factory.mktemp("Wan2.1-T2V-tiny-Diffusers")
-    torch.manual_seed(0)
-    dit = randomize(diffusers.WanTransformer3DModel(**TINY_DIT))
-    dit.save_config(root / "transformer")
-    state, files = dit.state_dict(), {}  # three shards + an index, as the real release ships them
-    for i, key in enumerate(sorted(state)):
-        files.setdefault(f"diffusion_pytorch_model-0000{i % 3 + 1}-of-00003.safetensors", {})[
-            key
-        ] = state[key].contiguous()
-    for name, part in files.items():
-        save_file(part, str(root / "transformer" / name))
-    (root / "transformer" / "diffusion_pytorch_model.safetensors.index.json").write_text(
-        json.dumps(
-            {"metadata": {}, "weight_map": {k: name for name, part in files.items() for k in part}}
-        )
-    )
-    te = randomize(
-        UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=384,
-                d_model=16,
-                d_kv=8,
-                d_ff=32,
-                num_layers=2,
-                num_heads=2,
-                relative_attention_num_buckets=8,
-            )
-        ),
-        1,
-        0.3,
-    )
-    te.save_pretrained(root / "text_encoder")
-    ByT5Tokenizer().save_pretrained(root / "tokenizer")
-    vae = diffusers.AutoencoderKLWan(
-        base_dim=8,
-        z_dim=4,
-        dim_mult=[1, 2, 2, 2],
-        num_res_blocks=1,
-        latents_mean=[0.1, -0.2, 0.3, 0.0],
-        latents_std=[1.5, 0.5, 2.0, 1.0],
-    )
-    randomize(vae, 2, 0.05).save_pretrained(root / "vae")
-    return root
+from transformers import ByT5Tokenizer, UMT5EncoderModel  # noqa: E402
 
 
 def small_base():
@@ -229,43 +158,6 @@ def test_the_vae_wrapper_matches_diffusers_and_streams(wan_dir):
     assert [z.shape[1] for z in streamed] == [3, 3] and (
         torch.cat(streamed, 1) - latents
     ).abs().max() <= 1e-5
-
-
-@pytest.fixture(scope="module")
-def wan_run(wan_dir, tmp_path_factory):
-    """train_ode.py (teacher = the Wan directory itself) and train_dmd.py on the tiny Wan
-    directory, with small frame sizes set by --set.
-    -> (the flags every script gets, the run directory)."""
-    import train_dmd
-    import train_ode
-
-    tmp = tmp_path_factory.mktemp("wan_run")
-    (tmp / "prompts.txt").write_text("a cat walking\na dog running\n\n")
-    common = [
-        "--config",
-        "wan2.1-t2v-1.3b",
-        "--model-dir",
-        str(wan_dir),
-        "--run-dir",
-        str(tmp / "run"),
-        "--device",
-        "cpu",
-        "--set",
-        "height=4",
-        "--set",
-        "width=6",
-        "--set",
-        "num_frames=6",
-        "--set",
-        "text_len=12",
-        "--set",
-        "teacher_steps=6",
-        "--set",
-        "student_step_indices=0,3,5",
-    ]
-    train_ode.main(common + ["--prompts", str(tmp / "prompts.txt"), "--pairs", "2", "--steps", "2"])
-    train_dmd.main(common + ["--steps", "3"])
-    return common, tmp / "run"
 
 
 def test_the_three_scripts_run_on_a_wan_layout_directory(wan_run, tmp_path):
