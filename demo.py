@@ -12,9 +12,10 @@ the toy world, the student shipped in weights/ (weights/README.md).
 
 FastAPI (uvicorn, WebSockets) serves demo.html and one WebSocket per tab. Each stream runs in a
 worker thread, off the event loop, at most --max-streams at once (the next tab is told it is busy);
-it produces at most a few chunks ahead of what its page has played, and a closed tab stops it and
-frees its cache. Uploads travel as bytes over the WebSocket (never as a path), limited in size and
-checked by decoding them. The server binds to 127.0.0.1 unless --host says otherwise.
+it produces at most a few chunks ahead of what its page has played, and a closed tab (or one that
+plays nothing for IDLE seconds) stops it and frees its cache. Uploads travel as bytes over the
+WebSocket (never as a path), limited in size before and after decoding. The server binds to
+127.0.0.1 unless --host says otherwise, and a page of another origin cannot open its WebSocket.
 
 --bench TABS opens that many headless Chromium tabs (Playwright; Debian's chromium) that play each
 chunk as it arrives, and prints the time to the first chunk and the frames per second each page
@@ -25,8 +26,10 @@ import argparse
 import asyncio
 import base64
 import collections
+import concurrent.futures
 import contextlib
 import itertools
+import json
 import os
 import sys
 import threading
@@ -39,7 +42,9 @@ import utils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 UPLOAD_LIMITS = {"image": 4 << 20, "video": 32 << 20}  # bytes, after base64 decoding
+DECODED_LIMIT = "64MB"  # an upload's decoded pixels at most (imageio's decompression-bomb guard)
 AHEAD = 3  # chunks a stream may make ahead of what its page has played
+IDLE = 120.0  # seconds a stream waits for its page to play a chunk before it stops
 
 
 def parse_args(argv=None):
@@ -127,15 +132,24 @@ class LivePrompt:
 class Stream:
     """One tab's video: made in a worker thread, sent to the page by the event loop."""
 
+    ids = itertools.count()
+
     def __init__(self, model: Model, prompt: str, seed: int, image=None, video=None, strength=1.0):
+        self.id = next(Stream.ids)
         self.model = model
+        self.world = model.world.fork()  # (Wan: a VAE cache of its own)
         self.prompt = LivePrompt(prompt, model.embed(prompt))
         self.seed = seed
         self.image = image  # uint8 (1, H, W, 3): image-to-video
         self.video = video  # uint8 (1, F, H, W, 3): video-to-video
         self.strength = strength
         self.stop = threading.Event()
-        self.credit = threading.Semaphore(AHEAD)  # one chunk made per chunk the page played
+        self.credit = threading.BoundedSemaphore(AHEAD)  # a chunk made per chunk the page played
+
+    def played(self):
+        """The page started playing a chunk: room for one more (never more than AHEAD)."""
+        with contextlib.suppress(ValueError):
+            self.credit.release()
 
     def switch(self, prompt: str):
         """From the next chunk on, the video follows `prompt`."""
@@ -145,7 +159,7 @@ class Stream:
         """-> uint8 chunks (1, k, H, W, 3), each with the prompt it started under, until stop."""
         m = self.model
         cfg = m.cfg
-        world = m.world
+        world = self.world
         device = m.device
         K = cfg.chunk_size
         start = 0
@@ -175,12 +189,16 @@ class Stream:
             yield from zip(world.decode_stream(self.paced(made)), prompts)
 
     def paced(self, chunks):
-        """The chunks, each made once the page has room for it (or stop)."""
+        """The chunks, each made once the page has room for it (or stop; or IDLE seconds of a
+        page that plays nothing, a hidden tab: its slot and its cache go back)."""
         for chunk in chunks:
             yield chunk
+            waited = time.perf_counter()
             while not self.credit.acquire(timeout=0.1):
                 if self.stop.is_set():
                     return
+                if time.perf_counter() - waited > IDLE:
+                    raise cv.CausVidError(f"the page played nothing for {IDLE:.0f} s; start again")
 
 
 def check_prompt(prompt) -> str:
@@ -198,10 +216,10 @@ def png(frame: torch.Tensor) -> bytes:
     return iio.imwrite("<bytes>", frame.numpy(), extension=".png")
 
 
-def read_upload(model: Model, kind: str, data: str) -> torch.Tensor:
+def read_upload(model: Model, kind, data) -> torch.Tensor:
     """A page's upload (base64 of an image or a video file) -> uint8 frames, or a one-line error."""
-    if kind not in UPLOAD_LIMITS:
-        raise cv.CausVidError(f"uploads are an image or a video, not {kind!r}")
+    if kind not in ("image", "video") or not isinstance(data, str):
+        raise cv.CausVidError("an upload is an image or a video, as base64 text")
     try:
         raw = base64.b64decode(data.split(",")[-1], validate=True)
     except (ValueError, TypeError):
@@ -209,11 +227,16 @@ def read_upload(model: Model, kind: str, data: str) -> torch.Tensor:
     if len(raw) > UPLOAD_LIMITS[kind]:
         limit = UPLOAD_LIMITS[kind] >> 20
         raise cv.CausVidError(f"the {kind} is {len(raw) >> 20} MB; the limit is {limit} MB")
+    if raw[:2] == b"PK":
+        raise cv.CausVidError(f"the {kind} is an archive; upload an image or a video file")
     name = f"the uploaded {kind}"
-    with contextlib.redirect_stdout(sys.stderr):  # (a resize note: the server's log)
-        if kind == "video":
-            return utils.read_video(raw, model.world, name=name)[:1]
-        return utils.read_frames(raw, *model.world.pixel_size, name=name)[0, :1]
+    read = dict(memtest=DECODED_LIMIT, note=lambda line: print(line, file=sys.stderr))
+    if kind == "video":
+        return utils.read_video(raw, model.world, name=name, **read)[:1]
+    return utils.read_frames(raw, *model.world.pixel_size, name=name, **read)[0, :1]
+
+
+UPLOADS = concurrent.futures.ThreadPoolExecutor(2)  # uploads are decoded two at a time
 
 
 async def send(ws, s: Stream, done):
@@ -242,12 +265,15 @@ async def send(ws, s: Stream, done):
                 break
             if isinstance(item, Exception):
                 await ws.send_json({"type": "error", "message": f"the stream stopped: {item}"})
-                break
+                return
+            if s.stop.is_set():  # (another start, a stop: what is queued is not sent)
+                return
             frames, prompt = item
             now = time.perf_counter() - t0
             first = first or now
             shown += frames.shape[1]
-            stats = {"type": "chunk", "index": c, "frames": frames.shape[1], "prompt": prompt}
+            stats = {"type": "chunk", "stream": s.id, "index": c, "frames": frames.shape[1]}
+            stats |= {"prompt": prompt}
             stats |= {"first_chunk_s": first, "fps": shown / now if now else 0.0}
             await ws.send_json(stats)
             for frame in frames[0]:
@@ -278,13 +304,14 @@ class Tab:
             prompt = check_prompt(message.get("prompt"))
             await asyncio.to_thread(self.current[0].switch, prompt)
         elif kind == "played" and self.current is not None:  # room for one more chunk
-            self.current[0].credit.release()
+            self.current[0].played()
         elif kind == "stop":
             await self.stop()
         elif kind == "upload":
             upload = message.get("kind")
-            data = message.get("data", "")
-            frames = await asyncio.to_thread(read_upload, self.model, upload, data)
+            loop = asyncio.get_running_loop()
+            data = message.get("data")
+            frames = await loop.run_in_executor(UPLOADS, read_upload, self.model, upload, data)
             self.inputs[upload] = frames
             await self.ws.send_json({"type": "uploaded", "kind": upload, "frames": len(frames)})
 
@@ -298,11 +325,12 @@ class Tab:
         self.running.add(slot)
         try:
             prompt = check_prompt(message.get("prompt"))
-            try:
-                seed = int(message.get("seed", self.args.seed))
-                strength = float(message.get("strength", 0.75))
-            except (TypeError, ValueError):
-                raise cv.CausVidError("the seed is a whole number, the strength a number") from None
+            seed = message.get("seed", self.args.seed)
+            strength = message.get("strength", 0.75)
+            if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**31):
+                raise cv.CausVidError("the seed is a whole number in [0, 2^31)")
+            if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
+                raise cv.CausVidError("the strength is a number in (0, 1]")
             s = await asyncio.to_thread(  # (its prompt is encoded off the event loop)
                 Stream,
                 self.model,
@@ -315,6 +343,7 @@ class Tab:
         finally:
             self.running.discard(slot)
         self.running.add(s)
+        await self.ws.send_json({"type": "started", "stream": s.id})
         self.current = (s, asyncio.create_task(send(self.ws, s, self.running.discard)))
 
     async def stop(self):
@@ -330,7 +359,7 @@ def make_app(model: Model, args):
     from fastapi import FastAPI, WebSocket, WebSocketDisconnect
     from fastapi.responses import HTMLResponse, JSONResponse
 
-    app = FastAPI()
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     with open(os.path.join(HERE, "demo.html")) as f:
         page = f.read()
     running = set()  # the streams now running, every tab's
@@ -355,15 +384,23 @@ def make_app(model: Model, args):
 
     @app.websocket("/stream")
     async def stream(ws: WebSocket):
+        origin = ws.headers.get("origin")
+        if origin is not None and origin != f"http://{ws.headers.get('host')}":
+            await ws.close(code=1008)  # another site's page may not drive this server
+            return
         await ws.accept()
         tab = Tab(ws, model, args, running)
         try:
             while True:
-                message = await ws.receive_json()
                 try:
+                    message = json.loads(await ws.receive_text())
+                    if not isinstance(message, dict):
+                        raise cv.CausVidError("a message is a JSON object")
                     await tab.handle(message)
                 except cv.CausVidError as e:  # said to the page, in a line
                     await ws.send_json({"type": "error", "message": str(e)})
+                except (ValueError, KeyError, TypeError) as e:  # not JSON text, or not ours
+                    await ws.send_json({"type": "error", "message": f"a bad message ({e!r:.80})"})
         except WebSocketDisconnect:
             pass
         finally:  # a closed tab stops its stream
@@ -377,7 +414,12 @@ def serve(args, model: Model):
 
     app = make_app(model, args)
     config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level="warning", ws_max_size=48 << 20
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        ws_max_size=48 << 20,  # an upload in one message
+        ws_max_queue=2,
     )
     server = uvicorn.Server(config)
 
@@ -441,6 +483,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.max_streams < 1:
         raise cv.CausVidError(f"--max-streams {args.max_streams} must be at least 1")
+    if args.fps <= 0:
+        raise cv.CausVidError(f"--fps {args.fps} must be positive")
+    if args.bench:  # every tab measured, none told it is busy
+        args.max_streams = max(args.max_streams, args.bench)
     serve(args, Model(args))
 
 

@@ -430,7 +430,8 @@ class ToyWorld:
       prompts and text      prompts, preview_prompts, text_encoder(), saved_text_encoder(),
                             exact_teacher()
       frames and the DiT    pixel_size, check_pixels(), pixel_frames(), latent_frames(), encode(),
-                            encode_stream(), decode_stream()  (here the DiT works on the pixels)
+                            encode_stream(), decode_stream(), fork()  (here the DiT works on the
+                            pixels)
       videos to train on    clips (flow-matching pre-training), training_videos() (DMD's data)
       a scorer              score()
       sizes and weights     sampling_batch, pairs_batch, frozen_dtype, pretrained_teacher,
@@ -469,6 +470,10 @@ class ToyWorld:
         return ExactToyDenoiser(text_encoder.embed(PROMPTS + [negative]), negative)
 
     # frames and the DiT's space: the DiT works on the pixels themselves, in [-1, 1]
+
+    def fork(self) -> "ToyWorld":
+        """The same world for one more stream made at once (it keeps no state: itself)."""
+        return self
 
     def check_pixels(self):
         """Nothing to check: the frames are the DiT's own."""

@@ -586,10 +586,11 @@ def write_video(path: str, frames: torch.Tensor, fps: int = 8, columns: int = 8)
         writer.append(frames)
 
 
-def read_video(source: str | bytes, world, name: str = "--video") -> torch.Tensor:
+def read_video(source: str | bytes, world, name: str = "--video", **read) -> torch.Tensor:
     """A video to follow (video-to-video), from a path or an upload's bytes: uint8 (N, F, H, W, 3)
-    at the world's pixel size, whole latent frames (Wan: 1 + 4k frames), a chunk at least."""
-    frames = read_frames(source, *world.pixel_size, name="" if name == "--video" else name)
+    at the world's pixel size, whole latent frames (Wan: 1 + 4k frames), a chunk at least.
+    read: read_frames's memtest and note."""
+    frames = read_frames(source, *world.pixel_size, name="" if name == "--video" else name, **read)
     n = frames.shape[1]
     whole = world.pixel_frames(world.latent_frames(n))
     if whole != n:
@@ -605,11 +606,14 @@ def read_video(source: str | bytes, world, name: str = "--video") -> torch.Tenso
     return frames
 
 
-def read_frames(source: str | bytes, height: int, width: int, name: str = "") -> torch.Tensor:
+def read_frames(
+    source: str | bytes, height: int, width: int, name: str = "", memtest=False, note=print
+) -> torch.Tensor:
     """An image (png, jpg, ...), a video (mp4, gif) or a samples .npz of ours, from a path or from
     its bytes (an upload, called `name` in messages) -> uint8 (N, F, H, W, 3) at height x width,
     N = 1 except for an npz of several videos. RGBA loses its alpha; frames of another size are
-    resized (with a message); other channel counts and bit depths are refused."""
+    resized (said through `note`); other channel counts and bit depths are refused. memtest: the
+    most decoded bytes to accept (e.g. "64MB"; imageio's guard against decompression bombs)."""
     import io
 
     import imageio.v2 as imageio
@@ -628,7 +632,7 @@ def read_frames(source: str | bytes, height: int, width: int, name: str = "") ->
             with np.load(io.BytesIO(source) if uploaded else source, allow_pickle=False) as data:
                 arr = data["frames"]
         else:
-            arr = np.stack(imageio.mimread(source, memtest=False))
+            arr = np.stack(imageio.mimread(source, memtest=memtest))
     except Exception as e:
         raise cv.CausVidError(
             f"cannot read {path!r} as an image, a video or a samples .npz "
@@ -645,7 +649,7 @@ def read_frames(source: str | bytes, height: int, width: int, name: str = "") ->
     if frames.ndim == 4:
         frames = frames[None]  # (N, F, H, W, 3)
     if frames.shape[2:4] != (height, width):
-        print(
+        note(
             f"note: {path!r} is {frames.shape[3]}x{frames.shape[2]}, the model's frames are "
             f"{width}x{height}: resized"
         )

@@ -7,6 +7,7 @@ embeddings and pixels. Our DiT's parameter names are Wan2.1's original ones, so 
 loads unchanged; WAN_TO_DIFFUSERS maps them to the diffusers release's names.
 """
 
+import copy
 import json
 import os
 import re
@@ -316,6 +317,13 @@ class WanVAE:
     cache between chunks, so the result equals decoding the whole video at once (it drives
     diffusers' internal per-frame decode loop, AutoencoderKLWan._decode, with the cache kept)."""
 
+    def fork(self) -> "WanVAE":
+        """Another handle on the same weights with a causal cache of its own: encode_stream and
+        decode_stream keep their state on the module, so streams made at once need one each."""
+        other = copy.copy(self)
+        other.vae = copy.copy(self.vae)  # (the cache attributes are set on the copy, not shared)
+        return other
+
     def __init__(self, path_or_vae, device="cpu", dtype=torch.float32):
         """path_or_vae: a diffusers AutoencoderKLWan directory (loaded in `dtype`), or such a module
         already built (kept in its own dtype)."""
@@ -457,6 +465,13 @@ class WanWorld:
             self.check_pixels()
             self._vae = WanVAE(self.cfg.vae, self.device, self.dtype)
         return self._vae
+
+    def fork(self) -> "WanWorld":
+        """The same world for one more stream made at once: its own VAE cache (the weights
+        shared; the VAE is loaded first if it was not)."""
+        other = copy.copy(self)
+        other._vae = self.vae.fork()
+        return other
 
     def check_pixels(self):
         """Wan's frames go through its VAE: say so before any model is loaded."""
