@@ -2,6 +2,7 @@
 
     python bench.py --config wan2.1-t2v-1.3b --device cuda     # one GPU, a few minutes
     python bench.py --tiny --device cpu                         # the same code at toy size
+    python bench.py --tiny --profile                            # where the toy pipeline's time goes
 
 Inference: the DiT streaming a video with the KV cache (Alg. 2) in bf16 weights, eager and with
 each block compiled; then end to end, each chunk decoded by the VAE as soon as the DiT makes it
@@ -15,7 +16,10 @@ upper bound: it never goes down).
 import argparse
 import copy
 import dataclasses
+import os
 import resource
+import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -45,6 +49,11 @@ def parse_args(argv=None):
         action="append",
         default=[],
         help="leave a part out",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead: where `train_dmd.py --tiny`'s time goes, phase by phase (docs/speed.md)",
     )
     return p.parse_args(argv)
 
@@ -221,9 +230,129 @@ def training_steps(cfg: cv.Config, device, rows: list):
     measure("DMD iteration, critic only", lambda: train_dmd.dmd_iteration(1, s))
 
 
+# torch.profiler's op names -> the kind of work; every other op is elementwise or a norm, and the
+# wall time no op covers is Python and dispatch
+KINDS = {
+    "matmuls": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "attention": ("aten::_scaled_dot_product", "aten::_flash_attention"),
+    "casts and copies": ("aten::copy_", "aten::_to_copy", "aten::clone"),
+    "optimizer": ("aten::_foreach", "aten::lerp", "aten::addcdiv", "aten::addcmul", "aten::sqrt"),
+}
+
+
+def kind_of(op: str) -> str:
+    return next((k for k, names in KINDS.items() if op.startswith(names)), "elementwise and norms")
+
+
+def profile_phases(cfg: cv.Config, device, repeats: int):
+    """The toy pipeline's steps at the preset's own batch sizes, each under torch.profiler after a
+    warm-up: seconds per step (timed without the profiler), how many steps a run takes, and each
+    kind of work's share of the profiled wall time. The shipped toy teacher's weights."""
+    from torch.profiler import ProfilerActivity, profile
+
+    world = utils.make_world(cfg, device)
+    B, Q, g = cfg.batch_size, len(cfg.student_step_indices), torch.Generator().manual_seed(0)
+    text = torch.randn(B, cfg.text_len, cfg.text_dim, device=device)
+    timesteps = cv.student_timesteps(cfg).to(device)
+    teacher = utils.load_model(world.pretrained_teacher, device=device, expect=cfg)
+    teacher = teacher.eval().requires_grad_(False)
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    student.causal = True
+    critic = copy.deepcopy(teacher).train().requires_grad_(True)
+    streams = training.Streams(0, cfg.accumulate)
+    opt = training.adamw(student.parameters(), cfg.lr_ode, device)
+    pairs = torch.randn(B, Q + 1, cfg.num_frames, cfg.channels, cfg.height, cfg.width, generator=g)
+    P = world.pairs_batch  # the ODE pairs: one Euler step of a shard, CFG in one forward
+    x = torch.randn(P, cfg.num_frames, cfg.channels, cfg.height, cfg.width, generator=g)
+    pair_text = torch.randn(P, cfg.text_len, cfg.text_dim, device=device)
+
+    @torch.no_grad()
+    def euler_step():
+        with utils.autocast(device, training=True):
+            t = torch.full((P, cfg.num_frames), 500.0, device=device)
+            cv.guided_velocity(teacher, x, t, pair_text, text[:1], cfg.teacher_guidance)
+
+    def ode_step():
+        train_ode.ode_step(student, opt, lambda rng: (pairs, text), timesteps, cfg, streams)
+
+    s = train_dmd.DMD(
+        generator=student,
+        critic=critic,
+        real=teacher,
+        opt_g=opt,
+        opt_c=training.adamw(critic.parameters(), cfg.lr_critic, device),
+        videos=lambda rng: (world.clips(B, rng)[0], text),  # rendered toy clips, as in a run
+        generator_input=train_dmd.generator_inputs(cfg, device, seed=0),
+        uncond=text[:1],
+        timesteps=timesteps,
+        streams=streams,
+        cfg=cfg,
+        device=device,
+    )
+    turns = cfg.dmd_steps // cfg.critic_updates_per_generator
+    steps = train_ode.pair_schedule(cfg)[0] * -(-cfg.ode_pairs // P)
+    phases = [
+        ("ODE pairs: an Euler step of a shard", euler_step, steps),
+        ("ODE regression step", ode_step, cfg.ode_steps),
+        ("DMD iteration, generator + critic", lambda: train_dmd.dmd_iteration(0, s), turns),
+        (
+            "DMD iteration, critic only",
+            lambda: train_dmd.dmd_iteration(1, s),
+            cfg.dmd_steps - turns,
+        ),
+    ]
+    kinds = [*KINDS, "elementwise and norms", "Python and dispatch"]
+    lines = [
+        f"| step (batch {B}; pairs {P}) | s / step | x steps = s / run | "
+        + " | ".join(kinds)
+        + " |",
+        "|---" * (len(kinds) + 3) + "|",
+    ]
+    for label, step, count in phases:
+        step()  # warm-up (the optimizers' state)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        wall = (time.perf_counter() - t0) / repeats  # without the profiler's own overhead
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                step()
+            profiled = (time.perf_counter() - t0) / repeats
+        share = dict.fromkeys(kinds, 0.0)
+        for e in prof.key_averages():
+            share[kind_of(e.key)] += e.self_cpu_time_total / 1e6 / repeats
+        share["Python and dispatch"] = profiled - sum(share.values())
+        cells = [f"{100 * max(0.0, v) / profiled:.0f}%" for v in share.values()]
+        lines.append(
+            f"| {label} | {wall:.3f} | {count} = {wall * count:.0f} s | " + " | ".join(cells) + " |"
+        )
+    print("\n".join(lines))
+    encoder = world.text_encoder()
+    path = os.path.join(tempfile.mkdtemp(), "bench.safetensors")
+    outside = [
+        ("render a batch of toy clips (DMD's videos)", lambda: world.clips(B, g)),
+        ("embed the 48 prompts (once per stage)", lambda: encoder.embed(world.prompts)),
+        ("write a checkpoint (once per stage)", lambda: training.save_model(path, critic, encoder)),
+    ]
+    for label, step in outside:
+        step()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        lines.append(f"{label}: {(time.perf_counter() - t0) / repeats:.3f} s")
+        print(lines[-1])
+    shutil.rmtree(os.path.dirname(path))
+    return lines
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg, device, _ = utils.resolve(args)
+    if args.profile:
+        if cfg.name != "tiny":
+            raise cv.CausVidError("--profile measures the toy pipeline: pass --tiny")
+        return profile_phases(cfg, device, args.repeats)
     rows = []
     inference(cfg, device, args.num_frames or cfg.num_frames, args, rows)
     if "training" not in args.skip:

@@ -94,11 +94,13 @@ class Config:
 
     # Stage 1: ODE initialisation (Sec. 4.3).
     ode_pairs: int = 512
-    ode_steps: int = 600
-    lr_ode: float = 1e-4
+    ode_pair_stride: int = 2  # the pairs' teacher takes every stride-th step of its teacher_steps
+    #                           schedule: the same t at the student's steps, 1 / stride the forwards
+    ode_steps: int = 300
+    lr_ode: float = 2e-4
 
     # Stage 2: DMD (Sec. 4.2, Alg. 1).
-    dmd_steps: int = 400  # iterations, each a critic update
+    dmd_steps: int = 300  # iterations, each a critic update
     critic_updates_per_generator: int = 5  # two time-scale update rule (DMD2)
     lr_generator: float = 5e-5
     lr_critic: float = 5e-5
@@ -158,6 +160,7 @@ PRESETS: dict[str, Config] = {
         negative_prompt=WAN_NEGATIVE_PROMPT,
         shift=8.0,
         teacher_steps=50,  # ODE pairs: 50 Euler steps, CFG 6
+        ode_pair_stride=1,
         teacher_guidance=6.0,
         student_step_indices=(0, 36, 44),  # t = [1000, 757, 522] on the shifted 50-step schedule
         batch_size=1,

@@ -11,7 +11,8 @@ time-scale update rule). With --tiny and no stage-1 checkpoint, stage 1 (train_o
 so this one command trains everything.
 
 Writes <run>/dmd.safetensors, <run>/dmd_log.jsonl (each log line's means, training.dmd_diagnostics's
-included) and on the toy world <run>/dmd_samples_<iteration>.gif every --sample-every.
+included) and on the toy world <run>/dmd_samples_<iteration>.gif every --sample-every; on the toy
+world it ends with the scores of the teacher, the ODE and the DMD student, and <run>/scorecard.gif.
 """
 
 import argparse
@@ -68,6 +69,13 @@ def parse_args(argv=None):
         help="also keep the generator (not its EMA) every N iterations, critic warm-up included, "
         "as <run>/dmd_<iteration>.safetensors (a length curve)",
     )
+    p.add_argument(
+        "--scorecard",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on the toy world, end by sampling the teacher, the ODE and the DMD student once per "
+        "prompt: their scores as a table and <run>/scorecard.gif (default: on)",
+    )
     p.set_defaults(log_every=50)
     return p.parse_args(argv)
 
@@ -107,9 +115,10 @@ def noise_level(x0: torch.Tensor, cfg: cv.Config, device) -> torch.Tensor:
 def diagnostics(s: DMD, x0, t_in, grad, t, text) -> dict:
     """What DMD sees on a batch (training.dmd_diagnostics): the critic's and the teacher's fit to
     G's samples, the gradient per chunk and per student step."""
-    return training.dmd_diagnostics(
-        x0, t_in, grad, t, s.real, s.critic, text, s.timesteps, s.cfg.chunk_size
-    )
+    with torch.no_grad():
+        return training.dmd_diagnostics(
+            x0, t_in, grad, t, s.real, s.critic, text, s.timesteps, s.cfg.chunk_size
+        )
 
 
 def dmd_iteration(it: int, s: DMD) -> dict:
@@ -307,6 +316,14 @@ def main(argv=None):
             seconds_per_iteration=(time.time() - t0) / max(1, total - loop.first_step),
         )
         print(f"wrote {path}")
+    if args.scorecard and world.score is not None and training.rank() == 0:
+        models = {
+            "teacher": (utils.load_model(teacher_path, device=device), "teacher"),
+            "ODE student": (utils.load_model(ode_path, causal=True, device=device), "student"),
+            "DMD student": (utils.load_model(path, causal=True, device=device), "student"),
+        }
+        card = os.path.join(run, "scorecard.gif")
+        utils.scorecard(world, models, text_encoder, card, seed=args.seed)
 
 
 if __name__ == "__main__":

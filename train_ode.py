@@ -124,6 +124,23 @@ def teacher_kind(args, cfg: cv.Config) -> str:
     return "trained"
 
 
+def pair_schedule(cfg) -> tuple[int, list[int]]:
+    """The teacher's Euler steps for the ODE pairs and the indices it keeps: every
+    ode_pair_stride-th point of its teacher_steps schedule, so the kept states sit at the student's
+    timesteps exactly (the shift maps the same s to the same t) for 1 / stride of the forwards."""
+    stride = cfg.ode_pair_stride
+    if (
+        stride < 1
+        or cfg.teacher_steps % stride
+        or any(i % stride for i in cfg.student_step_indices)
+    ):
+        raise cv.CausVidError(
+            f"ode_pair_stride {stride} must divide teacher_steps ({cfg.teacher_steps}) and each of "
+            f"student_step_indices {cfg.student_step_indices}; --set ode_pair_stride=1 always does"
+        )
+    return cfg.teacher_steps // stride, [i // stride for i in cfg.student_step_indices]
+
+
 @torch.no_grad()
 def make_ode_pairs(args, world, teacher, text_encoder, path: str):
     """Sec. 4.3: the teacher's trajectories from noise (Euler, CFG with the negative prompt), kept
@@ -142,6 +159,7 @@ def make_ode_pairs(args, world, teacher, text_encoder, path: str):
     real = world.exact_teacher(text_encoder) if args.exact_teacher else teacher
     # a bidirectional teacher samples the whole clip; a causal one (Causal Forcing) chunk by chunk
     sampler = cv.sample_ode_causal if getattr(real, "causal", False) else cv.sample_ode
+    steps, keep = pair_schedule(cfg)
     # the pairs are stored in what the teacher computes in
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     done = collections.Counter(shard for shard, _ in training.ODEPairs(path).rows)  # rows per shard
@@ -158,16 +176,16 @@ def make_ode_pairs(args, world, teacher, text_encoder, path: str):
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + b // batch)
         shape = (len(p), cfg.num_frames, cfg.channels, cfg.height, cfg.width)
         noise = torch.randn(shape, generator=g).to(device)
-        with utils.autocast(device):
+        with utils.autocast(device, training=True):  # training data: bf16 where native
             _, trajectory = sampler(
                 real,
                 noise,
                 utils.stack_text(emb, p, device),
                 uncond,
                 guidance=cfg.teacher_guidance,
-                steps=cfg.teacher_steps,
+                steps=steps,
                 shift=cfg.shift,
-                keep=cfg.student_step_indices,
+                keep=keep,
             )
         utils.save_checkpoint(
             training.ODEPairs.shard(path, b // batch),
@@ -216,7 +234,7 @@ def ode_step(student, opt, micro_batch, timesteps, cfg: cv.Config, streams) -> t
     losses = []
     for rng in training.micro_batches(streams, student):  # accumulation and rank sync
         trajectory, text = micro_batch(rng)
-        with utils.autocast(trajectory.device):  # every chunk at its own student step
+        with utils.autocast(trajectory.device, training=True):  # each chunk at its own step
             loss = cv.ode_regression_loss(
                 student, trajectory, text, timesteps, cfg.chunk_size, cfg.clean_context
             )

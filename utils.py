@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
+from tqdm.auto import tqdm
 
 import causvid as cv
 import successors
@@ -283,10 +284,10 @@ def inference_dtype(device: torch.device) -> torch.dtype:
 
 
 def autocast(device: torch.device, training: bool = False):
-    """bf16 autocast on CUDA. On a CPU only for training steps, and only where the CPU computes in
-    bf16 natively (AVX512-BF16 or AMX: about 15-20% faster per toy teacher step); sampling on a CPU,
-    training on other CPUs, and all of it with CAUSVID_CPU_FP32=1 (the same numbers on every CPU)
-    stay fp32."""
+    """bf16 autocast on CUDA. On a CPU only for training steps and their data (the ODE pairs), and
+    only where the CPU computes in bf16 natively (AVX512-BF16 or AMX: about 15-20% faster per toy
+    teacher step, 13% faster ODE pairs); sampling on a CPU, training on other CPUs, and all of it
+    with CAUSVID_CPU_FP32=1 (the same numbers on every CPU) stay fp32."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
@@ -526,6 +527,39 @@ def generate(*args, **kw) -> tuple[torch.Tensor, float, float]:
         chunks.append(chunk)
         first = first or time.perf_counter() - t0
     return torch.cat(chunks, 1), first, time.perf_counter() - t0
+
+
+def scorecard(world, models: dict, text_encoder, path: str, seed: int = 0, every: int = 6):
+    """How a run ended, on the toy world: each model (name -> (model, sampler kind)) makes one video
+    per prompt from the same noise (seed); their scores as a table, and one GIF at `path` of the
+    models row by row (every `every`-th prompt)."""
+    t0 = time.perf_counter()
+    cfg = world.cfg
+    prompts = list(world.prompts)
+    emb = text_encoder.embed(prompts + [cfg.negative_prompt])
+    text = stack_text(emb, prompts, "cpu")
+    uncond = emb[cfg.negative_prompt][None].to(world.device)
+    lines = [
+        f"scores of {len(prompts)} prompts x 1 sample, seed {seed} (sample.py --samples-per-prompt "
+        "4 gives the README's):",
+        f"{'':<16}{'best-fit PSNR':>15}{'accuracy':>10}{'steady':>8}{'first-chunk pauses':>20}",
+    ]
+    rows = []
+    for name, (model, kind) in tqdm(models.items(), desc="scoring", leave=False):
+        make = sampler(model, kind, cfg, world.device, uncond)
+        video = generate(make, text, cfg.num_frames, world, seed=seed)[0]
+        s = world.score(video, prompts, several=False, quiet=True)
+        lines.append(
+            f"{name:<16}{s['best_fit_psnr']:>12.2f} dB{100 * s['prompt_accuracy']:>9.1f}%"
+            f"{100 * s['steady_motion']:>7.1f}%{100 * s['first_chunk_pause']:>19.1f}%"
+        )
+        rows.append(video[::every])
+    write_video(path, torch.cat(rows), columns=len(rows[0]))
+    print("\n".join(lines))
+    print(
+        f"wrote {path}: {', '.join(models)}, row by row (every {every}th prompt); "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
 
 
 # ------------------------------------------------------------------------------------------------

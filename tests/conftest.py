@@ -1,6 +1,8 @@
 """What several test files share: a tiny trained toy run (teacher, ODE pairs, ODE student, DMD
 student), and a tiny random Wan2.1 directory in the diffusers layout with a run on it."""
 
+import contextlib
+import io
 import json
 import shutil
 
@@ -13,30 +15,34 @@ import train_dmd
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory):
+    """The run, its scorecard on: what it printed is in stdout.txt."""
     out = tmp_path_factory.mktemp("run")
-    train_dmd.main(
-        [
-            "--tiny",
-            "--run-dir",
-            str(out),
-            "--steps",
-            "3",
-            "--ode-steps",
-            "2",
-            "--teacher-steps",
-            "3",
-            "--pairs",
-            "3",
-            "--batch-size",
-            "2",
-            "--sample-every",
-            "2",
-            "--device",
-            "cpu",
-            "--set",
-            "warmup=1",
-        ]
-    )  # --set reaches every stage
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train_dmd.main(
+            [
+                "--tiny",
+                "--run-dir",
+                str(out),
+                "--steps",
+                "3",
+                "--ode-steps",
+                "2",
+                "--teacher-steps",
+                "3",
+                "--pairs",
+                "3",
+                "--batch-size",
+                "2",
+                "--sample-every",
+                "2",
+                "--device",
+                "cpu",
+                "--set",
+                "warmup=1",
+            ]
+        )  # --set reaches every stage
+    (out / "stdout.txt").write_text(printed.getvalue())
     return out
 
 

@@ -282,6 +282,7 @@ def test_dmd_on_two_ranks_is_one_process_and_sigterm_resumes_from_two_ranks_on_o
     # with Self-Forcing's EMA
     # (an AveragedModel, sharded like the generator, saved and resharded with it)
     args = COMMON + [
+        "--no-scorecard",
         "--steps",
         str(DMD_STEPS),
         "--sample-every",

@@ -240,6 +240,7 @@ def test_ode_resume_gives_the_same_losses(fresh_run, tmp_path_factory, monkeypat
     shutil.copytree(fresh_run / "ode_pairs", other / "ode_pairs")
     common = [
         "--tiny",
+        "--no-scorecard",
         "--device",
         "cpu",
         "--steps",
@@ -331,6 +332,7 @@ def test_dmd_resume_gives_the_same_losses(fresh_run, tmp_path_factory, monkeypat
         (other / name).write_bytes((fresh_run / name).read_bytes())
     common = [
         "--tiny",
+        "--no-scorecard",
         "--device",
         "cpu",
         "--steps",

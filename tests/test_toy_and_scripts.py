@@ -239,6 +239,17 @@ def test_train_dmd_runs_everything(run_dir):
     pairs = training.ODEPairs(str(run_dir / "ode_pairs"))
     assert pairs.get(range(3)).shape == (3, 5, 12, 3, 16, 16) and len(pairs.prompts) == 3
     assert (run_dir / "dmd_samples_000002.gif").exists()
+    # it ends with its scorecard: the three models' scores, and one GIF of them row by row
+    printed = (run_dir / "stdout.txt").read_text()
+    table = printed.split("scores of 48 prompts x 1 sample, seed 0")[1].splitlines()[2:5]
+    rows = {line[:16].strip(): line[16:].split() for line in table}
+    assert list(rows) == ["teacher", "ODE student", "DMD student"]
+    for psnr, db, accuracy, steady, pauses in rows.values():
+        assert 0 < float(psnr) < 100 and db == "dB"
+        assert all(0 <= float(v.rstrip("%")) <= 100 for v in (accuracy, steady, pauses))
+    gif = imageio.mimread(run_dir / "scorecard.gif")
+    assert len(gif) == 12 and gif[0].shape[:2] == (3 * 130, 8 * 130)  # 3 rows of 8 prompts
+    assert f"wrote {run_dir / 'scorecard.gif'}" in printed
     # the students differ from the teacher they were initialised from: they were trained
     t, o = (
         utils.load_model(str(run_dir / "teacher.safetensors")),
@@ -258,6 +269,7 @@ def test_train_dmd_with_backward_simulation(fresh_run, monkeypatch):
     train_dmd.main(
         [
             "--tiny",
+            "--no-scorecard",
             "--run-dir",
             str(fresh_run),
             "--steps",
@@ -466,7 +478,9 @@ def test_exact_teacher_runs_both_stages(fresh_run):
     assert pairs.teachers == {"exact"}
     score = toy.score_toy(toy.to_uint8(pairs.get(range(2), state=-1)), pairs.prompts)
     assert score["best_fit_psnr"] > 50 and score["prompt_accuracy"] == 1.0
-    train_dmd.main(args + ["--steps", "2", "--sample-every", "5", "--exact-teacher"])
+    train_dmd.main(
+        args + ["--no-scorecard", "--steps", "2", "--sample-every", "5", "--exact-teacher"]
+    )
     meta = utils.load_checkpoint(str(fresh_run / "dmd.safetensors"), keep=lambda k: False)[2]
     assert meta["exact_teacher"] is True
     sample.main(
@@ -510,6 +524,21 @@ def test_sample_reads_the_run_and_writes_to_out(run_dir, tmp_path):
         ]
     )
     assert (out / "elsewhere.npz").exists() and not (run_dir / "elsewhere.npz").exists()
+
+
+def test_ode_pairs_take_every_stride_th_teacher_step_and_keep_the_students_timesteps():
+    """ode_pair_stride: the pairs' teacher runs teacher_steps / stride Euler steps and keeps the
+    states at the student's timesteps exactly; a stride that does not divide is refused."""
+    cfg = cv.get_config("tiny")  # 24 teacher steps, student indices (0, 6, 12, 18), stride 2
+    steps, keep = train_ode.pair_schedule(cfg)
+    assert (steps, keep) == (12, [0, 3, 6, 9])
+    kept_t = cv.sampling_schedule(steps, cfg.shift)[keep].float()
+    torch.testing.assert_close(kept_t, cv.student_timesteps(cfg), rtol=0, atol=1e-3)
+    wan = cv.get_config("wan2.1-t2v-1.3b")  # stride 1: the official 50 steps, indices [0, 36, 44]
+    assert train_ode.pair_schedule(wan) == (50, [0, 36, 44])
+    for bad in [dict(ode_pair_stride=5), dict(student_step_indices=(0, 7, 12, 18))]:
+        with pytest.raises(cv.CausVidError, match="ode_pair_stride"):
+            train_ode.pair_schedule(cv.get_config("tiny", **bad))
 
 
 def test_ode_pairs_are_written_in_shards_resumed_and_read_lazily(fresh_run, tmp_path, monkeypatch):
@@ -625,16 +654,18 @@ def test_causal_ode_init_makes_its_pairs_with_the_causal_sampler(fresh_run):
     noise = torch.randn(
         2, 12, 3, 16, 16, generator=torch.Generator().manual_seed(0)
     )  # shard 0 of seed 0
-    _, expected = cv.sample_ode_causal(
-        causal,
-        noise,
-        utils.stack_text(emb, pairs.prompts, "cpu"),
-        emb[""][None],
-        cfg.teacher_guidance,
-        cfg.teacher_steps,
-        cfg.shift,
-        keep=cfg.student_step_indices,
-    )
+    steps, keep = train_ode.pair_schedule(cfg)  # every ode_pair_stride-th teacher step
+    with utils.autocast(torch.device("cpu"), training=True):  # as training data is made
+        _, expected = cv.sample_ode_causal(
+            causal,
+            noise,
+            utils.stack_text(emb, pairs.prompts, "cpu"),
+            emb[""][None],
+            cfg.teacher_guidance,
+            steps,
+            cfg.shift,
+            keep=keep,
+        )
     assert torch.equal(
         pairs.get(range(2)), expected
     )  # the pairs are the causal sampler's trajectories
@@ -657,6 +688,7 @@ def test_dmd_shift_critic_warmup_and_the_log(fresh_run, monkeypatch):
     train_dmd.main(
         [
             "--tiny",
+            "--no-scorecard",
             "--run-dir",
             str(fresh_run),
             "--steps",
@@ -721,6 +753,7 @@ def test_self_forcings_optimiser_and_ema(fresh_run, monkeypatch):
     )
     args = [
         "--tiny",
+        "--no-scorecard",
         "--batch-size",
         "2",
         "--device",
@@ -759,6 +792,7 @@ def test_train_dmd_with_self_forcing(fresh_run, monkeypatch):
     )
     args = [
         "--tiny",
+        "--no-scorecard",
         "--run-dir",
         str(fresh_run),
         "--batch-size",
@@ -957,6 +991,7 @@ def test_causal_forcings_recipe_is_one_flag(tmp_path):
         "train_dmd.py",
         [
             "--tiny",
+            "--no-scorecard",
             "--recipe",
             "causal-forcing",
             "--run-dir",
