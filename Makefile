@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine; each makes the virtualenv .venv once (the CPU
 # torch wheel, then requirements.txt) and reuses it:
-#   make tiny   the one command: python train_dmd.py --tiny (ODE pairs -> ODE init -> DMD)
+#   make tiny   the one command: python train_dmd.py --tiny (ODE pairs -> ODE init -> DMD -> scores)
 #   make test   ruff (format and check), then the test suite; .ci/run runs this
 # For your own environment or a CUDA torch, use the plain pip and python lines in README.md.
 VENV := .venv

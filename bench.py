@@ -16,6 +16,7 @@ upper bound: it never goes down).
 import argparse
 import copy
 import dataclasses
+import math
 import os
 import resource
 import shutil
@@ -290,7 +291,7 @@ def profile_phases(cfg: cv.Config, device, repeats: int):
         device=device,
     )
     turns = cfg.dmd_steps // cfg.critic_updates_per_generator
-    steps = train_ode.pair_schedule(cfg)[0] * -(-cfg.ode_pairs // P)
+    steps = train_ode.pair_schedule(cfg)[0] * math.ceil(cfg.ode_pairs / P)
     phases = [
         ("ODE pairs: an Euler step of a shard", euler_step, steps),
         ("ODE regression step", ode_step, cfg.ode_steps),
@@ -350,8 +351,10 @@ def main(argv=None):
     args = parse_args(argv)
     cfg, device, _ = utils.resolve(args)
     if args.profile:
-        if cfg.name != "tiny":
-            raise cv.CausVidError("--profile measures the toy pipeline: pass --tiny")
+        if cfg.name != "tiny" or device.type != "cpu":
+            raise cv.CausVidError(
+                "--profile measures the toy pipeline on a CPU: pass --tiny (and no --device cuda)"
+            )
         return profile_phases(cfg, device, args.repeats)
     rows = []
     inference(cfg, device, args.num_frames or cfg.num_frames, args, rows)

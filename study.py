@@ -113,6 +113,7 @@ def train_missing(args, world, run, teacher):
     common = ["--tiny", "--seed", str(args.seed), "--save-every", str(args.save_every)] + [
         "--resume"
     ] * args.resume
+    common += ["--no-scorecard"]  # (the study scores every model itself)
     common += [a for item in args.set for a in ("--set", item)]
     common += ["--steps", str(args.dmd_steps)] if args.dmd_steps else []
     common += ["--device", args.device] if args.device else []
@@ -655,6 +656,7 @@ def train_successors(args, run, world):
     its own stage 1."""
     base = utils.load_checkpoint(os.path.join(run, "dmd.safetensors"), keep=lambda k: False)[2]
     common = ["--tiny", "--seed", str(args.seed), "--teacher", utils.teacher_path(args, run, world)]
+    common += ["--no-scorecard"]  # (the study scores every model itself)
     common += (["--device", args.device] if args.device else []) + [
         a for item in args.set for a in ("--set", item)
     ]

@@ -516,7 +516,8 @@ class ToyWorld:
     # a scorer
 
     def score(self, frames: torch.Tensor, prompts: list[str], several: bool, quiet=False) -> dict:
-        """The toy-world scores of uint8 frames (N, F, H, W, 3), printed unless quiet."""
+        """The toy-world scores of uint8 frames (N, F, H, W, 3), printed unless quiet (the
+        printout says whether diversity means anything: several samples per prompt)."""
         if quiet:
             return score_toy(frames[:, : self.cfg.num_frames], prompts)
         return print_scores(frames, prompts, self.cfg.num_frames, several)

@@ -317,8 +317,9 @@ def main(argv=None):
         )
         print(f"wrote {path}")
     if args.scorecard and world.score is not None and training.rank() == 0:
+        teacher = utils.load_model(teacher_path, device=device)  # in the role it was trained in
         models = {
-            "teacher": (utils.load_model(teacher_path, device=device), "teacher"),
+            "teacher": (teacher, "causal" if teacher.causal else "teacher"),
             "ODE student": (utils.load_model(ode_path, causal=True, device=device), "student"),
             "DMD student": (utils.load_model(path, causal=True, device=device), "student"),
         }

@@ -160,7 +160,7 @@ def make_ode_pairs(args, world, teacher, text_encoder, path: str):
     # a bidirectional teacher samples the whole clip; a causal one (Causal Forcing) chunk by chunk
     sampler = cv.sample_ode_causal if getattr(real, "causal", False) else cv.sample_ode
     steps, keep = pair_schedule(cfg)
-    # the pairs are stored in what the teacher computes in
+    # the pairs are stored in bf16 on a GPU (what the teacher computes in there), else in fp32
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     done = collections.Counter(shard for shard, _ in training.ODEPairs(path).rows)  # rows per shard
     shards = range(0, cfg.ode_pairs, batch)
@@ -193,6 +193,7 @@ def make_ode_pairs(args, world, teacher, text_encoder, path: str):
             cfg,
             prompts=p,
             teacher=teacher_kind(args, cfg),
+            euler_steps=steps,
             timesteps=cv.student_timesteps(cfg).tolist(),
         )
 
@@ -210,6 +211,14 @@ def get_ode_pairs(args, world, teacher, text_encoder, run: str) -> training.ODEP
                 f"{path!r} holds pairs of the {'/'.join(sorted(pairs.teachers))} teacher, "
                 "this run's "
                 f"is the {made_by} one; pass another --run-dir, or delete the directory"
+            )
+        steps = pair_schedule(cfg)[0]
+        if pairs.euler_steps != {steps}:
+            made = "/".join(map(str, sorted(pairs.euler_steps)))
+            raise cv.CausVidError(
+                f"{path!r} holds pairs made with {made} Euler steps, this run makes them with "
+                f"{steps} (ode_pair_stride {cfg.ode_pair_stride}); pass another --run-dir, delete "
+                "the directory, or set the stride they were made with"
             )
     if len(pairs) >= cfg.ode_pairs:
         print(f"ODE pairs: {path} ({cfg.ode_pairs} of {len(pairs)})")

@@ -235,15 +235,16 @@ def set_global_rng(state: dict):
 
 class ODEPairs:
     """The ODE pairs of Sec. 4.3: a directory of shards pairs_<i>.safetensors, each a batch of
-    trajectories (n, Q+1, F, C, H, W) in the dtype the teacher computed in, with its prompts and the
-    teacher's kind in its header. A shard is written whole (atomically), so a killed run resumes at
-    the first missing one; reading takes only the rows and states asked for, so host memory does not
-    grow with the number of pairs."""
+    trajectories (n, Q+1, F, C, H, W) (bf16 on a GPU, else fp32), with its prompts, the teacher's
+    kind and its number of Euler steps in its header. A shard is written whole (atomically), so a
+    killed run resumes at the first missing one; reading takes only the rows and states asked for,
+    so host memory does not grow with the number of pairs."""
 
     def __init__(self, path: str):
         from safetensors import safe_open
 
         self.path, self.rows, self.prompts, self.teachers = path, [], [], set()
+        self.euler_steps = set()  # the teacher's steps that made them (ode_pair_stride)
         names = (
             sorted(
                 n for n in os.listdir(path) if n.startswith("pairs_") and n.endswith(".safetensors")
@@ -259,6 +260,8 @@ class ODEPairs:
             self.rows += [(os.path.join(path, name), j) for j in range(len(prompts))]
             self.teachers.add(json.loads(meta["teacher"]))
             self.cfg = cv.config_from_dict(json.loads(meta["config"]))
+            # (shards made before ode_pair_stride took every step of the teacher's schedule)
+            self.euler_steps.add(json.loads(meta.get("euler_steps", str(self.cfg.teacher_steps))))
 
     def __len__(self) -> int:
         return len(self.rows)

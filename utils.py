@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, fields, replace
 
@@ -283,6 +284,11 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+# RMSNorm under CPU autocast gets bf16 activations and fp32 weights and says so once per process
+# (it takes its unfused kernel); the warning is torch's, nothing here to fix
+warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+
+
 def autocast(device: torch.device, training: bool = False):
     """bf16 autocast on CUDA. On a CPU only for training steps and their data (the ODE pairs), and
     only where the CPU computes in bf16 natively (AVX512-BF16 or AMX: about 15-20% faster per toy
@@ -546,6 +552,7 @@ def scorecard(world, models: dict, text_encoder, path: str, seed: int = 0, every
     ]
     rows = []
     for name, (model, kind) in tqdm(models.items(), desc="scoring", leave=False):
+        model = prepare_for_inference(model, world.device)
         make = sampler(model, kind, cfg, world.device, uncond)
         video = generate(make, text, cfg.num_frames, world, seed=seed)[0]
         s = world.score(video, prompts, several=False, quiet=True)

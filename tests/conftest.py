@@ -18,7 +18,8 @@ def run_dir(tmp_path_factory):
     """The run, its scorecard on: what it printed is in stdout.txt."""
     out = tmp_path_factory.mktemp("run")
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    with contextlib.ExitStack() as shown, contextlib.redirect_stdout(printed):
+        shown.callback(lambda: print(printed.getvalue()))  # (what pytest shows if it fails)
         train_dmd.main(
             [
                 "--tiny",

@@ -240,7 +240,6 @@ def test_ode_resume_gives_the_same_losses(fresh_run, tmp_path_factory, monkeypat
     shutil.copytree(fresh_run / "ode_pairs", other / "ode_pairs")
     common = [
         "--tiny",
-        "--no-scorecard",
         "--device",
         "cpu",
         "--steps",

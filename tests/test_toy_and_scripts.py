@@ -541,6 +541,38 @@ def test_ode_pairs_take_every_stride_th_teacher_step_and_keep_the_students_times
             train_ode.pair_schedule(cv.get_config("tiny", **bad))
 
 
+def test_pairs_of_another_stride_are_not_reused(fresh_run):
+    """A run's pairs were made with 12 Euler steps (stride 2); a run at stride 1 says so in one
+    line and writes nothing, rather than mixing or silently reusing them."""
+    before = sorted(os.listdir(fresh_run / "ode_pairs"))
+    assert training.ODEPairs(str(fresh_run / "ode_pairs")).euler_steps == {12}
+    out = one_process(
+        "train_ode.py",
+        ["--tiny", "--run-dir", str(fresh_run), "--pairs", "4", "--set", "ode_pair_stride=1"],
+        rc=2,
+    )
+    assert "holds pairs made with 12 Euler steps, this run makes them with 24" in out
+    assert sorted(os.listdir(fresh_run / "ode_pairs")) == before
+
+
+def test_bench_profile_splits_each_phase_by_kind_of_work():
+    """bench.py --profile: a row per phase with its steps per run and shares that add up to the
+    step's wall time (rounding aside), then the work outside the DiT."""
+    import bench
+
+    lines = bench.main(["--tiny", "--profile", "--repeats", "1", "--set", "batch_size=2"])
+    rows = [line.split(" | ") for line in lines[2:6]]
+    assert [r[2].split(" = ")[0] for r in rows] == ["96", "300", "60", "240"]  # tiny's defaults
+    for r in rows:
+        shares = [float(c.strip(" |%")) for c in r[3:]]
+        assert len(shares) == 6 and 96 <= sum(shares) <= 104, r
+    assert [line.split(":")[0] for line in lines[6:]] == [
+        "render a batch of toy clips (DMD's videos)",
+        "embed the 48 prompts (once per stage)",
+        "write a checkpoint (once per stage)",
+    ]
+
+
 def test_ode_pairs_are_written_in_shards_resumed_and_read_lazily(fresh_run, tmp_path, monkeypatch):
     """Shard by shard, each shard's noise from the seed and its index: a run killed after one shard
     resumes into exactly the pairs of a run never stopped; reading takes only the rows and states
@@ -1019,5 +1051,6 @@ def test_causal_forcings_recipe_is_one_flag(tmp_path):
     ]
     assert {k: ran[k] for k in successors.RECIPES["causal-forcing"]["tiny"]} == {
         **successors.RECIPES["causal-forcing"]["tiny"],
-        "dmd_steps": 2,
+        "dmd_steps": 2,  # (the flags' own)
+        "ode_steps": 1,
     }
