@@ -6,7 +6,8 @@
 
 Inference: the DiT streaming a video with the KV cache (Alg. 2) in bf16 weights, eager and with
 each block compiled; then end to end, each chunk decoded by the VAE as soon as the DiT makes it
-(Wan only).
+(Wan only); then with chunk 0 made by a causal teacher's sampler (the bound on a better first
+chunk, successors.py). --set first_chunk_step_indices=... gives chunk 0 steps of its own.
 Training: one ODE-regression step and one DMD iteration (the generator's turn, then a critic-only
 one), at batch 1, with the scripts' own step functions. Peak memory is
 torch.cuda.max_memory_allocated on a GPU (GB = 10^9 bytes), the process's peak RSS on a CPU (an
@@ -16,6 +17,7 @@ upper bound: it never goes down).
 import argparse
 import copy
 import dataclasses
+import functools
 import math
 import os
 import resource
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 import causvid as cv
+import successors
 import train_dmd
 import train_ode
 import training
@@ -76,11 +79,12 @@ def attention_flops(cfg: cv.Config, q_frames: int, kv_frames: int) -> int:
 
 
 def stream_flops(cfg: cv.Config, frames: int) -> int:
-    """One streamed video: Q steps per chunk over the cache + itself, and each finished chunk but
-    the last written to the cache."""
+    """One streamed video: Q steps per chunk (chunk 0's own where it has them) over the cache +
+    itself, and each finished chunk but the last written to the cache."""
     K, Q = cfg.chunk_size, len(cfg.student_step_indices)
+    Q0 = len(cfg.first_chunk_step_indices or cfg.student_step_indices)
     return sum(
-        (Q + (c + 1 < frames // K)) * attention_flops(cfg, K, (c + 1) * K)
+        ((Q0 if c == 0 else Q) + (c + 1 < frames // K)) * attention_flops(cfg, K, (c + 1) * K)
         for c in range(frames // K)
     )
 
@@ -124,7 +128,7 @@ def timed(run, device, repeats: int) -> tuple[float, float]:
 def inference(cfg: cv.Config, device, frames: int, args, rows: list):
     model = utils.prepare_for_inference(cv.DiT(cfg, causal=True), device)
     text = torch.randn(1, cfg.text_len, cfg.text_dim, device=device)
-    ts = cv.student_timesteps(cfg).to(device)
+    ts = successors.chunk_schedule(cfg, device)  # (--set first_chunk_step_indices=...)
     pixels = 1 + 4 * (frames - 1) if cfg.name != "tiny" else frames  # Wan's VAE: 4x in time
 
     def noise():
@@ -141,6 +145,21 @@ def inference(cfg: cv.Config, device, frames: int, args, rows: list):
         vae = wan.WanVAE(
             cfg.vae or AutoencoderKLWan(), device, utils.inference_dtype(device)
         )  # random weights
+    # the bound on a better first chunk: a causal teacher's sampler makes it (the same shapes)
+    by_teacher = successors.teacher_first_chunk(
+        model, text, cfg.teacher_guidance, cfg.teacher_steps, cfg.shift
+    )
+    bound = functools.partial(
+        successors.first_chunk_generate, first=by_teacher, then=cv.stream_generate
+    )
+    first_chunk, total = timed(lambda: bound(model, noise(), text, ts), device, args.repeats)
+    bound_row = [
+        f"chunk 0 by a causal teacher ({cfg.teacher_steps} steps, CFG), eager",
+        f"{first_chunk:.3f} s",
+        f"{pixels / total:.1f} frames/s",
+        "",
+        peak_memory(device),
+    ]  # (eager, before the blocks are compiled; shown after the stream's rows)
     for label in ["eager"] + ["compiled"] * ("compile" not in args.skip):
         if label == "compiled":
             utils.prepare_for_inference(model, device, compile=True)
@@ -167,6 +186,7 @@ def inference(cfg: cv.Config, device, frames: int, args, rows: list):
                     peak_memory(device),
                 ]
             )
+    rows.append(bound_row)
 
 
 def training_steps(cfg: cv.Config, device, rows: list):

@@ -124,6 +124,13 @@ class Config:
     sink: int = -1  # -1: the official re-encoding window; n >= 0: a rolling cache keeping n frames
     # the RoPE gap between the sink and the recent frames: 0 none, k at most k, -1 all evicted
     sink_gap: int = 0
+    # The first chunk (Diagonal Distillation, Causal Forcing++): its own steps, by index into the
+    # teacher's schedule, in the rollout and in sampling; (): the student's, as every chunk's
+    first_chunk_step_indices: tuple[int, ...] = ()
+    # Causal Forcing++: stage 1 (ode_steps at lr_ode) by causal consistency distillation on data
+    consistency_init: bool = False
+    consistency_grid: int = 48  # its t's: the teacher's sampling schedule at this many steps
+    consistency_ema: float = 0.99  # its target network, an EMA of the student (saved as stage 1)
 
 
 # Wan2.1's default negative prompt (its sample_neg_prompt): CFG's "unconditional" branch
@@ -693,6 +700,18 @@ def chunk_generator(generator: Rng, c: int) -> torch.Generator | None:
     return generator
 
 
+# Alg. 2 line 5's steps: one list (Q,) for every chunk, or a function of the chunk index giving each
+# its own (successors.chunk_schedule: more steps for the first chunk).
+Steps = torch.Tensor | Callable[[int], torch.Tensor]
+
+
+def chunk_timesteps(timesteps: Steps, c: int) -> torch.Tensor:
+    """The steps chunk c is denoised over."""
+    if callable(timesteps):
+        return timesteps(c)
+    return timesteps
+
+
 def as_chunks(noise, chunk_size: int) -> Iterator[torch.Tensor]:
     """Noise (B, F, C, H, W) split into chunks of K frames; an iterable of chunks passes through."""
     if not isinstance(noise, torch.Tensor):
@@ -706,7 +725,7 @@ def as_chunks(noise, chunk_size: int) -> Iterator[torch.Tensor]:
 
 @torch.no_grad()
 def stream_generate(
-    model: DiT, noise, text, timesteps, generator: Rng = None, context=None, cache=None
+    model: DiT, noise, text, timesteps: Steps, generator: Rng = None, context=None, cache=None
 ) -> Iterator[torch.Tensor]:
     """Alg. 2: generate chunk after chunk with the student's few steps, yielding each clean chunk
     (B, K, C, H, W) as soon as it is done. The applications of Sec. 5.3-5.4 are its arguments:
@@ -716,6 +735,8 @@ def stream_generate(
              to timesteps[0].
     text     (B, L, D_text), or one such tensor per chunk (dynamic prompting; the cache keeps the
              past).
+    timesteps  the student's steps (Q,), or a function of the chunk index (a first chunk with
+             steps of its own, successors.chunk_schedule).
     context  clean frames (B, F_c, C, H, W), whole chunks, before the video (image-to-video: the
              image repeated to a chunk). They enter the cache and are not yielded.
     cache    an empty cache to fill (default: a KVCache; successors.RollingKVCache for long videos).
@@ -732,7 +753,10 @@ def stream_generate(
         txt = text if isinstance(text, torch.Tensor) else text[c]
         if past is not None:  # lines 10-12 for the chunk before: cache it, clean, at t = 0
             fill_cache(model, cache, past, txt)
-        x0, _ = denoise_chunk(model, x, txt, timesteps, cache, chunk_generator(generator, c))  # 5-9
+        steps = chunk_timesteps(timesteps, c)
+        x0, _ = denoise_chunk(
+            model, x, txt, steps, cache, chunk_generator(generator, c)
+        )  # lines 5-9
         past = x0
         yield x0
 
@@ -742,7 +766,7 @@ def windowed_generate(
     model: DiT,
     noise,
     text,
-    timesteps,
+    timesteps: Steps,
     generator: Rng = None,
     context=None,
     *,
@@ -776,7 +800,10 @@ def windowed_generate(
         def window_rng(c, start=made):  # chunk c of this window is chunk start + c of the video
             return chunk_generator(generator, start + c)
 
-        for x0 in stream_generate(model, window_noise, window_text, timesteps, window_rng, past):
+        def window_steps(c, start=made):
+            return chunk_timesteps(timesteps, start + c)
+
+        for x0 in stream_generate(model, window_noise, window_text, window_steps, window_rng, past):
             past = x0 if past is None else torch.cat([past, x0], 1)
             made += 1
             yield x0
@@ -791,7 +818,7 @@ def velocity_after(model: DiT, past: torch.Tensor, x, t, text, cache=None) -> to
 
 @torch.no_grad()
 def recompute_generate(
-    model: DiT, noise, text, timesteps, generator: Rng = None, context=None
+    model: DiT, noise, text, timesteps: Steps, generator: Rng = None, context=None
 ) -> Iterator[torch.Tensor]:
     """Alg. 2 without the KV cache, the baseline the cache is measured against (Table 3): every step
     re-runs the whole clean past at t = 0 under the block-causal mask. Same output, growing cost."""
@@ -799,7 +826,8 @@ def recompute_generate(
     for c, x in enumerate(as_chunks(noise, model.cfg.chunk_size)):
         clean = torch.cat(past, 1) if past else x[:, :0]  # the clean frames so far (maybe none)
         with_past = functools.partial(velocity_after, model, clean)
-        x0, _ = denoise_chunk(with_past, x, text, timesteps, None, chunk_generator(generator, c))
+        steps = chunk_timesteps(timesteps, c)
+        x0, _ = denoise_chunk(with_past, x, text, steps, None, chunk_generator(generator, c))
         past.append(x0)
         yield x0
 

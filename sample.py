@@ -16,7 +16,9 @@ Modes (all through the one streaming loop, causvid.stream_generate):
                      frames (default: the training length) and re-encodes at positions from 0, or
                      with --set sink=N keeps the first N frames in a rolling cache (Wan's default)
 --teacher samples the teacher (Euler + CFG; a causal one, --ckpt, chunk by chunk); --no-cache
-recomputes the past at every step instead of using the cache (Table 3's baseline).
+recomputes the past at every step instead of using the cache (Table 3's baseline);
+--first-chunk-teacher makes chunk 0 by the causal teacher's own sampler (the bound on a better
+first chunk), and --set first_chunk_step_indices=... gives the student's chunk 0 steps of its own.
 """
 
 import argparse
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 import causvid as cv
+import successors
 import utils
 
 
@@ -93,6 +96,15 @@ def parse_args(argv=None):
         help="frames one chunk attends over at most (default: the training length; 0: unbounded)",
     )
     p.add_argument(
+        "--first-chunk-teacher",
+        nargs="?",
+        const="",
+        metavar="PATH",
+        help="chunk 0 by a causal teacher's own sampler (teacher_steps Euler steps, CFG), the rest "
+        "by the student over it: the bound on a better first chunk (default PATH: the run's "
+        "causal_diffusion.safetensors, else the shipped causal teacher)",
+    )
+    p.add_argument(
         "--dtype",
         choices=["bf16", "fp32"],
         help="inference weights (default: bf16 on a GPU, fp32 on a CPU)",
@@ -152,6 +164,11 @@ def check_args(args, cfg: cv.Config) -> int | None:
     if args.teacher and (args.image or args.video or args.switch or args.window is not None):
         raise cv.CausVidError(
             "--image, --video, --switch and --window stream with the causal student; drop --teacher"
+        )
+    if args.first_chunk_teacher is not None and (args.teacher or args.video):
+        raise cv.CausVidError(
+            "--first-chunk-teacher makes chunk 0 of the student's stream from noise; drop "
+            "--teacher or --video"
         )
     if args.exact_teacher and not args.teacher:
         raise cv.CausVidError("--exact-teacher replaces the teacher: add --teacher")
@@ -327,8 +344,26 @@ def main(argv=None):
         generate = cv.recompute_generate
     else:
         generate = utils.streaming(window, sink, cfg.sink_gap)
+    first = None  # the bound: chunk 0 by a causal teacher's own sampler
+    if args.first_chunk_teacher is not None:
+        first_path = args.first_chunk_teacher or utils.causal_teacher_path(args, run, world)
+        teacher = utils.load_model(first_path, causal=True, device=device, expect=cfg)
+        dtype = next(model.parameters()).dtype  # the student's inference weights
+        teacher = utils.prepare_for_inference(teacher, device, dtype)
+        steps, guidance = cfg.teacher_steps, cfg.teacher_guidance
+        print(f"first chunk: {first_path} ({steps} Euler steps, CFG {guidance})")
+        first = successors.teacher_first_chunk(
+            teacher, uncond.to(device), guidance, steps, cfg.shift
+        )
     make = utils.sampler(
-        model, kind, cfg, device, uncond=uncond.to(device), generate=generate, start=start
+        model,
+        kind,
+        cfg,
+        device,
+        uncond=uncond.to(device),
+        generate=generate,
+        start=start,
+        first=first,
     )
     stream = utils.stream_video(
         make,

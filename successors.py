@@ -10,8 +10,15 @@ toy world).
      of the chunks after it.
   3. A rolling KV cache with an attention sink (StreamingLLM; Self-Forcing's and LongLive's long
      videos): a bounded cache that never re-encodes.
-  4. Recipes: a successor's settings as one flag (--recipe).
+  4. The first chunk, made from noise with no context (the prompt alone sets its motion): more
+     steps for it (Diagonal Distillation, arXiv 2603.09488; Causal Forcing++'s first-chunk steps),
+     or, as the bound on what it can gain, the causal teacher's own many-step sampler.
+  5. Causal Forcing++ (arXiv 2605.15141; thu-ml/Causal-Forcing): stage 1 by causal consistency
+     distillation of the causal teacher on data, in place of ODE pairs.
+  6. Recipes: a successor's settings as one flag (--recipe).
 """
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -41,44 +48,58 @@ class RolloutKVCache(cv.KVCache):
 
 
 def self_forcing_rollout(
-    generator: cv.DiT, noise, text, timesteps, rng=None, step=None
+    generator: cv.DiT, noise, text, timesteps: cv.Steps, rng=None, step=None
 ) -> torch.Tensor:
     """DMD's generator input is the student's own Alg. 2 rollout from noise, KV cache included. One
-    student step s is drawn per call for all chunks: each chunk runs steps 0..s-1 without gradient
-    and step s with it, and its x0 there is its output, cached at t = 0 without gradient.
+    student step s is drawn per call for all chunks (or given: an int, or one per chunk where a
+    chunk has steps of its own, section 4): each chunk runs steps 0..s-1 without gradient and step
+    s with it, and its x0 there is its output, cached at t = 0 without gradient.
     -> the clip (B, F, C, H, W)."""
     if step is None:
-        step = int(torch.randint(len(timesteps), (1,), generator=rng))
+        step = int(torch.randint(len(cv.chunk_timesteps(timesteps, 0)), (1,), generator=rng))
     cache = RolloutKVCache()
     chunks = []
-    for x in noise.split(generator.cfg.chunk_size, dim=1):
-        if step:  # steps 0 .. s-1, then the re-noising to step s, without gradient
+    for c, x in enumerate(noise.split(generator.cfg.chunk_size, dim=1)):
+        ts = cv.chunk_timesteps(timesteps, c)
+        s = step[c] if isinstance(step, list) else step
+        if s:  # steps 0 .. s-1, then the re-noising to step s, without gradient
             with torch.no_grad():
-                x0, _ = cv.denoise_chunk(generator, x, text, timesteps[:step], cache, rng)
-                x = cv.renoise(x0, float(timesteps[step]), rng)
-        t = torch.full(x.shape[:2], float(timesteps[step]), device=x.device)
+                x0, _ = cv.denoise_chunk(generator, x, text, ts[:s], cache, rng)
+                x = cv.renoise(x0, float(ts[s]), rng)
+        t = torch.full(x.shape[:2], float(ts[s]), device=x.device)
         chunks.append(cv.predict_x0(generator, x, t, text, cache=cache))
         cv.fill_cache(generator, cache, chunks[-1].detach(), text)  # the chunks after it see it
     return torch.cat(chunks, 1)
 
 
-def rollout_step(seed: int, iteration: int, num_steps: int) -> int:
-    """The student step an iteration's rollout trains, the same on every rank and micro-batch (they
-    run the same forwards), drawn from its own stream: the data's streams never see it."""
+def rollout_steps(seed: int, iteration: int, timesteps: cv.Steps, num_chunks: int) -> list[int]:
+    """The student step each chunk of an iteration's rollout trains, the same on every rank and
+    micro-batch (they run the same forwards), drawn from its own stream (the data's streams never
+    see it): one step for all chunks; a first chunk with steps of its own (section 4) draws its
+    own from them, next."""
     g = torch.Generator().manual_seed(seed * 7919 + iteration)
-    return int(torch.randint(num_steps, (1,), generator=g))
+    first, base = (len(cv.chunk_timesteps(timesteps, c)) for c in (0, num_chunks - 1))
+    steps = [int(torch.randint(base, (1,), generator=g))] * num_chunks
+    if first != base:
+        steps[0] = int(torch.randint(first, (1,), generator=g))
+    return steps
 
 
-def self_forcing_input(seed: int, device):
+def self_forcing_input(seed: int, device, schedule: cv.Steps | None = None):
     """train_dmd.py's generator input under Self-Forcing (in place of Alg. 1 lines 4-7):
     (generator, videos, text, timesteps, rng, iteration) -> (x0, the step each frame was made from).
-    The data videos give only the shape: the rollout starts from noise."""
+    The data videos give only the shape: the rollout starts from noise. schedule: each chunk's
+    steps where the first chunk has its own (chunk_schedule), in place of `timesteps`."""
 
     def x0_of(generator, x_data, text, timesteps, rng, iteration):
-        step = rollout_step(seed, iteration, len(timesteps))
+        timesteps = timesteps if schedule is None else schedule
+        K = generator.cfg.chunk_size
+        steps = rollout_steps(seed, iteration, timesteps, x_data.shape[1] // K)
         noise = torch.randn(x_data.shape, generator=rng).to(device)
-        x0 = self_forcing_rollout(generator, noise, text, timesteps, rng, step)
-        return x0, timesteps[step].expand(x0.shape[:2])
+        x0 = self_forcing_rollout(generator, noise, text, timesteps, rng, steps)
+        made_at = [cv.chunk_timesteps(timesteps, c)[s] for c, s in enumerate(steps)]
+        t = torch.stack(made_at).to(x0.device).repeat_interleave(K)
+        return x0, t.expand(x0.shape[:2])
 
     return x0_of
 
@@ -112,9 +133,14 @@ def teacher_forcing_step(
     gets the same share of it, and chunk 0 -- no context, the prompt alone sets its motion -- about
     half of the steps."""
     K = model.cfg.chunk_size
-    weights = 1 / torch.arange(1.0, x0.shape[1] // K + 1)
-    chunk = int(torch.multinomial(weights, 1, generator=rng))
-    return teacher_forcing_loss(model, x0, t, text, chunk, K)
+    return teacher_forcing_loss(model, x0, t, text, draw_chunk(x0.shape[1] // K, rng), K)
+
+
+def draw_chunk(num_chunks: int, rng) -> int:
+    """A chunk c drawn with probability proportional to 1 / (c + 1): its forward over its past
+    costs c + 1 chunks, so each chunk gets the same share of the compute."""
+    weights = 1 / torch.arange(1.0, num_chunks + 1)
+    return int(torch.multinomial(weights, 1, generator=rng))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,7 +222,133 @@ def rolling_generate(
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. Recipes: a successor's settings as one flag (over the preset, under the flags and --set)
+# 4. The first chunk: more steps for it, or the causal teacher's own sampler (the bound)
+# ------------------------------------------------------------------------------------------------
+
+# Chunk 0 is made from noise with no context: the prompt alone must set its motion, and that is
+# where the students fall short of their teachers (docs/experiments.md). Diagonal Distillation
+# (Sphere-AI-Lab/diagdistill) gives the early chunks more steps than the later ones, in training
+# (the rollout, section 1) and sampling; Causal Forcing++ samples a 2-step student with a 4-step
+# first chunk (denoising_step_list_first_chunk). Here chunk 0 may have steps of its own,
+# first_chunk_step_indices (by index into the teacher's schedule, as student_step_indices), and the
+# cache after it holds what CausVid's does: the clean chunk re-run at t = 0 (Alg. 2 lines 10-12).
+
+
+def chunk_schedule(cfg: cv.Config, device=None, below: float | None = None) -> cv.Steps:
+    """Each chunk's steps (causvid.stream_generate's `timesteps`): the student's, or, where
+    first_chunk_step_indices is set, chunk 0's own then the student's. below: only the steps at or
+    under this t (video-to-video starts part-way)."""
+
+    def steps(indices):
+        ts = cv.student_timesteps(replace(cfg, student_step_indices=indices)).to(device)
+        return ts if below is None else ts[ts <= below + 1e-3]
+
+    base = steps(cfg.student_step_indices)
+    if not cfg.first_chunk_step_indices:
+        return base
+    first = steps(cfg.first_chunk_step_indices)
+    return lambda c: first if c == 0 else base
+
+
+def teacher_first_chunk(teacher: cv.DiT, uncond, guidance: float, steps: int, shift: float):
+    """The bound on what a better first chunk can win: chunk 0 made by a causal diffusion model's
+    own sampler (Euler + CFG over its cache, causvid.sample_ode_causal), the shipped causal teacher
+    (weights/) on the toy world. -> first(noise chunk, text, context) -> the clean chunk."""
+
+    def first(x, text, context=None):
+        options = dict(guidance=guidance, steps=steps, shift=shift, context=context)
+        return cv.sample_ode_causal(teacher, x, text, uncond, **options)[0]
+
+    return first
+
+
+@torch.no_grad()
+def first_chunk_generate(
+    model: cv.DiT, noise, text, timesteps: cv.Steps, generator=None, context=None, *, first, then
+):
+    """Alg. 2 with chunk 0 made by `first` (teacher_first_chunk), then the stream `then`
+    (causvid.stream_generate, or a windowed one) of the student over it as context: the student
+    caches it at t = 0 as it caches its own chunks. The chunks after it keep their indices (their
+    noise, text and steps are those of chunks 1, 2, ...)."""
+    chunks = cv.as_chunks(noise, model.cfg.chunk_size)
+    per_chunk = not isinstance(text, torch.Tensor)
+    x0 = first(next(chunks), text[0] if per_chunk else text, context)
+    yield x0
+    past = x0 if context is None else torch.cat([context, x0], 1)
+    rest = text[1:] if per_chunk else text
+
+    def later_steps(c):
+        return cv.chunk_timesteps(timesteps, c + 1)
+
+    def later_rng(c):
+        return cv.chunk_generator(generator, c + 1)
+
+    yield from then(model, chunks, rest, later_steps, later_rng, past)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Causal Forcing++: stage 1 by causal consistency distillation
+# ------------------------------------------------------------------------------------------------
+
+
+def consistency_grid(cfg: cv.Config) -> torch.Tensor:
+    """The t's consistency distillation steps between: the teacher's shifted sampling schedule at
+    consistency_grid steps (Causal Forcing++: 48, where the 4-step student's t are every 12th)."""
+    return cv.sampling_schedule(cfg.consistency_grid, cfg.shift).float()
+
+
+def consistency_loss(
+    student, target, teacher, x0, text, uncond, guidance: float, t, t_next, chunk: int, K: int
+):
+    """Causal Forcing++'s consistency distillation on chunk `chunk` of data clips x0
+    (B, F, C, H, W), after its clean past at t = 0 (teacher forcing: what the cache holds when the
+    chunk is made): noised to t (B,), the frozen causal teacher's one Euler step with CFG takes it
+    to the next grid point t_next (B,); the student's x0 at t regresses onto the target network's
+    (an EMA of the student, no gradient) x0 at t_next. In x0, with no boundary scaling (their
+    naive_consistency.py)."""
+    past, x = x0[:, : chunk * K], x0[:, chunk * K : (chunk + 1) * K]
+    t, t_next = t[:, None].expand(-1, K), t_next[:, None].expand(-1, K)
+
+    def after_past(net):  # a chunk's velocity after the clean past (doubled in CFG's batch)
+        def velocity(y, s, c):
+            return cv.velocity_after(net, torch.cat([past] * (len(y) // len(past))), y, s, c)
+
+        return velocity
+
+    x_t = cv.add_noise(x, torch.randn_like(x), t)
+    with torch.no_grad():
+        v = cv.guided_velocity(after_past(teacher), x_t, t, text, uncond, guidance)
+        x0_hat = cv.velocity_to_x0(x_t, v, t)  # the Euler step of the flow: x0_hat, and
+        x_next = cv.add_noise(x0_hat, x0_hat + v, t_next)  # eps_hat = x0_hat + v, at t_next
+        goal = cv.velocity_to_x0(x_next, after_past(target)(x_next, t_next, text), t_next)
+    pred = cv.velocity_to_x0(x_t, after_past(student)(x_t, t, text), t)
+    return F.mse_loss(pred.float(), goal.float())
+
+
+def consistency_step(student, target, teacher, x0, text, uncond, cfg: cv.Config, rng):
+    """One step's loss: a chunk drawn with probability proportional to 1 / (c + 1) (as the causal
+    teacher was trained), a grid point n per clip, uniform over all but the last."""
+    grid = consistency_grid(cfg).to(x0.device)
+    n = torch.randint(len(grid) - 1, (len(x0),), generator=rng).to(x0.device)
+    chunk = draw_chunk(x0.shape[1] // cfg.chunk_size, rng)
+    guidance = cfg.teacher_guidance
+    return consistency_loss(
+        student,
+        target,
+        teacher,
+        x0,
+        text,
+        uncond,
+        guidance,
+        grid[n],
+        grid[n + 1],
+        chunk,
+        cfg.chunk_size,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Recipes: a successor's settings as one flag (over the preset, under the flags and --set)
 # ------------------------------------------------------------------------------------------------
 
 # Causal Forcing's: causal ODE init, then Self-Forcing's DMD with their Adam (beta1 0), rates and

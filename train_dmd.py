@@ -179,7 +179,8 @@ def generator_inputs(cfg: cv.Config, device, seed: int):
         return cv.predict_x0(generator, x_t, t, text), t
 
     if cfg.self_forcing:  # the student's own rollout, with grad through one step
-        return successors.self_forcing_input(seed, device)
+        schedule = successors.chunk_schedule(cfg, device) if cfg.first_chunk_step_indices else None
+        return successors.self_forcing_input(seed, device, schedule)
     if cfg.backward_simulation:
         return backward_simulation
     return noised_data
@@ -217,6 +218,9 @@ def main(argv=None):
     teacher_path = utils.teacher_path(args, run, world)
     print(f"generator init: {ode_path} | teacher and critic init: {teacher_path}")
     generator = utils.load_model(ode_path, causal=True, device=device, expect=cfg).train()
+    # it samples its first chunk as this run trains it (successors.chunk_schedule)
+    first = cfg.first_chunk_step_indices
+    generator.cfg = dataclasses.replace(generator.cfg, first_chunk_step_indices=first)
     # the real score keeps the role it was trained in: bidirectional (CausVid), or a causal
     # diffusion model (Table 4's "causal teacher" ablation); the critic starts as a copy of it
     teacher = utils.load_model(teacher_path, device=device, expect=cfg).eval().requires_grad_(False)

@@ -8,7 +8,9 @@ line 1).
   2. regression of the block-causal student (initialised from the teacher) onto the trajectories'
      end points, every chunk at its own step of Alg. 1's T = {0, t1..tQ} (Eq. 6): a chunk at t = 0
      is clean context for the chunks after it, as inference sees it.
-With --set causal_ode_init=true (Causal Forcing, successors.py) a causal teacher makes the pairs.
+With --set causal_ode_init=true (Causal Forcing, successors.py) a causal teacher makes the pairs;
+with --set consistency_init=true (Causal Forcing++) stage 1 is consistency distillation of that
+causal teacher on the world's clips instead of pairs and regression (the toy world).
 
 Writes <run>/teacher.safetensors (if pre-trained here), <run>/ode_pairs/ (shards),
 <run>/ode.safetensors, <run>/ode_log.jsonl.
@@ -252,6 +254,23 @@ def ode_step(student, opt, micro_batch, timesteps, cfg: cv.Config, streams) -> t
     return sum(losses) / len(losses), norm
 
 
+def stage_one_loop(args, cfg: cv.Config, path: str, state: dict, desc: str) -> training.TrainLoop:
+    """Stage 1's resumable loop over ode_steps, its state beside `path`; a fresh run empties the
+    log <run>/ode_log.jsonl (a resumed one appends)."""
+    loop = training.TrainLoop(
+        path.replace(".safetensors", "_state"),
+        cfg,
+        cfg.ode_steps,
+        state,
+        resume=args.resume,
+        save_every=args.save_every,
+        desc=desc,
+    )
+    if training.rank() == 0 and loop.first_step == 0:
+        open(os.path.join(os.path.dirname(path), "ode_log.jsonl"), "w").close()
+    return loop
+
+
 def regress_student(args, world, teacher, text_encoder, pairs: training.ODEPairs, path: str):
     """Eq. 6 on the first cfg.ode_pairs ODE pairs; the student starts from the teacher's weights
     with the causal mask (sharded over the ranks under torchrun)."""
@@ -273,18 +292,8 @@ def regress_student(args, world, teacher, text_encoder, pairs: training.ODEPairs
 
     t0 = time.time()
     state = {"student": student, "opt": opt, "data": streams}
-    loop = training.TrainLoop(
-        path.replace(".safetensors", "_state"),
-        cfg,
-        cfg.ode_steps,
-        state,
-        resume=args.resume,
-        save_every=args.save_every,
-        desc="ODE regression",
-    )
+    loop = stage_one_loop(args, cfg, path, state, "ODE regression")
     with loop:
-        if training.rank() == 0 and loop.first_step == 0:
-            open(log_path, "w").close()  # a fresh run's log (a resumed one appends)
         for step in loop:
             loss, norm = ode_step(student, opt, micro_batch, timesteps, cfg, streams)
             if (step + 1) % args.log_every == 0 or step + 1 == cfg.ode_steps:
@@ -295,15 +304,64 @@ def regress_student(args, world, teacher, text_encoder, pairs: training.ODEPairs
     print(f"wrote {path}")
 
 
+def distil_consistency(args, world, teacher, text_encoder, path: str):
+    """Causal Forcing++ (successors.py, 5): stage 1 by causal consistency distillation of the causal
+    teacher on the world's clips, in place of ODE pairs and Eq. 6. Student, target (its EMA) and
+    teacher start from the causal teacher's weights; their Adam (beta1 0); ode_steps at lr_ode.
+    Saves the target's weights, as they do."""
+    cfg, device = world.cfg, world.device
+    if world.clips is None or training.world() > 1:
+        raise cv.CausVidError(
+            "consistency_init distils on data clips in one process: the toy world, with python "
+            "(not torchrun); on Wan drop it for ODE pairs"
+        )
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    target = training.ema(student, cfg.consistency_ema)
+    target.update_parameters(student)  # (its first update copies)
+    emb = text_encoder.embed(list(world.prompts) + [cfg.negative_prompt])
+    uncond = emb[cfg.negative_prompt][None].to(device)
+    opt = training.adamw(student.parameters(), cfg.lr_ode, device, betas=(0.0, 0.999))
+    g = torch.Generator().manual_seed(args.seed + 1)
+    state = {"student": student, "target": target, "opt": opt, "data": g}
+    log_path = os.path.join(os.path.dirname(path), "ode_log.jsonl")
+    t0 = time.time()
+    loop = stage_one_loop(args, cfg, path, state, "consistency distillation")
+    with loop:
+        for step in loop:
+            x0, prompts = world.clips(cfg.batch_size, g)
+            text = utils.stack_text(emb, prompts, device)
+            with utils.autocast(device, training=True):
+                loss = successors.consistency_step(
+                    student, target.module, teacher, x0.to(device), text, uncond, cfg, g
+                )
+            norm = training.optimizer_step(loss, opt, student.parameters(), cfg.grad_clip)
+            target.update_parameters(student)
+            if (step + 1) % args.log_every == 0 or step + 1 == cfg.ode_steps:
+                training.log(
+                    "consistency",
+                    step + 1,
+                    cfg.ode_steps,
+                    t0,
+                    log_path,
+                    loss=loss.item(),
+                    grad_norm=norm,
+                )
+        student.load_state_dict(target.module.state_dict())
+        training.save_model(path, student.eval(), text_encoder, stage="ode", steps=cfg.ode_steps)
+    print(f"wrote {path}")
+
+
 def run(args, world, run_dir: str):
     """Stage 1 in full (train_dmd.py calls this when the run has no ode.safetensors yet)."""
     torch.manual_seed(args.seed)
     teacher, text_encoder = get_teacher(args, world, run_dir)
-    if world.cfg.causal_ode_init:
+    path = os.path.join(run_dir, "ode.safetensors")
+    if world.cfg.causal_ode_init or world.cfg.consistency_init:
         # Causal Forcing: the causal teacher makes the pairs and gives the student its first weights
         teacher = get_causal_teacher(args, world, teacher, text_encoder, run_dir)
+    if world.cfg.consistency_init:  # Causal Forcing++: consistency distillation, no pairs
+        return distil_consistency(args, world, teacher, text_encoder, path)
     pairs = get_ode_pairs(args, world, teacher, text_encoder, run_dir)
-    path = os.path.join(run_dir, "ode.safetensors")
     regress_student(args, world, teacher, text_encoder, pairs, path)
 
 

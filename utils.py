@@ -136,7 +136,7 @@ def parse_overrides(items: list[str]) -> dict:
         kind = types[key]
         try:
             if kind is tuple:
-                out[key] = tuple(int(v) for v in value.split(","))
+                out[key] = tuple(int(v) for v in value.split(",") if v.strip())  # "": ()
             elif kind is bool:
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
@@ -423,7 +423,16 @@ def streaming(window: int | None = None, sink: int | None = None, sink_gap: int 
     )
 
 
-def sampler(model, kind: str, cfg: cv.Config, device, uncond=None, generate=None, start: int = 0):
+def sampler(
+    model,
+    kind: str,
+    cfg: cv.Config,
+    device,
+    uncond=None,
+    generate=None,
+    start: int = 0,
+    first=None,
+):
     """How a model makes one batch of videos, picked once. -> make(noise chunks, text, context,
     renoise, video chunks) -> an iterator of clean chunks in the DiT's space:
       "teacher"  the bidirectional model: Euler + CFG over the whole clip (sample_ode)
@@ -431,7 +440,9 @@ def sampler(model, kind: str, cfg: cv.Config, device, uncond=None, generate=None
                  (sample_ode_causal)
       "student"  CausVid's streaming generator: `generate` (default cv.stream_generate; streaming()
                  for long videos, cv.recompute_generate for Table 3's baseline) from student step
-                 `start`; video chunks, where given, are noised to that step (SDEdit, Sec. 5.3)
+                 `start`, each chunk over its steps (successors.chunk_schedule); video chunks,
+                 where given, are noised to that step (SDEdit, Sec. 5.3); `first`, where given,
+                 makes chunk 0 instead (successors.teacher_first_chunk)
     The teachers make the whole clip at once: nothing to show before the end."""
     if kind in ("teacher", "causal"):
         ode = cv.sample_ode if kind == "teacher" else cv.sample_ode_causal
@@ -444,12 +455,17 @@ def sampler(model, kind: str, cfg: cv.Config, device, uncond=None, generate=None
             return [x0]
 
     else:
-        timesteps = cv.student_timesteps(cfg).to(device)[start:]
+        t_start = float(cv.student_timesteps(cfg)[start])
+        timesteps = successors.chunk_schedule(cfg, device, below=t_start)
         generate = generate or cv.stream_generate
+        if first is not None:  # chunk 0 by `first`, the rest by the student over it
+            generate = functools.partial(
+                successors.first_chunk_generate, first=first, then=generate
+            )
 
         def make(noise, text, context, renoise, video):
             if video is not None:  # a chunk is noised only when the loop reaches it
-                noise = (sdedit(v, e, float(timesteps[0])) for v, e in zip(video, noise))
+                noise = (sdedit(v, e, t_start) for v, e in zip(video, noise))
             return generate(model, noise, text, timesteps, renoise, context)
 
     return make

@@ -20,6 +20,10 @@ SUCCESSOR_FIELDS = {
     "lr_causal_teacher",
     "sink",
     "sink_gap",
+    "first_chunk_step_indices",
+    "consistency_init",
+    "consistency_grid",
+    "consistency_ema",
 }
 
 
@@ -38,9 +42,9 @@ def test_causvid_is_the_method_alone():
             imported.add(node.module.split(".")[0])
     allowed = {"collections", "dataclasses", "functools", "itertools", "math", "torch", "einops"}
     assert imported <= allowed, imported
-    # no module-level state but constants: the presets, a string, a type
+    # no module-level state but constants: the presets, a string, types
     names = [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets]
-    assert set(names) <= {"PRESETS", "WAN_NEGATIVE_PROMPT", "Rng"}, names
+    assert set(names) <= {"PRESETS", "WAN_NEGATIVE_PROMPT", "Rng", "Steps"}, names
     for support in ["successors.py", "toy_world.py", "wan.py", "utils.py", "training.py"]:
         assert "import causvid as cv" in source(support)  # they import causvid, never the reverse
 
@@ -61,7 +65,14 @@ def test_causvid_carries_none_of_its_successors_options():
         for node in ast.parse(source("successors.py")).body
         if isinstance(node, (ast.FunctionDef, ast.ClassDef))
     }
-    assert {"RollingKVCache", "self_forcing_rollout", "teacher_forcing_loss"} <= successors
+    assert {
+        "RollingKVCache",
+        "self_forcing_rollout",
+        "teacher_forcing_loss",
+        "chunk_schedule",
+        "first_chunk_generate",
+        "consistency_loss",
+    } <= successors
     assert not defined & successors, defined & successors
 
 

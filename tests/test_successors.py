@@ -3,7 +3,7 @@ Self-Forcing's rollout through the cache, Causal Forcing's teacher forcing."""
 
 import pytest
 import torch
-from test_core import TS, inputs, live_tensor_elements, make_model, small_config, stream
+from test_core import TS, inputs, live_tensor_elements, make_model, small_config, stream, windowed
 
 import causvid as cv
 import successors
@@ -257,3 +257,190 @@ def test_self_forcing_passes_no_gradient_to_the_noise_or_the_past():
     out = successors.self_forcing_rollout(model, noise, text, TS, step=0)
     out[:, 4:].sum().backward()  # the last chunk
     assert noise.grad[:, :4].abs().max() == 0 and noise.grad[:, 4:].abs().max() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The first chunk: steps of its own (Diagonal Distillation, Causal Forcing++), the teacher's (bound)
+# ---------------------------------------------------------------------------------------------
+
+FIRST = (0, 3, 6, 9, 12, 15, 18, 21)  # 8 steps for chunk 0 on the toy's 24-step schedule
+
+
+def counting(model, calls):
+    """The model, recording each forward's (frames, t of its first frame, cached or not)."""
+
+    def forward(x, t, text, **kw):
+        calls.append((x.shape[1], float(t[0, 0]), kw.get("write_cache", False)))
+        return model(x, t, text, **kw)
+
+    forward.cfg = model.cfg
+    return forward
+
+
+def test_chunk_schedule_gives_chunk_0_its_own_steps_and_the_rest_the_students():
+    """successors.chunk_schedule: with first_chunk_step_indices, chunk 0 runs those points of the
+    teacher's shifted schedule, every later chunk the student's; without, the student's tensor;
+    `below` keeps the steps at or under a t (video-to-video)."""
+    cfg = cv.Config(first_chunk_step_indices=FIRST)
+    full = cv.sampling_schedule(24, cfg.shift).float()
+    schedule = successors.chunk_schedule(cfg)
+    assert torch.equal(schedule(0), full[list(FIRST)])
+    for c in (1, 2, 3, 40):
+        assert torch.equal(schedule(c), cv.student_timesteps(cfg))
+    assert torch.equal(successors.chunk_schedule(cv.Config()), cv.student_timesteps(cv.Config()))
+    low = successors.chunk_schedule(cfg, below=float(full[12]))
+    assert torch.equal(low(0), full[[12, 15, 18, 21]]) and torch.equal(low(1), full[[12, 18]])
+
+
+def test_a_first_chunk_with_its_own_steps_streams_as_the_masked_forward_and_caches_it_clean():
+    """Under the lever, Alg. 2 makes chunk 0 in its own steps and every later chunk in the
+    student's (counted forwards); the KV-cached stream equals the recomputed masked forward
+    (recompute_generate) and the windowed stream; and after chunk 0 the cache holds what CausVid's
+    holds: chunk 0's clean output run at t = 0."""
+    cfg = small_config()
+    model = make_model(causal=True, cfg=cfg)
+    noise, _, text = inputs(cfg, seed=21)
+    first = torch.tensor([1000.0, 900.0, 750.0, 600.0, 500.0, 250.0])
+    schedule = lambda c: first if c == 0 else TS  # noqa: E731
+    calls = []
+    g = torch.Generator().manual_seed(7)
+    streamed = torch.cat(
+        list(cv.stream_generate(counting(model, calls), noise, text, schedule, g)), 1
+    )
+    steps = [t for _, t, cached in calls if not cached]
+    assert steps == first.tolist() + TS.tolist() * 2
+    assert [t for _, t, cached in calls if cached] == [0.0, 0.0]  # chunks 0 and 1, clean
+    g = torch.Generator().manual_seed(7)
+    recomputed = torch.cat(list(cv.recompute_generate(model, noise, text, schedule, g)), 1)
+    assert (streamed - recomputed).abs().max() <= 1e-5 and streamed.abs().max() > 1e-2
+    assert (windowed(model, noise, text, schedule, window=6) - streamed).abs().max() <= 1e-5
+    calls.clear()  # a window that slides keeps the video's chunk index: chunk 2 is not a chunk 0
+    windowed(counting(model, calls), noise, text, schedule, window=4)
+    assert [t for _, t, cached in calls if not cached] == first.tolist() + TS.tolist() * 2
+    cache, fresh = cv.KVCache(), cv.KVCache()
+    stream = cv.stream_generate(
+        model, noise, text, schedule, torch.Generator().manual_seed(7), cache=cache
+    )
+    chunk0 = next(stream)
+    next(stream)  # chunk 0 enters the cache when chunk 1 starts
+    cv.fill_cache(model, fresh, chunk0, text)
+    n = fresh.num_tokens
+    assert all(torch.equal(cache.k[i][:, :n], fresh.k[i][:, :n]) for i in fresh.k)
+
+
+def test_the_rollout_trains_the_first_chunk_at_a_step_of_its_own_schedule():
+    """Self-Forcing's rollout under the lever: chunk 0 exits at its own step (drawn from its own
+    list), the others at the shared step; the clip is the stream stopped there; the t each frame was
+    made from is its chunk's exit step. One shared draw where every chunk has the student's steps,
+    as before the lever."""
+    cfg = small_config()
+    model = make_model(causal=True, cfg=cfg)
+    noise, _, text = inputs(cfg, seed=22)
+    first = torch.tensor([1000.0, 900.0, 750.0, 600.0, 500.0, 250.0])
+    schedule = lambda c: first if c == 0 else TS  # noqa: E731
+    out = successors.self_forcing_rollout(
+        model, noise, text, schedule, torch.Generator().manual_seed(3), step=[4, 1, 1]
+    )
+    stopped = lambda c: first[:5] if c == 0 else TS[:2]  # noqa: E731
+    ref = cv.stream_generate(model, noise, text, stopped, torch.Generator().manual_seed(3))
+    assert (out - torch.cat(list(ref), 1)).abs().max() <= 1e-5
+    draws = [successors.rollout_steps(5, it, schedule, 3) for it in range(200)]
+    assert {d[0] for d in draws} == set(range(6)) and {d[1] for d in draws} == set(range(3))
+    assert all(d[1] == d[2] for d in draws)
+    g = torch.Generator().manual_seed(5 * 7919 + 17)  # the draw before the lever: one for all
+    assert successors.rollout_steps(5, 17, TS, 3) == [int(torch.randint(3, (1,), generator=g))] * 3
+    x0_of = successors.self_forcing_input(5, torch.device("cpu"), schedule)
+    x0, t = x0_of(model, noise, text, TS, torch.Generator().manual_seed(1), 17)
+    s = successors.rollout_steps(5, 17, schedule, 3)
+    assert t[0].tolist() == [float(first[s[0]])] * 2 + [float(TS[s[1]])] * 4
+
+
+def test_the_bound_makes_chunk_0_by_the_causal_teachers_sampler_and_streams_the_rest_over_it():
+    """successors.first_chunk_generate with teacher_first_chunk: chunk 0 is sample_ode_causal's,
+    to the bit; the chunks after it are the student's stream with chunk 0 as cached context, the
+    same whether the past is cached or recomputed under the mask; image-to-video's context reaches
+    the teacher's cache."""
+    cfg = small_config()
+    student = make_model(causal=True, cfg=cfg, seed=1)
+    teacher = make_model(causal=True, cfg=cfg, seed=2)
+    noise, _, text = inputs(cfg, seed=23)
+    uncond = torch.randn(1, *text.shape[1:], generator=torch.Generator().manual_seed(4))
+    first = successors.teacher_first_chunk(teacher, uncond, 3.0, 6, 3.0)
+    made = {}
+    for name, then in [("cached", cv.stream_generate), ("recomputed", cv.recompute_generate)]:
+        g = torch.Generator().manual_seed(7)
+        out = successors.first_chunk_generate(student, noise, text, TS, g, first=first, then=then)
+        made[name] = torch.cat(list(out), 1)
+    x0, _ = cv.sample_ode_causal(teacher, noise[:, :2], text, uncond, 3.0, 6, 3.0)
+    assert torch.equal(made["cached"][:, :2], x0)
+    assert (made["cached"] - made["recomputed"]).abs().max() <= 1e-5
+    image = torch.randn(2, 2, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    with_image = successors.first_chunk_generate(
+        student, noise, text, TS, None, image, first=first, then=cv.stream_generate
+    )
+    ref, _ = cv.sample_ode_causal(teacher, noise[:, :2], text, uncond, 3.0, 6, 3.0, context=image)
+    assert torch.equal(next(with_image), ref) and not torch.equal(ref, x0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Causal Forcing++: causal consistency distillation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_consistency_target_is_the_teachers_euler_step_then_the_targets_x0():
+    """consistency_loss on models whose outputs are known in closed form, computed by hand: x_t =
+    (1 - s) x + s eps; the teacher's CFG velocity v = v_u + g (v_c - v_u); one Euler step
+    x' = x_t + (s' - s) v; the goal x' - s' v_target(x'); the prediction x_t - s v_student(x_t);
+    their mean squared difference. Every network sees the clean past at t = 0 before the chunk."""
+    K, chunk = 2, 1
+    x0 = torch.randn(2, 6, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    text = torch.ones(2, 5, 4)
+    uncond = torch.zeros(1, 5, 4)
+    seen = []
+
+    def net(a, b):  # v = a x + b s + (text mean); records what it is run on
+        def velocity(x, t, txt):
+            seen.append((x[:, : chunk * K].clone(), t[:, : chunk * K].clone()))
+            s = (t / 1000)[..., None, None, None]
+            return a * x + b * s + txt.mean((1, 2))[:, None, None, None, None]
+
+        return velocity
+
+    teacher, target, student = net(0.5, 1.0), net(-0.3, 2.0), net(0.2, -1.0)
+    t, t_next = torch.tensor([800.0, 400.0]), torch.tensor([700.0, 250.0])
+    torch.manual_seed(3)
+    loss = successors.consistency_loss(
+        student, target, teacher, x0, text, uncond, 3.0, t, t_next, chunk, K
+    )
+    torch.manual_seed(3)
+    x = x0[:, 2:4]
+    eps = torch.randn_like(x)
+    s, s2 = (t / 1000)[:, None, None, None, None], (t_next / 1000)[:, None, None, None, None]
+    x_t = (1 - s) * x + s * eps
+    v_c = 0.5 * x_t + 1.0 * s + 1.0
+    v_u = 0.5 * x_t + 1.0 * s + 0.0
+    v = v_u + 3.0 * (v_c - v_u)
+    x_next = x_t + (s2 - s) * v
+    goal = x_next - s2 * (-0.3 * x_next + 2.0 * s2 + 1.0)
+    pred = x_t - s * (0.2 * x_t - 1.0 * s + 1.0)
+    assert torch.allclose(loss, (pred - goal).pow(2).mean(), rtol=1e-5, atol=1e-7)
+    for past, t_past in seen:
+        assert torch.equal(past, torch.cat([x0[:, :2]] * (len(past) // 2))) and not t_past.any()
+
+
+def test_the_consistency_grid_holds_the_students_steps_and_trains_the_student_only():
+    """The grid is the teacher's schedule at consistency_grid points (48: the toy's 4 student steps
+    at every 12th); a step's gradient reaches the student, not the frozen teacher or the target."""
+    cfg = cv.Config()
+    grid = successors.consistency_grid(cfg)
+    assert len(grid) == 48 and torch.equal(grid[[0, 12, 24, 36]], cv.student_timesteps(cfg))
+    small = small_config(teacher_steps=6, student_step_indices=(0, 3), consistency_grid=12)
+    student = make_model(causal=True, cfg=small, seed=1)
+    teacher = make_model(causal=True, cfg=small, seed=2).requires_grad_(False)
+    target = make_model(causal=True, cfg=small, seed=3).requires_grad_(False)
+    x0, _, text = inputs(small, seed=24)
+    loss = successors.consistency_step(
+        student, target, teacher, x0, text, text[:1], small, torch.Generator().manual_seed(0)
+    )
+    loss.backward()
+    assert loss > 0 and all(p.grad is not None for p in student.parameters())

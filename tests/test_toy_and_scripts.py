@@ -1054,3 +1054,53 @@ def test_causal_forcings_recipe_is_one_flag(tmp_path):
         "dmd_steps": 2,  # (the flags' own)
         "ode_steps": 1,
     }
+
+
+def test_sample_first_chunk_teacher_is_the_causal_teachers_chunk_0_then_the_student(tmp_path):
+    """`sample.py --first-chunk-teacher` (the bound, typed in a subprocess): chunk 0 of every video
+    is, to the bit, what the causal teacher's own sampler makes of the same noise (`--teacher
+    --ckpt` it); the chunks after it are the student's, over it; --video is refused in one line."""
+    prompts = [x for p in SHIPPED_PROMPTS[:3] for x in ("--prompt", p)]
+    common = ["--tiny", "--run-dir", str(tmp_path), "--seed", "5", *prompts]
+    student = toy.ToyWorld.pretrained_student
+    out = one_process(
+        "sample.py", common + ["--ckpt", student, "--first-chunk-teacher", "--name", "bound"]
+    )
+    assert f"first chunk: {toy.ToyWorld.pretrained_causal_teacher} (24 Euler steps, CFG 3.0)" in out
+    one_process("sample.py", common + ["--ckpt", student, "--name", "plain"])
+    causal = toy.ToyWorld.pretrained_causal_teacher
+    one_process("sample.py", common + ["--teacher", "--ckpt", causal, "--name", "causal"])
+    bound, plain, teacher = (
+        np.load(tmp_path / f"{n}.npz")["frames"] for n in ("bound", "plain", "causal")
+    )
+    assert np.array_equal(bound[:, :3], teacher[:, :3])
+    assert not np.array_equal(bound[:, :3], plain[:, :3])
+    assert not np.array_equal(bound[:, 3:], teacher[:, 3:])  # the student's, not the teacher's
+    err = one_process(
+        "sample.py",
+        common + ["--ckpt", student, "--first-chunk-teacher", "--video", "x.npz"],
+        rc=1,
+    )
+    assert "--first-chunk-teacher makes chunk 0" in err.strip().splitlines()[-1]
+
+
+def test_consistency_init_is_stage_1_without_pairs_and_the_first_chunks_steps_are_kept(
+    tmp_path, capsys
+):
+    """--set consistency_init=true: stage 1 distils the shipped causal teacher by consistency (no
+    ODE pairs are made) and saves its target network, an EMA of the student; a DMD run with
+    first_chunk_step_indices trains its rollout with them and its student samples chunk 0 so."""
+    base = ["--tiny", "--run-dir", str(tmp_path), "--batch-size", "2", "--device", "cpu"]
+    train_ode.main(base + ["--steps", "3", "--set", "consistency_init=true", "--log-every", "1"])
+    out = capsys.readouterr().out
+    assert "consistency step 3/3" in out and "causal teacher:" in out
+    assert not (tmp_path / "ode_pairs").exists()
+    init = utils.load_model(str(tmp_path / "ode.safetensors"))
+    teacher = utils.load_model(toy.ToyWorld.pretrained_causal_teacher)
+    moved = [(a - b).abs().max() for a, b in zip(init.parameters(), teacher.parameters())]
+    assert 0 < max(moved) < 1e-2  # the EMA (0.99) of three small steps from the teacher
+    first = "first_chunk_step_indices=0,3,6,9,12,15,18,21"
+    flags = ["--steps", "1", "--no-scorecard", "--sample-every", "100"]
+    train_dmd.main(base + flags + ["--set", "self_forcing=true", "--set", first])
+    _, cfg, _ = utils.load_checkpoint(str(tmp_path / "dmd.safetensors"), keep=lambda k: False)
+    assert cfg.first_chunk_step_indices == (0, 3, 6, 9, 12, 15, 18, 21)

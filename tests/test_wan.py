@@ -274,14 +274,16 @@ def test_long_wan_videos_keep_the_first_latent_chunk(wan_run, monkeypatch):
 
 
 def test_the_bench_runs_at_toy_size(capsys):
-    """bench.py on a CPU at toy size: every row of the table (inference eager and compiled, one ODE
-    step, one DMD iteration of each kind through the scripts' own step functions)."""
+    """bench.py on a CPU at toy size: every row of the table (inference eager and compiled, with
+    chunk 0 by a causal teacher, one ODE step, one DMD iteration of each kind through the scripts'
+    own step functions)."""
     import bench
 
     rows = bench.main(["--tiny", "--device", "cpu", "--repeats", "1"])
     assert [r[0] for r in rows] == [
         "DiT streaming, eager",
         "DiT streaming, compiled",
+        "chunk 0 by a causal teacher (24 steps, CFG), eager",
         "ODE regression step",
         "DMD iteration, generator + critic",
         "DMD iteration, critic only",
