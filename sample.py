@@ -347,7 +347,12 @@ def main(argv=None):
     first = None  # the bound: chunk 0 by a causal teacher's own sampler
     if args.first_chunk_teacher is not None:
         first_path = args.first_chunk_teacher or utils.causal_teacher_path(args, run, world)
-        teacher = utils.load_model(first_path, causal=True, device=device, expect=cfg)
+        teacher = utils.load_model(first_path, device=device, expect=cfg)
+        if not teacher.causal:
+            raise cv.CausVidError(
+                f"--first-chunk-teacher {first_path} is a bidirectional model; give a causal "
+                "diffusion model (weights/toy_causal_teacher.safetensors)"
+            )
         dtype = next(model.parameters()).dtype  # the student's inference weights
         teacher = utils.prepare_for_inference(teacher, device, dtype)
         steps, guidance = cfg.teacher_steps, cfg.teacher_guidance

@@ -51,17 +51,18 @@ def self_forcing_rollout(
     generator: cv.DiT, noise, text, timesteps: cv.Steps, rng=None, step=None
 ) -> torch.Tensor:
     """DMD's generator input is the student's own Alg. 2 rollout from noise, KV cache included. One
-    student step s is drawn per call for all chunks (or given: an int, or one per chunk where a
-    chunk has steps of its own, section 4): each chunk runs steps 0..s-1 without gradient and step
-    s with it, and its x0 there is its output, cached at t = 0 without gradient.
+    student step s is drawn per call for all chunks (draw_steps: a first chunk with steps of its
+    own, section 4, draws its own; or given: an int, or one per chunk): each chunk runs steps
+    0..s-1 without gradient and step s with it, and its x0 there is its output, cached at t = 0
+    without gradient.
     -> the clip (B, F, C, H, W)."""
     if step is None:
-        step = int(torch.randint(len(cv.chunk_timesteps(timesteps, 0)), (1,), generator=rng))
+        step = draw_steps(rng, timesteps, noise.shape[1] // generator.cfg.chunk_size)
     cache = RolloutKVCache()
     chunks = []
     for c, x in enumerate(noise.split(generator.cfg.chunk_size, dim=1)):
         ts = cv.chunk_timesteps(timesteps, c)
-        s = step[c] if isinstance(step, list) else step
+        s = step[c] if isinstance(step, (list, tuple)) else step
         if s:  # steps 0 .. s-1, then the re-noising to step s, without gradient
             with torch.no_grad():
                 x0, _ = cv.denoise_chunk(generator, x, text, ts[:s], cache, rng)
@@ -72,17 +73,20 @@ def self_forcing_rollout(
     return torch.cat(chunks, 1)
 
 
-def rollout_steps(seed: int, iteration: int, timesteps: cv.Steps, num_chunks: int) -> list[int]:
-    """The student step each chunk of an iteration's rollout trains, the same on every rank and
-    micro-batch (they run the same forwards), drawn from its own stream (the data's streams never
-    see it): one step for all chunks; a first chunk with steps of its own (section 4) draws its
-    own from them, next."""
-    g = torch.Generator().manual_seed(seed * 7919 + iteration)
+def draw_steps(rng, timesteps: cv.Steps, num_chunks: int) -> list[int]:
+    """The student step each chunk of a rollout trains: one draw for all chunks; where the first
+    chunk has a step list of another length (section 4), a second draw for it, from its own."""
     first, base = (len(cv.chunk_timesteps(timesteps, c)) for c in (0, num_chunks - 1))
-    steps = [int(torch.randint(base, (1,), generator=g))] * num_chunks
+    steps = [int(torch.randint(base, (1,), generator=rng))] * num_chunks
     if first != base:
-        steps[0] = int(torch.randint(first, (1,), generator=g))
+        steps[0] = int(torch.randint(first, (1,), generator=rng))
     return steps
+
+
+def rollout_steps(seed: int, iteration: int, timesteps: cv.Steps, num_chunks: int) -> list[int]:
+    """draw_steps for an iteration, the same on every rank and micro-batch (they run the same
+    forwards), from its own stream (the data's streams never see it)."""
+    return draw_steps(torch.Generator().manual_seed(seed * 7919 + iteration), timesteps, num_chunks)
 
 
 def self_forcing_input(seed: int, device, schedule: cv.Steps | None = None):
@@ -246,7 +250,14 @@ def chunk_schedule(cfg: cv.Config, device=None, below: float | None = None) -> c
     base = steps(cfg.student_step_indices)
     if not cfg.first_chunk_step_indices:
         return base
-    first = steps(cfg.first_chunk_step_indices)
+    idx = cfg.first_chunk_step_indices
+    if idx[0] != 0 or list(idx) != sorted(set(idx)) or idx[-1] >= cfg.teacher_steps:
+        raise cv.CausVidError(
+            f"first_chunk_step_indices={','.join(map(str, idx))}: chunk 0's steps must start at 0 "
+            f"(pure noise) and increase, each below teacher_steps={cfg.teacher_steps}; "
+            "e.g. 0,3,6,9,12,15,18,21"
+        )
+    first = steps(idx)
     return lambda c: first if c == 0 else base
 
 
@@ -375,5 +386,20 @@ RECIPES = {
             dmd_steps=800,
         ),
         "wan2.1-t2v-1.3b": dict(CAUSAL_FORCING, lr_generator=2e-6, lr_critic=4e-7),
-    }
+    },
+    # The README's best student with Diagonal Distillation's lever (docs/successors.md, "The first
+    # chunk"): the causal ODE init at lr_ode 3e-5, the rollout at CausVid's DMD settings for 736
+    # iterations, and chunk 0 in 8 steps against the others' 4, trained so and sampled so.
+    # Measured on the toy world only: no Wan entry.
+    "diagonal": {
+        "tiny": dict(
+            causal_ode_init=True,
+            self_forcing=True,
+            ode_pair_stride=1,
+            ode_steps=600,
+            lr_ode=3e-5,
+            dmd_steps=736,
+            first_chunk_step_indices=(0, 3, 6, 9, 12, 15, 18, 21),
+        ),
+    },
 }

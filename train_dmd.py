@@ -168,6 +168,11 @@ def generator_inputs(cfg: cv.Config, device, seed: int):
             "self_forcing and backward_simulation are two ways to choose the generator's inputs; "
             "set one"
         )
+    if cfg.first_chunk_step_indices and not cfg.self_forcing:
+        raise cv.CausVidError(
+            "first_chunk_step_indices trains through Self-Forcing's rollout (successors.py, 4); "
+            "add --set self_forcing=true"
+        )
 
     def noised_data(generator, x_data, text, timesteps, rng, it):  # Alg. 1: per-chunk noise
         return cv.generator_x0(generator, x_data.to(device), text, timesteps, K, cfg.clean_context)

@@ -310,11 +310,6 @@ def distil_consistency(args, world, teacher, text_encoder, path: str):
     teacher start from the causal teacher's weights; their Adam (beta1 0); ode_steps at lr_ode.
     Saves the target's weights, as they do."""
     cfg, device = world.cfg, world.device
-    if world.clips is None or training.world() > 1:
-        raise cv.CausVidError(
-            "consistency_init distils on data clips in one process: the toy world, with python "
-            "(not torchrun); on Wan drop it for ODE pairs"
-        )
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     target = training.ema(student, cfg.consistency_ema)
     target.update_parameters(student)  # (its first update copies)
@@ -353,6 +348,11 @@ def distil_consistency(args, world, teacher, text_encoder, path: str):
 
 def run(args, world, run_dir: str):
     """Stage 1 in full (train_dmd.py calls this when the run has no ode.safetensors yet)."""
+    if world.cfg.consistency_init and (world.clips is None or training.world() > 1):
+        raise cv.CausVidError(
+            "consistency_init distils on data clips in one process: the toy world, with python "
+            "(not torchrun); on Wan drop it for ODE pairs"
+        )
     torch.manual_seed(args.seed)
     teacher, text_encoder = get_teacher(args, world, run_dir)
     path = os.path.join(run_dir, "ode.safetensors")

@@ -89,7 +89,8 @@ def add_training_args(p):
         "--recipe",
         choices=sorted(successors.RECIPES),
         help="causal-forcing: Causal Forcing's recipe, causal ODE init + Self-Forcing's DMD, "
-        "optimiser and EMA (default: CausVid's; successors.RECIPES, docs/successors.md)",
+        "optimiser and EMA; diagonal (toy world): causal ODE init + the rollout, chunk 0 in 8 "
+        "steps (default: CausVid's; successors.RECIPES, docs/successors.md)",
     )
     p.add_argument(
         "--pairs", type=int, help="number of ODE pairs (default: the preset's ode_pairs)"
@@ -136,7 +137,9 @@ def parse_overrides(items: list[str]) -> dict:
         kind = types[key]
         try:
             if kind is tuple:
-                out[key] = tuple(int(v) for v in value.split(",") if v.strip())  # "": ()
+                out[key] = tuple(int(v) for v in value.split(",") if v.strip())
+                if not out[key] and key != "first_chunk_step_indices":  # (its "": off)
+                    raise ValueError
             elif kind is bool:
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
@@ -173,6 +176,11 @@ def resolve(args) -> tuple[cv.Config, torch.device, str]:
         )
     overrides = {}
     if getattr(args, "recipe", None):
+        if name not in successors.RECIPES[args.recipe]:
+            raise cv.CausVidError(
+                f"--recipe {args.recipe} is measured on the toy world only (--tiny); for {name}, "
+                "give its settings with --set (successors.RECIPES)"
+            )
         overrides.update(successors.RECIPES[args.recipe][name])
     for dest, field in FLAG_FIELDS:
         if getattr(args, dest, None) is not None:
@@ -457,6 +465,13 @@ def sampler(
     else:
         t_start = float(cv.student_timesteps(cfg)[start])
         timesteps = successors.chunk_schedule(cfg, device, below=t_start)
+        index = cfg.student_step_indices[start]
+        if cfg.first_chunk_step_indices and index not in cfg.first_chunk_step_indices:
+            raise cv.CausVidError(
+                f"video-to-video starts at index {index} of the teacher's schedule, which "
+                "first_chunk_step_indices lacks; add it, or sample with --set "
+                "first_chunk_step_indices="
+            )
         generate = generate or cv.stream_generate
         if first is not None:  # chunk 0 by `first`, the rest by the student over it
             generate = functools.partial(

@@ -129,6 +129,32 @@ def test_contradicting_presets():
         sample.main([])
 
 
+def test_the_first_chunks_levers_refuse_what_they_cannot_do(run_dir, tmp_path):
+    """first_chunk_step_indices that do not start at pure noise and increase; a video-to-video
+    start the first chunk's steps lack; the lever in a DMD run without the rollout it trains
+    through; a bidirectional model as --first-chunk-teacher; an empty tuple where one is needed."""
+    before = sorted(run_dir.iterdir())
+    for bad in ["3,9,15", "0,9,3", "0,6,24"]:
+        with pytest.raises(cv.CausVidError, match="must start at 0 .* and increase, each below"):
+            sample.main(sample_args(run_dir, "--set", f"first_chunk_step_indices={bad}"))
+    video = str(tmp_path / "v.npz")
+    np.savez(video, frames=np.zeros((1, 12, 16, 16, 3), np.uint8), prompts=np.array([PROMPT]))
+    odd = ["--set", "first_chunk_step_indices=0,4,8,16,20", "--video", video, "--strength", "0.5"]
+    with pytest.raises(cv.CausVidError, match="first_chunk_step_indices lacks; add it"):
+        sample.main(sample_args(run_dir, *odd))
+    with pytest.raises(cv.CausVidError, match="add --set self_forcing=true"):
+        train_dmd.main(
+            ["--tiny", "--run-dir", str(tmp_path), "--ode", str(run_dir / "ode.safetensors")]
+            + ["--steps", "1", "--set", "first_chunk_step_indices=0,3,6,9,12,15,18,21"]
+        )
+    teacher = toy.ToyWorld.pretrained_teacher
+    with pytest.raises(cv.CausVidError, match="is a bidirectional model; give a causal"):
+        sample.main(sample_args(run_dir, "--first-chunk-teacher", teacher))
+    with pytest.raises(cv.CausVidError, match="is not a valid tuple"):
+        sample.main(sample_args(run_dir, "--set", "student_step_indices="))
+    assert sorted(run_dir.iterdir()) == before and not list(tmp_path.glob("*.safetensors"))
+
+
 def test_the_scripts_print_one_line_and_exit_2(tmp_path):
     for script in ["sample.py", "train_dmd.py"]:
         r = subprocess.run(

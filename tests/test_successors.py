@@ -436,11 +436,12 @@ def test_the_consistency_grid_holds_the_students_steps_and_trains_the_student_on
     assert len(grid) == 48 and torch.equal(grid[[0, 12, 24, 36]], cv.student_timesteps(cfg))
     small = small_config(teacher_steps=6, student_step_indices=(0, 3), consistency_grid=12)
     student = make_model(causal=True, cfg=small, seed=1)
-    teacher = make_model(causal=True, cfg=small, seed=2).requires_grad_(False)
-    target = make_model(causal=True, cfg=small, seed=3).requires_grad_(False)
+    teacher = make_model(causal=True, cfg=small, seed=2)  # trainable: the loss must not train it
+    target = make_model(causal=True, cfg=small, seed=3)
     x0, _, text = inputs(small, seed=24)
     loss = successors.consistency_step(
         student, target, teacher, x0, text, text[:1], small, torch.Generator().manual_seed(0)
     )
     loss.backward()
     assert loss > 0 and all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in [*teacher.parameters(), *target.parameters()])
